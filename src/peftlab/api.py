@@ -1,0 +1,77 @@
+"""The Python API; it mirrors the CLI one function per command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from peftlab.config import RunConfig, from_dict, load_config
+
+
+def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if overrides:
+            return load_config(overrides=overrides, base=config.to_dict())
+        return config
+    if isinstance(config, dict):
+        return load_config(overrides=overrides, base=config) if overrides else from_dict(config)
+    return load_config(config, overrides)
+
+
+def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
+          resume: bool | str = False, progress: bool = True):
+    """Fine-tune as the config says; returns a RunSummary (adapter saved in output_dir)."""
+    from peftlab.train.recipe import run_training
+
+    return run_training(_as_config(config, overrides), resume=resume, progress=progress)
+
+
+def load(model: str, adapter: str | Path | None = None, kind: str = "causal_lm"):
+    """Load a base model (+ a saved adapter, any registered method) and its tokenizer."""
+    from peftlab.methods import method_for_adapter_dir
+    from peftlab.models import load_model
+
+    base, tokenizer = load_model(model, kind=kind)
+    if adapter is not None:
+        method_for_adapter_dir(adapter).load(base, adapter, adapter_name="default")
+    base.eval()
+    return base, tokenizer
+
+
+def merge(model):
+    """Fold LoRA weights into the base weights and return a plain transformers model."""
+    from peftlab.methods.lora import merge_and_unload
+
+    return merge_and_unload(model)
+
+
+def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
+             adapter: str | Path | None = None) -> dict[str, Any]:
+    """Validation loss and perplexity of the base model and of the run's adapter."""
+    from peftlab.evaluate.loss import evaluate_loss, perplexity
+    from peftlab.methods import method_for_adapter_dir
+    from peftlab.models import load_model
+    from peftlab.tasks import MODEL_KIND, build_task
+
+    cfg = _as_config(config, overrides)
+    model, tokenizer = load_model(cfg.model, kind=MODEL_KIND[cfg.task])
+    task, _train, val, _report = build_task(cfg, tokenizer)
+    if not val:
+        raise ValueError("eval needs validation data: set data.validation or data.validation_split")
+    from peftlab.train.precision import resolve_precision
+
+    bs, prec = cfg.eval.batch_size, resolve_precision(cfg.train.precision)
+    results: dict[str, Any] = {"examples": len(val)}
+    base_loss = evaluate_loss(model, task, val, bs, prec)
+    results["base"] = {"val_loss": base_loss, "perplexity": perplexity(base_loss)}
+    adapter_dir = Path(adapter) if adapter else Path(cfg.output_dir) / "adapter"
+    if adapter_dir.is_dir():
+        method_for_adapter_dir(adapter_dir).load(model, adapter_dir, adapter_name="default")
+        loss = evaluate_loss(model, task, val, bs, prec)
+        results["adapter"] = {"path": str(adapter_dir), "val_loss": loss,
+                              "perplexity": perplexity(loss)}
+    out = Path(cfg.output_dir)
+    if out.is_dir():
+        (out / "eval.json").write_text(json.dumps(results, indent=2))
+    return results

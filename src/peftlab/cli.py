@@ -1,0 +1,118 @@
+"""Command line: ``peftlab train|eval|chat|demo``. Thin: every command calls peftlab.api."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from peftlab.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune as a YAML config says")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in output_dir (or the one given)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="validation loss and perplexity, base vs adapter")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--adapter", default=None, help="adapter dir (default: OUTPUT_DIR/adapter)")
+
+    p = sub.add_parser("chat", help="chat with a model (and an adapter)")
+    p.add_argument("--model", required=True, help="embedded alias, HF id, directory or .gguf")
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+
+    p = sub.add_parser("demo", help="LoRA-tune the embedded SmolLM2 on generated facts")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"peftlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from peftlab.api import train
+
+    summary = train(args.config, args.overrides, resume=args.resume,
+                    progress=not args.no_progress)
+    print(f"done: {summary.result.steps} steps, adapter in {summary.adapter_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from peftlab.api import evaluate
+
+    results = evaluate(args.config, args.overrides, adapter=args.adapter)
+    print(f"{'model':<10} {'val_loss':>9} {'perplexity':>11}   ({results['examples']} examples)")
+    for name in ("base", "adapter"):
+        if name in results:
+            r = results[name]
+            print(f"{name:<10} {r['val_loss']:>9.4f} {r['perplexity']:>11.2f}")
+    print(json.dumps(results))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from peftlab.api import load
+    from peftlab.evaluate.generate import generate_replies
+
+    model, tokenizer = load(args.model, adapter=args.adapter)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        answer = generate_replies(model, tokenizer, [history], max_new_tokens=args.max_new_tokens,
+                                  do_sample=args.sample, temperature=args.temperature)[0]
+        history.append({"role": "assistant", "content": answer})
+        return answer
+
+    if args.prompt is not None:
+        print(reply(args.prompt))
+        return 0
+    print("chat: type a message; /reset clears the conversation, /quit leaves.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            del history[1 if args.system else 0:]
+            continue
+        if text:
+            print(f"bot> {reply(text)}")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from peftlab.lab.demo import run_demo
+
+    run_demo(args.output_dir, overrides=args.overrides)
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "demo": _demo}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

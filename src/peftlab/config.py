@@ -1,0 +1,276 @@
+"""RunConfig: the single source of option names, defaults and validation.
+
+YAML files, ``--set`` overrides on the CLI and the Python API all become a RunConfig
+through :func:`load_config` / :func:`from_dict`. Every key is checked; an unknown key
+is an error that names it and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how rows map to fields."""
+
+    train: str | None = None
+    validation: str | None = None
+    validation_split: float = 0.0
+    format: str = "auto"  # auto | alpaca | chat
+    messages_field: str = "messages"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    system_prompt: str | None = None
+    on_error: str = "raise"  # raise | skip
+    max_rows: int | None = None
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.format", self.format, ["auto", "alpaca", "chat"])
+        _choice(f"{where}.on_error", self.on_error, ["raise", "skip"])
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(f"{where}.validation_split must be in [0, 1), got {self.validation_split}")
+        if self.validation and self.validation_split:
+            raise ConfigError(f"{where}: give either 'validation' or 'validation_split', not both")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop's knobs; all consumed by peftlab.train.Trainer."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 1.0
+    max_length: int = 512
+    seed: int = 42
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: measured per machine)
+    eval_every: int | None = None
+    save_every: int | None = None
+    log_every: int = 10
+    num_threads: int | None = None
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.scheduler", self.scheduler, ["cosine", "linear", "constant"])
+        _choice(f"{where}.precision", self.precision, ["auto", "bf16", "fp32"])
+        for key in ("batch_size", "grad_accum", "max_length", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ConfigError(f"{where}.epochs must be > 0 (or set {where}.max_steps)")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after training (generation settings for SFT models)."""
+
+    batch_size: int = 8
+    max_new_tokens: int = 64
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run. ``method`` holds the registered method's own config dataclass."""
+
+    model: str
+    task: str = "sft"
+    method_name: str = "lora"
+    method: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/latest"
+
+    def to_dict(self) -> dict[str, Any]:
+        method = {"name": self.method_name, **dataclasses.asdict(self.method)}
+        return {
+            "model": self.model,
+            "task": self.task,
+            "method": method,
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+            "eval": dataclasses.asdict(self.eval),
+            "output_dir": self.output_dir,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+TASKS = ["sft"]
+_TOP_KEYS = ["model", "task", "method", "data", "train", "eval", "output_dir"]
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a plain dict (parsed YAML) into a RunConfig."""
+    from peftlab.methods import get_method
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise ConfigError(f"{source}: unknown key {key!r}{suggest(key, _TOP_KEYS)}")
+    if "model" not in raw or not raw["model"]:
+        raise ConfigError(f"{source}: 'model' is required (an HF id, a local directory, a .gguf file or an embedded alias)")
+    task = raw.get("task", "sft")
+    _choice("task", task, TASKS)
+
+    method_raw = raw.get("method", {"name": "lora"})
+    if isinstance(method_raw, str):
+        method_raw = {"name": method_raw}
+    if not isinstance(method_raw, dict) or "name" not in method_raw:
+        raise ConfigError("method: must be a mapping with at least 'name' (e.g. {name: lora, r: 8})")
+    method_raw = dict(method_raw)
+    name = method_raw.pop("name")
+    spec = get_method(name)
+    method_cfg = _build(spec.config_cls, method_raw, "method")
+
+    cfg = RunConfig(
+        model=str(raw["model"]),
+        task=task,
+        method_name=name,
+        method=method_cfg,
+        data=_build(DataConfig, raw.get("data") or {}, "data"),
+        train=_build(TrainConfig, raw.get("train") or {}, "train"),
+        eval=_build(EvalConfig, raw.get("eval") or {}, "eval"),
+        output_dir=str(raw.get("output_dir", "runs/latest")),
+    )
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Read YAML (or start from ``base``), apply ``key.sub=value`` overrides, validate."""
+    raw: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        source = str(p)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(raw, source)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        if isinstance(node.get(part), str) and part == "method":
+            node[part] = {"name": node[part]}
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _choice(key: str, value: Any, choices: list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}{suggest(str(value), choices)}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``, checking names and coercing simple types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r}{suggest(str(key), names)}; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1] if errors else f"{key}: invalid value {value!r}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 2e-4 as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value

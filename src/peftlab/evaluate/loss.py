@@ -1,0 +1,40 @@
+"""Held-out loss and perplexity, computed through the task so every task gets them."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from peftlab.tasks.base import Task
+
+
+def autocast_for(precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU (matmuls in bf16, reductions in fp32), or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, task: Task, examples: list[dict], batch_size: int,
+                  precision: str) -> float:
+    """Mean loss per item over ``examples`` (per target token for SFT)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
+    with autocast_for(precision):
+        for start in range(0, len(order), batch_size):
+            batch = task.collate([examples[i] for i in order[start:start + batch_size]])
+            loss_sum, n = task.loss(model, batch)
+            total += float(loss_sum)
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def perplexity(mean_loss: float) -> float:
+    return math.exp(min(mean_loss, 50.0))

@@ -1,0 +1,492 @@
+"""LoRA (with rsLoRA and DoRA), written from scratch and saved in peft's on-disk format.
+
+A target ``nn.Linear`` (or GPT-2's ``Conv1D``) is replaced in place by :class:`LoraLinear`,
+which keeps the original module as ``base_layer`` and adds, per named adapter,
+
+    y = base(x) + scaling * B(A(dropout(x)))                    (LoRA, scaling = alpha / r)
+    y = m / ||W + scaling*BA||_row * (W + scaling*BA) x + b     (DoRA)
+
+The module/parameter names match peft's (``q_proj.base_layer.weight``,
+``q_proj.lora_A.<adapter>.weight``, ``q_proj.lora_magnitude_vector.<adapter>``) and the
+files match ``PeftModel.save_pretrained``, so adapters move freely between peftlab and peft.
+peft itself is only used by the tests, to prove numerical parity.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from os import PathLike
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.config import ConfigError
+from peftlab.methods import peft_format
+from peftlab.methods.registry import Method, register
+from peftlab.models.targets import find_target_modules
+
+INITS = ("kaiming", "gaussian", "random")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA hyper-parameters (simple field types: the YAML loader coerces by type hints).
+
+    init: "kaiming" (peft default: A kaiming-uniform, B zero, so the model is unchanged at
+    step 0), "gaussian" (A ~ N(0, 1/r), B zero) or "random" (B random too; for tests).
+    modules_to_save: extra modules (e.g. a fresh classifier head) trained in full and saved
+    with the adapter, as in peft. They are trained in place, shared by all adapters, and
+    ``disable_adapters`` does not undo them.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    layers_to_transform: list[int] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "kaiming"
+    modules_to_save: list[str] | None = None
+
+    @property
+    def scaling(self) -> float:
+        # rsLoRA divides by sqrt(r) so the update's scale does not shrink as the rank grows.
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def validate(self, where: str) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"{where}.r must be an integer >= 1, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"{where}.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"{where}.init: {self.init!r} is not one of {list(INITS)}")
+        if not self.target_modules:
+            raise ConfigError(f"{where}.target_modules must not be empty")
+        if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):
+            raise ConfigError(f"{where}.layers_to_transform must hold layer indices >= 0, "
+                              f"got {self.layers_to_transform}")
+
+
+class LoraLinear(nn.Module):
+    """A Linear/Conv1D plus any number of named low-rank adapters, one of them active.
+
+    The base module is kept untouched as ``base_layer`` (frozen); each adapter owns
+    ``lora_A[name]`` (in -> r), ``lora_B[name]`` (r -> out) and, for DoRA, a per-output-row
+    magnitude ``lora_magnitude_vector[name]``.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise TypeError(f"LoRA supports nn.Linear and Conv1D, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        # Conv1D (GPT-2) stores its weight as (in, out), the transpose of nn.Linear's (out, in).
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.out_features, self.in_features = self.base_weight().shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.configs: dict[str, LoraConfig] = {}
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.merged_adapter: str | None = None
+        self._merged_norm: Tensor | None = None  # DoRA: the norm used at merge time, to unmerge
+
+    # Some model code reads .weight/.bias of its projections (e.g. for dtype checks).
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def base_weight(self) -> Tensor:
+        """The base weight as (out, in), whatever the storage layout."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def add_adapter(self, name: str, cfg: LoraConfig) -> None:
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if self.merged_adapter is not None:
+            raise RuntimeError("unmerge the model before adding an adapter")
+        w = self.base_layer.weight
+        # Keep LoRA params in fp32 even on a bf16/fp16 base: they are the trained master copy.
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        a = nn.Linear(self.in_features, cfg.r, bias=False, device=w.device, dtype=dtype)
+        b = nn.Linear(cfg.r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            if cfg.init == "gaussian":
+                nn.init.normal_(a.weight, std=1 / cfg.r)
+            else:
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            if cfg.init == "random":
+                nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b.weight)  # B = 0: the model is unchanged at step 0
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+        self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.scaling[name] = cfg.scaling
+        self.configs[name] = cfg
+        if cfg.use_dora:
+            # m starts as ||W + scaling*BA|| per output row, so DoRA too starts at the base output
+            # (or at plain LoRA's output when B is random).
+            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).to(dtype))
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
+
+    def delta_weight(self, name: str) -> Tensor:
+        """scaling * B @ A as (out, in), in fp32 (also under autocast)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.autocast(a.device.type, enabled=False):
+            return (b.float() @ a.float()) * self.scaling[name]
+
+    @torch.no_grad()
+    def weight_norm(self, name: str) -> Tensor:
+        """||W + scaling*BA|| per output row in fp32, detached as in the DoRA paper (sec. 4.3)."""
+        with torch.autocast(self.base_layer.weight.device.type, enabled=False):
+            return torch.linalg.norm(self.base_weight().float() + self.delta_weight(name), dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        name = self.active_adapter
+        if self.disabled and self.merged_adapter is not None:
+            raise RuntimeError("cannot disable a merged LoRA layer; unmerge it first")
+        if name is None or self.disabled or self.merged_adapter is not None:
+            return result
+        # Run the adapter in the input's dtype (fp32 master weights are cast, which autograd
+        # handles); under autocast F.linear picks bf16 by itself.
+        a = self.lora_A[name].weight.to(x.dtype)
+        b = self.lora_B[name].weight.to(x.dtype)
+        dropout, scaling = self.lora_dropout[name], self.scaling[name]
+        if name not in self.lora_magnitude_vector:
+            return (result + F.linear(F.linear(dropout(x), a), b) * scaling).to(result.dtype)
+
+        # DoRA, in peft's form: W' x = (m/n) (W x + scaling * B A x), written as a correction on
+        # top of the base output so the (possibly bf16) base matmul is reused.
+        scale = (self.lora_magnitude_vector[name] / self.weight_norm(name)).view(1, -1)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base_out = result if bias is None else result - bias
+        else:
+            x = dropout(x)  # with dropout, peft recomputes W x on the dropped-out input
+            base_out = F.linear(x, self.base_weight().to(x.dtype))
+        lora_out = F.linear(F.linear(x, a), b)
+        return (result + (scale - 1) * base_out + scale * lora_out * scaling).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapter into the base weight (for inference; computed in fp32)."""
+        name = self.active_adapter
+        if name is None or self.merged_adapter is not None:
+            return
+        merged = self.base_weight().float() + self.delta_weight(name)
+        if name in self.lora_magnitude_vector:
+            self._merged_norm = torch.linalg.norm(merged, dim=1)
+            merged = (self.lora_magnitude_vector[name].float() / self._merged_norm).view(-1, 1) * merged
+        self._write_base_weight(merged)
+        self.merged_adapter = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight (exact up to rounding in fp32; lossy if the base is bf16)."""
+        name = self.merged_adapter
+        if name is None:
+            return
+        weight = self.base_weight().float()
+        if name in self.lora_magnitude_vector:
+            weight = weight / (self.lora_magnitude_vector[name].float() / self._merged_norm).view(-1, 1)
+            self._merged_norm = None
+        self._write_base_weight(weight - self.delta_weight(name))
+        self.merged_adapter = None
+
+    def _write_base_weight(self, weight_out_in: Tensor) -> None:
+        w = self.base_layer.weight
+        w.copy_(weight_out_in.T if self.fan_in_fan_out else weight_out_in)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapter!r}, disabled={self.disabled}, merged={self.merged_adapter!r}"
+
+
+# ----------------------------------------------------------------------------- model level
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every LoRA-wrapped module, by full dotted name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Adapter names present in the model, in the order they were added."""
+    names: dict[str, None] = {}
+    for layer in lora_layers(model).values():
+        names.update(dict.fromkeys(layer.lora_A.keys()))
+    return list(names)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default") -> None:
+    """Wrap the target modules (or add an adapter to already wrapped ones), freeze the rest,
+    and make ``adapter_name`` the active, trainable adapter."""
+    cfg.validate("method")
+    # find_target_modules returns a wrapped layer under its original name, so a second
+    # adapter lands on the same modules (and never on the first one's lora_A/lora_B).
+    targets = find_target_modules(model, cfg.target_modules, cfg.layers_to_transform)
+    _inject(model, targets, cfg, adapter_name)
+    set_adapter(model, adapter_name)
+
+
+def _inject(model: nn.Module, targets: list[str], cfg: LoraConfig, adapter_name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
+        raise ValueError(f"adapter name {adapter_name!r} must be letters, digits, '_' or '-'")
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"adapter {adapter_name!r} already exists; pick another name")
+    if cfg.modules_to_save:
+        _modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module)
+            model.set_submodule(name, module)
+        module.add_adapter(adapter_name, cfg)
+
+
+def _modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Modules named (fully or by suffix, as in peft) in ``modules_to_save``."""
+    found = {n: m for n, m in model.named_modules()
+             if n and any(n == s or n.endswith("." + s) for s in names)}
+    if not found:
+        raise ValueError(f"modules_to_save={names!r} matched no module of {type(model).__name__}")
+    return found
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the active adapter; only its parameters stay trainable."""
+    layers = _require_layers(model)
+    if name not in adapter_names(model):
+        raise ValueError(f"unknown adapter {name!r}; the model has {adapter_names(model)}")
+    if any(layer.merged_adapter is not None for layer in layers.values()):
+        raise RuntimeError("unmerge the model before switching adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = None
+    for layer in layers.values():
+        # Layers the adapter does not cover (e.g. other layers_to_transform) run the base only.
+        layer.active_adapter = name if name in layer.lora_A else None
+        if layer.active_adapter is not None:
+            cfg = layer.configs[name]
+            for p in layer.adapter_parameters(name):
+                p.requires_grad_(True)
+    if cfg is not None and cfg.modules_to_save:
+        for module in _modules_to_save(model, cfg.modules_to_save).values():
+            module.requires_grad_(True)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model computes the pure base output (e.g. a frozen reference
+    policy for DPO/PPO) without copying it. Merged layers are unmerged and merged back."""
+    layers = list(_require_layers(model).values())
+    merged = [layer for layer in layers if layer.merged_adapter is not None]
+    previous = [layer.disabled for layer in layers]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, previous, strict=True):
+            layer.disabled = flag
+        for layer in merged:
+            layer.merge()
+
+
+def merge(model: nn.Module) -> None:
+    """Fold each layer's active adapter into its base weight (faster inference)."""
+    for layer in _require_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in _require_layers(model).values():
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapter and put plain base layers back: a normal transformers model."""
+    for name, layer in _require_layers(model).items():
+        layer.merge()
+        model.set_submodule(name, layer.base_layer)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _require_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers; call apply_lora first")
+    return layers
+
+
+# ----------------------------------------------------------------------------- peft format
+
+
+def save_lora(
+    model: nn.Module,
+    directory: str | PathLike,
+    adapter_name: str = "default",
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "CAUSAL_LM",
+) -> None:
+    """Write ``adapter_name`` as a peft adapter (loadable by ``PeftModel.from_pretrained``)."""
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
+    if not layers:
+        raise ValueError(f"no adapter {adapter_name!r} to save; the model has {adapter_names(model)}")
+    cfg = next(iter(layers.values())).configs[adapter_name]
+    prefix = peft_format.PREFIX
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        tensors[f"{prefix}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+        tensors[f"{prefix}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if adapter_name in layer.lora_magnitude_vector:
+            tensors[f"{prefix}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+    if cfg.modules_to_save:
+        for name, module in _modules_to_save(model, cfg.modules_to_save).items():
+            for pname, p in module.named_parameters():
+                tensors[f"{prefix}{name}.{pname}"] = p
+    config = peft_format.peft_config_dict(
+        r=cfg.r,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        target_modules=list(layers),  # full names: unambiguous for peft and for us
+        layers_to_transform=cfg.layers_to_transform,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        init=cfg.init,
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
+        modules_to_save=cfg.modules_to_save,
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
+    )
+    peft_format.write_adapter(directory, config, tensors)
+
+
+def load_lora(model: nn.Module, directory: str | PathLike, adapter_name: str = "default") -> LoraConfig:
+    """Load a peft (or peftlab) LoRA adapter into ``model`` and make it active.
+
+    The tensor file is the ground truth for which modules are adapted (peft's own matching
+    rules have quirks); the config supplies r/alpha/rsLoRA/DoRA. Returns the adapter's config.
+    """
+    fields, config_path = peft_format.read_config(directory)
+    tensors, weights_path = peft_format.read_weights(directory)
+
+    per_module: dict[str, dict[str, Tensor]] = {}
+    extra: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        parsed = peft_format.split_key(key)
+        if parsed is None:
+            extra[key] = tensor
+        else:
+            per_module.setdefault(parsed[0], {})[parsed[1]] = tensor
+    if not per_module:
+        raise ValueError(f"{weights_path}: holds no LoRA tensors (keys like "
+                         f"'{peft_format.PREFIX}<module>.lora_A.weight')")
+    if fields["target_modules"] is None:
+        fields["target_modules"] = sorted(per_module)
+    cfg = LoraConfig(**fields)
+    cfg.validate(str(config_path))
+
+    modules = dict(model.named_modules())
+    for name, kinds in per_module.items():
+        module = modules.get(name)
+        if not isinstance(module, (nn.Linear, Conv1D, LoraLinear)):
+            key = f"{peft_format.PREFIX}{name}.lora_A.weight"
+            what = "no such module" if module is None else f"a {type(module).__name__}, not Linear/Conv1D"
+            raise ValueError(f"{weights_path}: unexpected key {key!r}: {name!r} is {what} in this model")
+        needed = ["lora_A", "lora_B"] + (["magnitude"] if cfg.use_dora else [])
+        for kind in needed:
+            if kind not in kinds:
+                raise ValueError(f"{weights_path}: missing key {_key(name, kind)!r}")
+        if "magnitude" in kinds and not cfg.use_dora:
+            raise ValueError(f"{weights_path}: unexpected key {_key(name, 'magnitude')!r} "
+                             f"({config_path} has use_dora false)")
+    # Modules the config names by full path must have tensors (catches truncated files).
+    if isinstance(cfg.target_modules, list):
+        for name in cfg.target_modules:
+            if isinstance(modules.get(name), (nn.Linear, Conv1D, LoraLinear)) and name not in per_module:
+                raise ValueError(f"{weights_path}: missing key {_key(name, 'lora_A')!r} "
+                                 f"(module listed in {config_path} target_modules)")
+    saved = _match_modules_to_save(model, cfg, extra, weights_path)
+
+    _inject(model, sorted(per_module), cfg, adapter_name)  # the init is overwritten just below
+    with torch.no_grad():
+        for name, kinds in per_module.items():
+            layer = model.get_submodule(name)
+            targets = {"lora_A": layer.lora_A[adapter_name].weight,
+                       "lora_B": layer.lora_B[adapter_name].weight}
+            if cfg.use_dora:
+                targets["magnitude"] = layer.lora_magnitude_vector[adapter_name]
+            for kind, param in targets.items():
+                _copy(param, kinds[kind], _key(name, kind), weights_path)
+        for key, (param, tensor) in saved.items():
+            _copy(param, tensor, key, weights_path)
+    set_adapter(model, adapter_name)
+    return cfg
+
+
+def _key(module: str, kind: str) -> str:
+    suffix = {v: k for k, v in peft_format.TENSOR_KINDS.items()}[kind]
+    return f"{peft_format.PREFIX}{module}{suffix}"
+
+
+def _match_modules_to_save(model: nn.Module, cfg: LoraConfig, extra: dict[str, Tensor],
+                           path: PathLike) -> dict[str, tuple[nn.Parameter, Tensor]]:
+    """Non-LoRA tensors must be full parameters of a ``modules_to_save`` module."""
+    params = {}
+    if cfg.modules_to_save:
+        for mname, module in _modules_to_save(model, cfg.modules_to_save).items():
+            for pname, p in module.named_parameters():
+                params[f"{peft_format.PREFIX}{mname}.{pname}"] = p
+    out = {}
+    for key, tensor in extra.items():
+        if key not in params:
+            raise ValueError(f"{path}: unexpected key {key!r} (not a LoRA tensor of a Linear/Conv1D "
+                             "module, nor a parameter of modules_to_save)")
+        out[key] = (params[key], tensor)
+    for key in params:
+        if key not in extra:
+            raise ValueError(f"{path}: missing key {key!r} (a parameter of modules_to_save)")
+    return out
+
+
+def _copy(param: Tensor, tensor: Tensor, key: str, path: PathLike) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, "
+                         f"the model expects {tuple(param.shape)}")
+    param.copy_(tensor)
+
+
+register(Method(name="lora", config_cls=LoraConfig, apply=apply_lora, save=save_lora,
+                load=load_lora, peft_type="LORA"))

@@ -1,0 +1,208 @@
+"""The peft LoRA on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+This module only knows files, JSON keys and tensor names; it does not touch modules, so
+peft compatibility rules live in one place. Weights are read with safetensors only, never
+with torch.load/pickle, so loading an adapter cannot execute code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftlab.config import ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> the transformers model
+
+# Suffix of a tensor key -> which LoRA tensor it is. peft drops the adapter name on disk.
+TENSOR_KINDS = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_magnitude_vector": "magnitude",
+}
+
+# peft features that change the maths or the base weights; loading them as plain LoRA
+# would silently give wrong outputs, so they are refused by key name.
+_MUST_BE_EMPTY = (
+    "rank_pattern",
+    "alpha_pattern",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "lora_bias",
+    "use_qalora",
+    "use_bdlora",
+    "arrow_config",
+    "alora_invocation_tokens",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "loftq_config",
+)
+# init_lora_weights values whose adapter only makes sense on a base that peft modified
+# (PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ rewrite W) or that select another forward (MiCA).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "mica")
+_INIT_FROM_PEFT = {True: "kaiming", False: "random", "gaussian": "gaussian",
+                   "eva": "kaiming", "orthogonal": "kaiming"}
+INIT_TO_PEFT: dict[str, bool | str] = {"kaiming": True, "gaussian": "gaussian", "random": False}
+
+
+def peft_config_dict(
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    layers_to_transform: list[int] | None,
+    use_rslora: bool,
+    use_dora: bool,
+    init: str,
+    fan_in_fan_out: bool,
+    modules_to_save: list[str] | None,
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+) -> dict[str, Any]:
+    """A conservative adapter_config.json: only keys every recent peft version understands."""
+    return {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "task_type": task_type,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(target_modules),
+        "layers_to_transform": layers_to_transform,
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": INIT_TO_PEFT[init],
+        "modules_to_save": modules_to_save,
+    }
+
+
+def write_adapter(directory: str | os.PathLike, config: dict[str, Any],
+                  tensors: dict[str, torch.Tensor]) -> None:
+    """Write both files atomically (weights first, so a config never points at half a file)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """Read adapter_config.json and map it onto peftlab LoraConfig field values.
+
+    Unknown keys are ignored (peft adds new ones every release); keys for features we do not
+    implement are an error naming the file and the key.
+    """
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter config found (expected a peft adapter directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+
+    if raw.get("peft_type") != "LORA":
+        raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}; only 'LORA' is supported")
+    for key in _MUST_BE_EMPTY:
+        if raw.get(key):
+            raise ConfigError(f"{path}: key {key!r} = {raw[key]!r} is not supported by peftlab's LoRA")
+    if raw.get("bias", "none") != "none":
+        raise ConfigError(f"{path}: key 'bias' = {raw['bias']!r} is not supported (only 'none')")
+
+    init_raw = raw.get("init_lora_weights", True)
+    if isinstance(init_raw, str) and init_raw.lower().startswith(_BASE_CHANGING_INITS):
+        raise ConfigError(
+            f"{path}: key 'init_lora_weights' = {init_raw!r} is not supported: that adapter only "
+            "works on a base model that peft modified (or uses another forward pass)"
+        )
+    init_key = init_raw.lower() if isinstance(init_raw, str) else init_raw
+    if init_key not in _INIT_FROM_PEFT:
+        raise ConfigError(f"{path}: key 'init_lora_weights' has unknown value {init_raw!r}")
+
+    r = raw.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"{path}: key 'r' must be an integer >= 1, got {r!r}")
+    alpha = raw.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ConfigError(f"{path}: key 'lora_alpha' must be a number, got {alpha!r}")
+    dropout = raw.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"{path}: key 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    targets = raw.get("target_modules")
+    if targets is not None and not isinstance(targets, (str, list)):
+        raise ConfigError(f"{path}: key 'target_modules' must be a string or a list, got {targets!r}")
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]  # peft allows a single int
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+        raise ConfigError(f"{path}: key 'layers_to_transform' must be a list of integers, got {layers!r}")
+    to_save = raw.get("modules_to_save")
+    if to_save is not None and not (isinstance(to_save, list) and all(isinstance(m, str) for m in to_save)):
+        raise ConfigError(f"{path}: key 'modules_to_save' must be a list of module names, got {to_save!r}")
+
+    fields = {
+        "r": r,
+        "alpha": float(alpha),
+        "dropout": float(dropout),
+        "target_modules": targets,  # None is resolved from the tensor names by the caller
+        "layers_to_transform": layers,
+        "use_rslora": bool(raw.get("use_rslora", False)),
+        "use_dora": bool(raw.get("use_dora", False)),
+        "init": _INIT_FROM_PEFT[init_key],
+        "modules_to_save": to_save or None,
+    }
+    return fields, path
+
+
+def read_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
+    """Load adapter_model.safetensors (and refuse pickled adapter_model.bin)."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        if (Path(directory) / "adapter_model.bin").is_file():
+            raise FileNotFoundError(
+                f"{path}: missing; only a pickled adapter_model.bin exists, which peftlab does not "
+                "load (unsafe). Convert it to safetensors first."
+            )
+        raise FileNotFoundError(f"{path}: adapter weights not found")
+    return load_file(str(path), device="cpu"), path
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``base_model.model.<module>.lora_A.weight`` -> (module, "lora_A"); None if not LoRA."""
+    if not key.startswith(PREFIX):
+        return None
+    for suffix, kind in TENSOR_KINDS.items():
+        if key.endswith(suffix):
+            return key[len(PREFIX):-len(suffix)], kind
+    return None

@@ -1,0 +1,114 @@
+"""The fine-tuning recipe: config in, trained and saved adapter out.
+
+load model -> apply method -> prepare data through the task -> Trainer.fit -> save
+adapter + tokenizer (peft format) -> loss curve, data report, run report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab.config import RunConfig
+from peftlab.methods import get_method
+from peftlab.models import load_model
+from peftlab.tasks import MODEL_KIND, build_task
+from peftlab.train.plots import plot_loss_curve
+from peftlab.train.precision import prepare_precision, resolve_precision
+from peftlab.train.trainer import Trainer, TrainResult
+
+
+@dataclass
+class RunSummary:
+    output_dir: Path
+    adapter_dir: Path
+    result: TrainResult
+    trainable_params: int
+    total_params: int
+    data_report: dict[str, Any]
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = True,
+                 model=None, tokenizer=None) -> RunSummary:
+    """Run one fine-tuning job end to end. ``model``/``tokenizer`` may be passed pre-loaded."""
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(cfg.train.precision)
+    if precision != cfg.train.precision:
+        print(f"precision auto -> {precision} (measured matmul rates on this machine)")
+        cfg.train.precision = precision
+    cfg.save(out / "config.yaml")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)
+
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(cfg.model, kind=MODEL_KIND[cfg.task])
+    task, train, val, data_report = build_task(cfg, tokenizer)
+    (out / "data_report.json").write_text(json.dumps(data_report, indent=2))
+    _print_data_report(data_report)
+
+    method = get_method(cfg.method_name)
+    method.apply(model, cfg.method, "default")
+    trainable, total = count_parameters(model)
+    print(f"method {cfg.method_name}: {trainable:,} trainable of {total:,} parameters "
+          f"({100 * trainable / total:.3f}%)")
+    prepare_precision(model, cfg.train.precision)
+
+    trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress)
+    result = trainer.fit(resume=resume)
+
+    adapter_dir = out / "adapter"
+    method.save(model, adapter_dir, adapter_name="default", base_model_name_or_path=cfg.model)
+    tokenizer.save_pretrained(adapter_dir)
+    if result.history:
+        plot_loss_curve(result.history, out / "loss.png", title=f"{cfg.method_name} on {cfg.model}")
+    summary = RunSummary(out, adapter_dir, result, trainable, total, data_report)
+    _write_report(cfg, summary, time.perf_counter() - started)
+    print(f"saved adapter to {adapter_dir}")
+    return summary
+
+
+def _print_data_report(report: dict[str, Any]) -> None:
+    for split in ("train", "validation"):
+        s = report.get(split) or {}
+        if s:
+            print(f"data {split}: {s.get('kept', 0)} examples kept of {s.get('rows', 0)} "
+                  f"(dropped {s.get('dropped_too_long', 0)} over max_length, "
+                  f"{s.get('dropped_no_target', 0)} without target tokens, "
+                  f"{s.get('dropped_invalid', 0)} invalid)")
+    for key in ("train_file", "validation_file"):
+        f = report.get(key) or {}
+        if f.get("rows_skipped"):
+            print(f"data {f['path']}: skipped {f['rows_skipped']} bad rows, e.g. {f['skipped'][:1]}")
+
+
+def _write_report(cfg: RunConfig, s: RunSummary, seconds: float) -> None:
+    r = s.result
+    lines = [
+        f"# peftlab run: {cfg.method_name} on {cfg.model}", "",
+        "| what | value |", "|---|---|",
+        f"| task | {cfg.task} |",
+        f"| trainable parameters | {s.trainable_params:,} of {s.total_params:,} "
+        f"({100 * s.trainable_params / s.total_params:.3f}%) |",
+        f"| training examples | {s.data_report.get('train', {}).get('kept', '?')} |",
+        f"| validation examples | {s.data_report.get('validation', {}).get('kept', '?')} |",
+        f"| optimizer steps | {r.steps} |",
+        f"| final train loss | {r.final_train_loss if r.final_train_loss is None else round(r.final_train_loss, 4)} |",
+        f"| best validation loss | {r.best_val_loss if r.best_val_loss is None else round(r.best_val_loss, 4)} (step {r.best_step}) |",
+        f"| training time | {r.seconds:.1f} s ({r.tokens / max(r.seconds, 1e-9):.0f} tokens/s) |",
+        f"| wall time | {seconds:.1f} s |",
+        "", "![loss curve](loss.png)", "",
+    ]
+    (s.output_dir / "report.md").write_text("\n".join(lines))

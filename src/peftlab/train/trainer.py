@@ -1,0 +1,184 @@
+"""The training loop: one readable function of plain PyTorch.
+
+Precision, gradient accumulation, the lr schedule, evaluation, best-weight keeping,
+checkpoints and resume live here and nowhere else. What a batch is and how its loss
+is computed belongs to the Task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from peftlab.config import TrainConfig
+from peftlab.data.collate import length_grouped_batches
+from peftlab.evaluate.loss import autocast_for, evaluate_loss, perplexity
+from peftlab.tasks.base import Task
+from peftlab.train import checkpoint as ckpt
+from peftlab.train.schedule import lr_multiplier
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_train_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+class Trainer:
+    """Fits ``model``'s trainable parameters on ``train_examples`` through ``task``."""
+
+    def __init__(self, model: nn.Module, task: Task, train_examples: list[dict],
+                 val_examples: list[dict] | None, cfg: TrainConfig, output_dir: str | Path,
+                 progress: bool = True):
+        if not train_examples:
+            raise ValueError("no training examples left after data preparation")
+        self.model, self.task, self.cfg = model, task, cfg
+        self.train_examples, self.val_examples = train_examples, val_examples or []
+        self.output_dir = Path(output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.progress = progress
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (did the method apply?)")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lengths = [task.length(e) for e in train_examples]
+        self.batches_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / cfg.grad_accum))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(
+            cfg.warmup_ratio * self.total_steps)
+        self.warmup_steps = warmup
+        self.save_every = cfg.save_every or cfg.eval_every or self.steps_per_epoch
+
+    # -- the loop -------------------------------------------------------------------
+    def fit(self, resume: bool | str | Path = False) -> TrainResult:
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        state = {"step": 0, "micro": 0, "best_val_loss": None, "best_step": None, "tokens": 0}
+        if resume:
+            path = ckpt.latest_checkpoint(self.ckpt_dir) if resume is True else Path(resume)
+            if path is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_dir}")
+            loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
+            state.update({k: loaded[k] for k in state})
+            self._trim_metrics(state["step"])
+            print(f"resumed from {path} at step {state['step']}")
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+
+        self.model.train()
+        step, micro = state["step"], state["micro"]
+        history: list[dict[str, Any]] = []
+        last_loss = None
+        bar = tqdm(total=self.total_steps, initial=step, disable=not self.progress,
+                   desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        window_tokens, window_start = 0, time.perf_counter()
+        for group in self._step_groups(micro):
+            if step >= self.total_steps:
+                break
+            lr = cfg.lr * lr_multiplier(step, self.total_steps, self.warmup_steps, cfg.scheduler)
+            for pg in self.optimizer.param_groups:
+                pg["lr"] = lr
+            batches = [self.task.collate([self.train_examples[i] for i in idx]) for idx in group]
+            n_total = sum(self.task.count(b) for b in batches)
+            loss_total = 0.0
+            for batch in batches:
+                with autocast_for(cfg.precision):
+                    loss_sum, _n = self.task.loss(self.model, batch)
+                (loss_sum / max(n_total, 1)).backward()
+                loss_total += float(loss_sum.detach())
+                if "attention_mask" in batch:
+                    window_tokens += int(batch["attention_mask"].sum())
+            grad_norm = None
+            if cfg.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            micro += len(group)
+            last_loss = loss_total / max(n_total, 1)
+            state["tokens"] += window_tokens
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / elapsed if elapsed > 0 else 0.0
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
+            if step % cfg.log_every == 0 or step == 1 or step == self.total_steps:
+                rec = {"step": step, "epoch": round(micro / self.batches_per_epoch, 3),
+                       "loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1)}
+                if grad_norm is not None:
+                    rec["grad_norm"] = round(grad_norm, 4)
+                self._log(rec, history)
+            window_tokens, window_start = 0, time.perf_counter()
+
+            end_of_epoch = micro % self.batches_per_epoch == 0
+            do_eval = self.val_examples and (
+                (cfg.eval_every and step % cfg.eval_every == 0) or end_of_epoch
+                or step == self.total_steps)
+            if do_eval:
+                val = evaluate_loss(self.model, self.task, self.val_examples, cfg.batch_size,
+                                    cfg.precision)
+                rec = {"step": step, "epoch": round(micro / self.batches_per_epoch, 3),
+                       "val_loss": round(val, 5), "val_ppl": round(perplexity(val), 3)}
+                self._log(rec, history)
+                bar.write(f"step {step}: val_loss {val:.4f}  ppl {rec['val_ppl']:.2f}")
+                if state["best_val_loss"] is None or val < state["best_val_loss"]:
+                    state["best_val_loss"], state["best_step"] = val, step
+                    ckpt.save_checkpoint(self.ckpt_dir / "best", self.model, self.optimizer,
+                                         dict(state, step=step, micro=micro))
+            if step % self.save_every == 0 or step == self.total_steps:
+                ckpt.save_checkpoint(self.ckpt_dir / f"step-{step:07d}", self.model,
+                                     self.optimizer, dict(state, step=step, micro=micro))
+                ckpt.prune_checkpoints(self.ckpt_dir, keep=2)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        best_dir = self.ckpt_dir / "best"
+        if state["best_step"] is not None and state["best_step"] != step and best_dir.exists():
+            ckpt.load_checkpoint(best_dir, self.model)
+            print(f"restored best weights from step {state['best_step']} "
+                  f"(val_loss {state['best_val_loss']:.4f})")
+        self.model.eval()
+        return TrainResult(steps=step, final_train_loss=last_loss,
+                           best_val_loss=state["best_val_loss"], best_step=state["best_step"],
+                           history=history, seconds=seconds, tokens=state["tokens"])
+
+    # -- helpers --------------------------------------------------------------------
+    def _step_groups(self, start_micro: int) -> Iterator[list[list[int]]]:
+        """Micro-batches grouped per optimizer step, resuming after ``start_micro``."""
+        epoch = start_micro // self.batches_per_epoch
+        skip = start_micro % self.batches_per_epoch
+        while True:
+            batches = length_grouped_batches(self.lengths, self.cfg.batch_size,
+                                             self.cfg.seed, epoch)[skip:]
+            for i in range(0, len(batches), self.cfg.grad_accum):
+                yield batches[i:i + self.cfg.grad_accum]
+            epoch, skip = epoch + 1, 0
+
+    def _log(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        history.append(record)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self, step: int) -> None:
+        """On resume, drop metric lines written after the checkpoint we resume from."""
+        if not self.metrics_path.exists():
+            return
+        lines = [ln for ln in self.metrics_path.read_text().splitlines()
+                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
