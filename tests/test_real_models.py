@@ -42,7 +42,8 @@ def test_lora_lowers_validation_loss_on_alpaca(tmp_path):
     cfg.train.precision = resolve_precision(cfg.train.precision)
     torch.manual_seed(0)
     model, tok = load_model(cfg.model)
-    task, train, val, _ = build_task(cfg, tok)
+    prepared = build_task(cfg, tok)
+    task, train, val = prepared.task, prepared.train, prepared.validation
     get_method("lora").apply(model, cfg.method, "default")
     prepare_precision(model, cfg.train.precision)
     before = evaluate_loss(model, task, val, 16, cfg.train.precision)

@@ -120,3 +120,37 @@ def test_no_trainable_params_and_empty_data_are_clear_errors(tiny_chat_model_dir
            "output_dir": str(tmp_path / "o")}
     with pytest.raises(ValueError, match="empty"):
         peftlab.train(cfg, progress=False)
+
+
+class _ScriptedMetricTask(SFTTask):
+    """SFT loss, plus a scripted 'accuracy' so best-keeping and early stopping are testable."""
+
+    def __init__(self, pad_id, values):
+        super().__init__(pad_id)
+        self.values = iter(values)
+
+    def metrics(self, model, examples, batch_size, precision):
+        return {"accuracy": next(self.values)}
+
+
+def test_best_metric_and_early_stopping(tiny_chat_model_dir, demo_data_dir, tmp_path):
+    from peftlab.methods import get_method
+    from peftlab.train.trainer import Trainer
+
+    cfg = from_dict(_cfg(tiny_chat_model_dir, demo_data_dir, tmp_path, max_steps=10,
+                         eval_every=1, best_metric="val_accuracy", early_stopping_patience=2))
+    model, tok = load_model(str(tiny_chat_model_dir))
+    ensure_chat_template(tok)
+    rows = [json.loads(x) for x in demo_data_dir["train"].read_text().splitlines()[:32]]
+    examples, _ = build_sft_examples(rows, tok, cfg.data, 256, source="t")
+    get_method("lora").apply(model, cfg.method, "default")
+    task = _ScriptedMetricTask(tok.pad_token_id, [0.5, 0.6, 0.4, 0.3, 0.9])
+    trainer = Trainer(model, task, examples, examples[:8], cfg.train, tmp_path, progress=False)
+    result = trainer.fit()
+    assert result.steps == 4 and result.best_step == 2 and result.best_value == 0.6
+    best = load_file(str(tmp_path / "checkpoints" / "best" / "trainable.safetensors"))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), best[name])
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_accuracy"] for r in logged if "val_accuracy" in r] == [0.5, 0.6, 0.4, 0.3]

@@ -51,12 +51,13 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
     """Validation loss and perplexity of the base model and of the run's adapter."""
     from peftlab.evaluate.loss import evaluate_loss, perplexity
     from peftlab.methods import method_for_adapter_dir
-    from peftlab.models import load_model
-    from peftlab.tasks import MODEL_KIND, build_task
+    from peftlab.models import load_model, load_tokenizer
+    from peftlab.tasks import build_task
 
     cfg = _as_config(config, overrides)
-    model, tokenizer = load_model(cfg.model, kind=MODEL_KIND[cfg.task])
-    task, _train, val, _report = build_task(cfg, tokenizer)
+    prepared = build_task(cfg, load_tokenizer(cfg.model))
+    task, val = prepared.task, prepared.validation
+    model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
     if not val:
         raise ValueError("eval needs validation data: set data.validation or data.validation_split")
     from peftlab.train.precision import resolve_precision

@@ -73,6 +73,8 @@ class TrainConfig:
     save_every: int | None = None
     log_every: int = 10
     num_threads: int | None = None
+    best_metric: str = "val_loss"  # any logged val_* metric; *loss/*ppl lower is better
+    early_stopping_patience: int | None = None  # evaluations without improvement
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.scheduler", self.scheduler, ["cosine", "linear", "constant"])
@@ -123,7 +125,6 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-TASKS = ["sft"]
 _TOP_KEYS = ["model", "task", "method", "data", "train", "eval", "output_dir"]
 
 
@@ -138,8 +139,10 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
             raise ConfigError(f"{source}: unknown key {key!r}{suggest(key, _TOP_KEYS)}")
     if "model" not in raw or not raw["model"]:
         raise ConfigError(f"{source}: 'model' is required (an HF id, a local directory, a .gguf file or an embedded alias)")
+    from peftlab.tasks import task_names
+
     task = raw.get("task", "sft")
-    _choice("task", task, TASKS)
+    _choice("task", task, task_names())
 
     method_raw = raw.get("method", {"name": "lora"})
     if isinstance(method_raw, str):

@@ -67,7 +67,8 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | None =
 
     cfg.train.precision = resolve_precision(cfg.train.precision)
     model, tokenizer = load_model(cfg.model)
-    task, _train, val, _report = build_task(cfg, tokenizer)
+    prepared = build_task(cfg, tokenizer)
+    task, val = prepared.task, prepared.validation
     print("measuring the base model ...")
     before = _measure(model, tokenizer, task, val, heldout, cfg)
     summary = run_training(cfg, model=model, tokenizer=tokenizer)

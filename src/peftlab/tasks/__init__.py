@@ -1,24 +1,51 @@
-"""Tasks: what a batch is, how its loss is computed, and how the task's data is prepared."""
+"""Tasks: what a batch is, how its loss and metrics are computed, how its data is prepared.
+
+Each task registers a builder ``(cfg, tokenizer) -> PreparedTask``. The builder runs
+before the model is loaded, so a task can decide the model kind and head (for example
+the number of labels of a classifier) from its data.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from peftlab.tasks.base import Task
 
 
-def build_task(cfg, tokenizer) -> tuple[Task, list[dict], list[dict], dict[str, Any]]:
+@dataclass
+class PreparedTask:
+    task: Task
+    train: list[dict]
+    validation: list[dict]
+    report: dict[str, Any]
+    model_kind: str = "causal_lm"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_BUILDERS: dict[str, Callable[..., PreparedTask]] = {}
+
+
+def register_task(name: str, builder: Callable[..., PreparedTask]) -> None:
+    _BUILDERS[name] = builder
+
+
+def task_names() -> list[str]:
+    _load_builtin()
+    return sorted(_BUILDERS)
+
+
+def build_task(cfg, tokenizer) -> PreparedTask:
     """The run's task object plus its prepared train/validation examples and data report."""
-    if cfg.task == "sft":
-        from peftlab.data.sft import ensure_chat_template
-        from peftlab.tasks.sft import SFTTask, prepare_sft_data
-
-        ensure_chat_template(tokenizer)
-        train, val, report = prepare_sft_data(cfg, tokenizer)
-        return SFTTask(pad_id=tokenizer.pad_token_id), train, val, report
-    raise ValueError(f"task: {cfg.task!r} is not implemented")
+    _load_builtin()
+    if cfg.task not in _BUILDERS:
+        raise ValueError(f"task: {cfg.task!r} is not implemented (known: {task_names()})")
+    return _BUILDERS[cfg.task](cfg, tokenizer)
 
 
-MODEL_KIND = {"sft": "causal_lm"}
+def _load_builtin() -> None:
+    from peftlab.tasks import sft  # noqa: F401  (registers "sft")
 
-__all__ = ["MODEL_KIND", "Task", "build_task"]
+
+__all__ = ["PreparedTask", "Task", "build_task", "register_task", "task_names"]

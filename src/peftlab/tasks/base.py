@@ -27,3 +27,8 @@ class Task(Protocol):
         Returning a sum (not a mean) lets the Trainer normalise exactly across
         gradient-accumulation micro-batches of unequal sizes.
         """
+
+    # Optional: tasks may also define
+    #   metrics(model, examples, batch_size, precision) -> dict[str, float]
+    # whose values the Trainer logs as val_<name> at every evaluation and can select on
+    # (train.best_metric) and stop early on (train.early_stopping_patience).

@@ -62,6 +62,17 @@ def backbone_hidden_states(model: nn.Module, input_ids: torch.Tensor,
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def build_sft_task(cfg, tokenizer):
+    """Task builder for ``task: sft`` (a causal LM, chat-templated, completion-only loss)."""
+    from peftlab.data.sft import ensure_chat_template
+    from peftlab.tasks import PreparedTask
+
+    ensure_chat_template(tokenizer)
+    train, val, report = prepare_sft_data(cfg, tokenizer)
+    return PreparedTask(SFTTask(pad_id=tokenizer.pad_token_id), train, val, report,
+                        model_kind="causal_lm")
+
+
 def prepare_sft_data(cfg, tokenizer) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Read, split, render and tokenize the run's SFT data; return examples and a report."""
     from peftlab.data.readers import DataError, read_records
@@ -94,3 +105,12 @@ def prepare_sft_data(cfg, tokenizer) -> tuple[list[dict], list[dict], dict[str, 
 def _report_dict(read_report) -> dict[str, Any]:
     return {"rows_read": read_report.rows_read, "rows_skipped": read_report.rows_skipped,
             "skipped": read_report.skipped}
+
+
+def _register() -> None:
+    from peftlab.tasks import register_task
+
+    register_task("sft", build_sft_task)
+
+
+_register()

@@ -16,8 +16,8 @@ import torch
 
 from peftlab.config import RunConfig
 from peftlab.methods import get_method
-from peftlab.models import load_model
-from peftlab.tasks import MODEL_KIND, build_task
+from peftlab.models import load_model, load_tokenizer
+from peftlab.tasks import build_task
 from peftlab.train.plots import plot_loss_curve
 from peftlab.train.precision import prepare_precision, resolve_precision
 from peftlab.train.trainer import Trainer, TrainResult
@@ -53,9 +53,13 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)
 
-    if model is None or tokenizer is None:
-        model, tokenizer = load_model(cfg.model, kind=MODEL_KIND[cfg.task])
-    task, train, val, data_report = build_task(cfg, tokenizer)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
+    prepared = build_task(cfg, tokenizer)
+    task, train, val, data_report = (prepared.task, prepared.train, prepared.validation,
+                                     prepared.report)
+    if model is None:
+        model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
     (out / "data_report.json").write_text(json.dumps(data_report, indent=2))
     _print_data_report(data_report)
 
@@ -106,7 +110,7 @@ def _write_report(cfg: RunConfig, s: RunSummary, seconds: float) -> None:
         f"| validation examples | {s.data_report.get('validation', {}).get('kept', '?')} |",
         f"| optimizer steps | {r.steps} |",
         f"| final train loss | {r.final_train_loss if r.final_train_loss is None else round(r.final_train_loss, 4)} |",
-        f"| best validation loss | {r.best_val_loss if r.best_val_loss is None else round(r.best_val_loss, 4)} (step {r.best_step}) |",
+        f"| best {r.best_metric} | {r.best_value if r.best_value is None else round(r.best_value, 4)} (step {r.best_step}) |",
         f"| training time | {r.seconds:.1f} s ({r.tokens / max(r.seconds, 1e-9):.0f} tokens/s) |",
         f"| wall time | {seconds:.1f} s |",
         "", "![loss curve](loss.png)", "",

@@ -31,8 +31,9 @@ from peftlab.train.schedule import lr_multiplier
 class TrainResult:
     steps: int
     final_train_loss: float | None
-    best_val_loss: float | None
+    best_value: float | None  # of best_metric
     best_step: int | None
+    best_metric: str = "val_loss"
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
@@ -70,13 +71,14 @@ class Trainer:
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        state = {"step": 0, "micro": 0, "best_val_loss": None, "best_step": None, "tokens": 0}
+        state = {"step": 0, "micro": 0, "best_value": None, "best_step": None, "tokens": 0,
+                 "bad_evals": 0}
         if resume:
             path = ckpt.latest_checkpoint(self.ckpt_dir) if resume is True else Path(resume)
             if path is None:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_dir}")
             loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
-            state.update({k: loaded[k] for k in state})
+            state.update({k: loaded[k] for k in state if k in loaded})
             self._trim_metrics(state["step"])
             print(f"resumed from {path} at step {state['step']}")
         elif self.metrics_path.exists():
@@ -131,32 +133,69 @@ class Trainer:
             do_eval = self.val_examples and (
                 (cfg.eval_every and step % cfg.eval_every == 0) or end_of_epoch
                 or step == self.total_steps)
+            stop_early = False
             if do_eval:
-                val = evaluate_loss(self.model, self.task, self.val_examples, cfg.batch_size,
-                                    cfg.precision)
                 rec = {"step": step, "epoch": round(micro / self.batches_per_epoch, 3),
-                       "val_loss": round(val, 5), "val_ppl": round(perplexity(val), 3)}
+                       **self.evaluate()}
                 self._log(rec, history)
-                bar.write(f"step {step}: val_loss {val:.4f}  ppl {rec['val_ppl']:.2f}")
-                if state["best_val_loss"] is None or val < state["best_val_loss"]:
-                    state["best_val_loss"], state["best_step"] = val, step
+                bar.write(f"step {step}: " + "  ".join(
+                    f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val_")))
+                value = rec.get(self.best_metric)
+                if value is None:
+                    raise ValueError(f"train.best_metric: {self.best_metric!r} is not computed by "
+                                     f"this task (available: {sorted(rec)})")
+                if state["best_value"] is None or self._better(value, state["best_value"]):
+                    state["best_value"], state["best_step"] = value, step
+                    state["bad_evals"] = 0
                     ckpt.save_checkpoint(self.ckpt_dir / "best", self.model, self.optimizer,
                                          dict(state, step=step, micro=micro))
+                else:
+                    state["bad_evals"] += 1
+                    patience = cfg.early_stopping_patience
+                    stop_early = patience is not None and state["bad_evals"] >= patience
             if step % self.save_every == 0 or step == self.total_steps:
                 ckpt.save_checkpoint(self.ckpt_dir / f"step-{step:07d}", self.model,
                                      self.optimizer, dict(state, step=step, micro=micro))
                 ckpt.prune_checkpoints(self.ckpt_dir, keep=2)
+            if stop_early:
+                bar.write(f"early stopping at step {step}: {self.best_metric} has not improved "
+                          f"for {state['bad_evals']} evaluations")
+                ckpt.save_checkpoint(self.ckpt_dir / f"step-{step:07d}", self.model,
+                                     self.optimizer, dict(state, step=step, micro=micro))
+                break
         bar.close()
         seconds = time.perf_counter() - t0
         best_dir = self.ckpt_dir / "best"
         if state["best_step"] is not None and state["best_step"] != step and best_dir.exists():
             ckpt.load_checkpoint(best_dir, self.model)
             print(f"restored best weights from step {state['best_step']} "
-                  f"(val_loss {state['best_val_loss']:.4f})")
+                  f"({self.best_metric} {state['best_value']:.4f})")
         self.model.eval()
         return TrainResult(steps=step, final_train_loss=last_loss,
-                           best_val_loss=state["best_val_loss"], best_step=state["best_step"],
+                           best_value=state["best_value"], best_step=state["best_step"],
+                           best_metric=self.best_metric,
                            history=history, seconds=seconds, tokens=state["tokens"])
+
+    # -- evaluation -----------------------------------------------------------------
+    @property
+    def best_metric(self) -> str:
+        return self.cfg.best_metric
+
+    def _better(self, value: float, best: float) -> bool:
+        lower_is_better = self.best_metric.endswith(("loss", "ppl"))
+        return value < best if lower_is_better else value > best
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (+ perplexity) and whatever metrics the task computes."""
+        cfg = self.cfg
+        val = evaluate_loss(self.model, self.task, self.val_examples, cfg.batch_size,
+                            cfg.precision)
+        out = {"val_loss": round(val, 5), "val_ppl": round(perplexity(val), 3)}
+        task_metrics = getattr(self.task, "metrics", None)
+        if task_metrics is not None:
+            extra = task_metrics(self.model, self.val_examples, cfg.batch_size, cfg.precision)
+            out.update({f"val_{k}": v for k, v in extra.items()})
+        return out
 
     # -- helpers --------------------------------------------------------------------
     def _step_groups(self, start_micro: int) -> Iterator[list[list[int]]]:
