@@ -76,3 +76,20 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
     if out.is_dir():
         (out / "eval.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def predict(adapter: str | Path, input: str | Path | list, model: str | None = None,
+            output: str | Path | None = None, text_field: str | None = None,
+            text_pair_field: str | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """Classify every row of ``input`` (a JSONL/CSV/TSV/... file, or a list of texts or row
+    dicts) with a classifier trained by ``task: classification``.
+
+    ``model`` defaults to the adapter's base model; text fields default to the training ones
+    (from the adapter's labels.json). Returns ``{"predictions": [{"row", "prediction",
+    "probabilities"[, "gold"]}], "rows", "labelled", "accuracy", "truncated", "output"}``;
+    ``output`` also gets one JSON line per input row.
+    """
+    from peftlab.evaluate.predict import predict_file
+
+    return predict_file(input, adapter, model=model, output=output, text_field=text_field,
+                        text_pair_field=text_pair_field, batch_size=batch_size)

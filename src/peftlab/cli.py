@@ -1,4 +1,4 @@
-"""Command line: ``peftlab train|eval|chat|demo``. Thin: every command calls peftlab.api."""
+"""Command line: ``peftlab train|eval|predict|chat|demo``. Thin: every command calls peftlab.api."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--adapter", default=None, help="adapter dir (default: OUTPUT_DIR/adapter)")
+
+    p = sub.add_parser("predict", help="classify a data file with a trained classifier")
+    p.add_argument("--adapter", required=True, help="adapter dir of a task: classification run")
+    p.add_argument("--input", required=True, help="JSONL/JSON/CSV/TSV/Parquet file to classify")
+    p.add_argument("--model", default=None,
+                   help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--output", default=None,
+                   help="write one JSON line per row here (default: print them)")
+    p.add_argument("--text-field", default=None, help="default: the training text field")
+    p.add_argument("--text-pair-field", default=None)
+    p.add_argument("--batch-size", type=int, default=32)
 
     p = sub.add_parser("chat", help="chat with a model (and an adapter)")
     p.add_argument("--model", required=True, help="embedded alias, HF id, directory or .gguf")
@@ -72,6 +83,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from peftlab.api import predict
+
+    result = predict(args.adapter, args.input, model=args.model, output=args.output,
+                     text_field=args.text_field, text_pair_field=args.text_pair_field,
+                     batch_size=args.batch_size)
+    if args.output is None:
+        for item in result["predictions"]:
+            print(json.dumps(item))
+    summary = f"predicted {result['rows']} rows"
+    if result["truncated"]:
+        summary += f" ({result['truncated']} truncated to max_length)"
+    if result["accuracy"] is not None:
+        summary += f"; accuracy {result['accuracy']:.4f} on {result['labelled']} labelled rows"
+    if args.output:
+        summary += f"; wrote {args.output}"
+    print(summary, file=sys.stderr if args.output is None else sys.stdout)
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     from peftlab.api import load
     from peftlab.evaluate.generate import generate_replies
@@ -112,7 +143,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "chat": _chat, "demo": _demo}
+_COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "chat": _chat, "demo": _demo}
 
 if __name__ == "__main__":
     raise SystemExit(main())

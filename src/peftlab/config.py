@@ -28,6 +28,64 @@ def suggest(word: str, choices: list[str]) -> str:
 
 
 @dataclass
+class CleanConfig:
+    """``data.clean``: optional clean-up before tokenization (peftlab.data.clean).
+
+    Every step is off by default and, when on, counted in the data report.
+    """
+
+    normalize: bool = False  # Unicode NFKC + whitespace clean-up of every text field
+    dedup: bool = False  # drop exact duplicates (hash of the normalised text)
+    near_dedup: bool = False  # drop near duplicates (MinHash + LSH over word shingles)
+    near_threshold: float = 0.8  # Jaccard similarity of word-shingle sets
+    shingle_size: int = 3  # words per shingle
+    num_perm: int = 128  # MinHash permutations
+    min_tokens: int = 0  # drop rows whose answer has fewer tokens (empty answers: any value >= 1)
+    max_tokens: int | None = None  # drop rows whose prompt + answer text has more tokens
+    leakage: bool = False  # drop train rows that (nearly) duplicate a validation row
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.near_threshold <= 1.0:
+            raise ConfigError(f"{where}.near_threshold must be in (0, 1], got {self.near_threshold}")
+        for key in ("shingle_size", "num_perm"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+        if self.min_tokens < 0:
+            raise ConfigError(f"{where}.min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.max_tokens < max(1, self.min_tokens):
+            raise ConfigError(f"{where}.max_tokens must be >= max(1, min_tokens), "
+                              f"got {self.max_tokens}")
+
+
+@dataclass
+class AugmentConfig:
+    """``data.augment``: extra training rows for low-data tasks (peftlab.data.augment).
+
+    Applied to the training split only, after splitting and the leakage check; seeded by
+    ``train.seed``. ``paraphrase`` and ``synonyms: embedding`` load the model once more.
+    """
+
+    method: str = "none"  # none | eda | paraphrase
+    copies: int = 1  # augmented rows per training row
+    alpha: float = 0.1  # EDA: share of the words each operation changes
+    synonyms: str = "builtin"  # EDA: builtin word list | embedding (the model's own neighbours)
+    fields: list[str] | None = None  # default: the prompt side (instruction, input, user turns)
+    temperature: float = 0.9  # paraphrase sampling
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.method", self.method, ["none", "eda", "paraphrase"])
+        _choice(f"{where}.synonyms", self.synonyms, ["builtin", "embedding"])
+        if self.copies < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"{where}: copies and max_new_tokens must be >= 1")
+        if not 0.0 < self.alpha <= 0.5:
+            raise ConfigError(f"{where}.alpha must be in (0, 0.5], got {self.alpha}")
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{where}: temperature must be > 0 and top_p in (0, 1]")
+
+
+@dataclass
 class DataConfig:
     """Where the examples come from and how rows map to fields."""
 
@@ -42,6 +100,20 @@ class DataConfig:
     system_prompt: str | None = None
     on_error: str = "raise"  # raise | skip
     max_rows: int | None = None
+    # preference pairs (task: reward, dpo) and prompts (task: ppo)
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    # classification
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    labels: list[str | int] | None = None  # fixed label order; default: sorted labels of train
+    # SFT data preparation (peftlab.data.clean / templates / packing / augment)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    template: str | None = None  # None: chat template | alpaca | a Jinja file | inline Jinja
+    packing: bool = False  # pack short training examples into max_length rows (no cross-attention)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.format", self.format, ["auto", "alpaca", "chat"])
@@ -50,6 +122,8 @@ class DataConfig:
             raise ConfigError(f"{where}.validation_split must be in [0, 1), got {self.validation_split}")
         if self.validation and self.validation_split:
             raise ConfigError(f"{where}: give either 'validation' or 'validation_split', not both")
+        if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
+            raise ConfigError(f"{where}.labels must be a non-empty list of unique labels, got {self.labels}")
 
 
 @dataclass
@@ -97,6 +171,110 @@ class EvalConfig:
 
 
 @dataclass
+class ClassificationConfig:
+    """``task: classification``: a new head on the model, or label words scored by a causal LM."""
+
+    mode: str = "head"  # head | verbalizer
+    verbalizer: dict[str, str] | None = None  # label -> word (verbalizer mode; default: the label)
+    class_weights: str = "none"  # none | balanced (n_samples / (n_classes * count_c))
+    prompt_template: str | None = None  # verbalizer mode, e.g. "Review: {text}\nSentiment:"
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.mode", self.mode, ["head", "verbalizer"])
+        _choice(f"{where}.class_weights", self.class_weights, ["none", "balanced"])
+        if self.verbalizer is not None:
+            for label, word in self.verbalizer.items():
+                if not isinstance(word, str) or not word.strip():
+                    raise ConfigError(f"{where}.verbalizer.{label}: expected a non-empty word, "
+                                      f"got {word!r}")
+        if self.prompt_template is not None and "{text}" not in self.prompt_template:
+            raise ConfigError(f"{where}.prompt_template must contain {{text}}, "
+                              f"got {self.prompt_template!r}")
+
+
+@dataclass
+class RewardConfig:
+    """``task: reward``: Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin)."""
+
+    margin: float = 0.0
+    margin_field: str | None = None  # a per-row margin column (added to ``margin``)
+
+
+@dataclass
+class DPOConfig:
+    """``task: dpo``. reference: the base model with the adapter switched off at every step
+    (``disabled_adapter``), or the initial policy's log-probs computed once and cached in
+    OUTPUT_DIR/reference_logps.safetensors (``precomputed``; any method)."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid loss only)
+    loss_type: str = "sigmoid"  # sigmoid | ipo
+    reference: str = "disabled_adapter"  # disabled_adapter | precomputed
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.loss_type", self.loss_type, ["sigmoid", "ipo"])
+        _choice(f"{where}.reference", self.reference, ["disabled_adapter", "precomputed"])
+        if self.beta <= 0:
+            raise ConfigError(f"{where}.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{where}.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"{where}.label_smoothing only applies to loss_type 'sigmoid'")
+
+
+@dataclass
+class PPOConfig:
+    """``task: ppo``: rollouts -> rewards -> GAE -> clipped PPO epochs (peftlab.train.ppo).
+
+    Exactly one reward source: ``reward_model`` (a ``task: reward`` run or its adapter dir),
+    ``reward_classifier`` + ``reward_label`` (a classifier adapter dir; reward = P(label)),
+    or ``reward_function`` ("module:function" taking (prompts, responses) -> list[float]).
+    The learning rate, seed, precision and grad clipping come from ``train``.
+    """
+
+    reward_model: str | None = None
+    reward_classifier: str | None = None
+    reward_label: str | None = None
+    reward_function: str | None = None
+    iterations: int = 100
+    rollout_batch_size: int = 16  # prompts per iteration
+    minibatch_size: int = 8  # rollouts per optimizer step
+    ppo_epochs: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off; top_k/top_p make the sampler differ from the trained policy
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1: log(pi/ref) | k3: (ref/pi - 1) - log(ref/pi)
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False  # normalise scores over each rollout batch
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.kl_estimator", self.kl_estimator, ["k1", "k3"])
+        for key in ("iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs",
+                    "max_new_tokens", "kl_horizon"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("temperature", "target_kl", "clip_range", "clip_range_value"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("gamma", "lam", "top_p"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{where}.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.kl_coef < 0 or self.vf_coef < 0 or self.top_k < 0:
+            raise ConfigError(f"{where}: kl_coef, vf_coef and top_k must be >= 0")
+        if self.reward_label is not None and self.reward_classifier is None:
+            raise ConfigError(f"{where}.reward_label needs {where}.reward_classifier")
+
+
+@dataclass
 class RunConfig:
     """One fine-tuning run. ``method`` holds the registered method's own config dataclass."""
 
@@ -108,6 +286,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/latest"
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         method = {"name": self.method_name, **dataclasses.asdict(self.method)}
@@ -119,13 +301,18 @@ class RunConfig:
             "train": dataclasses.asdict(self.train),
             "eval": dataclasses.asdict(self.eval),
             "output_dir": self.output_dir,
+            "classification": dataclasses.asdict(self.classification),
+            "reward": dataclasses.asdict(self.reward),
+            "dpo": dataclasses.asdict(self.dpo),
+            "ppo": dataclasses.asdict(self.ppo),
         }
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-_TOP_KEYS = ["model", "task", "method", "data", "train", "eval", "output_dir"]
+_TOP_KEYS = ["model", "task", "method", "data", "train", "eval", "output_dir", "classification",
+             "reward", "dpo", "ppo"]
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
@@ -163,6 +350,11 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         train=_build(TrainConfig, raw.get("train") or {}, "train"),
         eval=_build(EvalConfig, raw.get("eval") or {}, "eval"),
         output_dir=str(raw.get("output_dir", "runs/latest")),
+        classification=_build(ClassificationConfig, raw.get("classification") or {},
+                              "classification"),
+        reward=_build(RewardConfig, raw.get("reward") or {}, "reward"),
+        dpo=_build(DPOConfig, raw.get("dpo") or {}, "dpo"),
+        ppo=_build(PPOConfig, raw.get("ppo") or {}, "ppo"),
     )
     return cfg
 
@@ -241,6 +433,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(errors[-1] if errors else f"{key}: invalid value {value!r}")
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)  # a nested section, e.g. data.clean
     if hint is bool:
         if isinstance(value, bool):
             return value

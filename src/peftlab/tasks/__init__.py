@@ -45,7 +45,8 @@ def build_task(cfg, tokenizer) -> PreparedTask:
 
 
 def _load_builtin() -> None:
-    from peftlab.tasks import sft  # noqa: F401  (registers "sft")
+    from peftlab.tasks import classification, dpo, reward, sft  # noqa: F401  (register themselves)
+    from peftlab.train import ppo  # noqa: F401  (registers "ppo": its own loop)
 
 
 __all__ = ["PreparedTask", "Task", "build_task", "register_task", "task_names"]

@@ -65,17 +65,32 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
 
     method = get_method(cfg.method_name)
     method.apply(model, cfg.method, "default")
+    prepare_model = getattr(task, "prepare_model", None)  # e.g. train a new classifier head
+    if prepare_model is not None:
+        prepare_model(model)
     trainable, total = count_parameters(model)
     print(f"method {cfg.method_name}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.3f}%)")
     prepare_precision(model, cfg.train.precision)
 
-    trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress)
-    result = trainer.fit(resume=resume)
+    own_loop = getattr(task, "fit", None)  # tasks with their own loop (task: ppo)
+    if own_loop is not None:
+        result = own_loop(model, tokenizer, train, val, cfg, out, resume=resume, progress=progress)
+    else:
+        trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress)
+        result = trainer.fit(resume=resume)
 
     adapter_dir = out / "adapter"
-    method.save(model, adapter_dir, adapter_name="default", base_model_name_or_path=cfg.model)
+    method.save(model, adapter_dir, adapter_name="default", base_model_name_or_path=cfg.model,
+                task_type=getattr(task, "peft_task_type", "CAUSAL_LM"))
     tokenizer.save_pretrained(adapter_dir)
+    save_extras = getattr(task, "save", None)  # e.g. labels.json of a classifier
+    if save_extras is not None:
+        save_extras(model, adapter_dir)
+    final_report = getattr(task, "final_report", None)  # e.g. per-class scores, confusion matrix
+    if final_report is not None and val:
+        report = final_report(model, val, cfg.eval.batch_size, cfg.train.precision)
+        (out / f"eval_{cfg.task}.json").write_text(json.dumps(report, indent=2))
     if result.history:
         plot_loss_curve(result.history, out / "loss.png", title=f"{cfg.method_name} on {cfg.model}")
     summary = RunSummary(out, adapter_dir, result, trainable, total, data_report)
@@ -92,6 +107,10 @@ def _print_data_report(report: dict[str, Any]) -> None:
                   f"(dropped {s.get('dropped_too_long', 0)} over max_length, "
                   f"{s.get('dropped_no_target', 0)} without target tokens, "
                   f"{s.get('dropped_invalid', 0)} invalid)")
+        if s.get("truncated"):
+            print(f"data {split}: {s['truncated']} examples truncated to max_length")
+        if s.get("class_counts"):
+            print(f"data {split}: class counts {s['class_counts']}")
     for key in ("train_file", "validation_file"):
         f = report.get(key) or {}
         if f.get("rows_skipped"):

@@ -1,0 +1,945 @@
+"""Training throughput: peftlab vs transformers + peft, on the same machine, in the same run.
+
+Both sides train the same model (SmolLM2-135M-Instruct) with the same LoRA (identical initial
+weights, saved once by peft and loaded by both), the same optimiser and the very same batches
+(built once from real Alpaca data, saved to a temp safetensors file, fed in the same order).
+
+* candidate ``peftlab``: peftlab's defaults — ``Trainer`` + ``SFTTask`` (label-only LM head),
+  our LoRA, precision ``auto`` resolved in the worker (``resolve_precision`` +
+  ``prepare_precision``).
+* ``ref_bf16``: transformers + peft, plain loop ``model(ids, mask, labels).loss.backward()``
+  under ``torch.autocast("cpu", torch.bfloat16)`` with fp32 weights (the usual user setup).
+* ``ref_fp32``: the same loop in fp32.
+
+Every configuration runs in its own subprocess (``--worker``), alternating candidate and
+references for ``--repeats`` rounds, so each worker's peak RSS is its own and slow drifts of a
+shared machine hit all sides alike. Extra sections (skippable): end-to-end wall time,
+classification training (MiniLM on SST-2) and KV-cache generation.
+
+    python benchmarks/train_throughput.py --quick      # < 5 min, same fields
+    python benchmarks/train_throughput.py              # the full run
+    python benchmarks/train_throughput.py --profile peftlab   # torch.profiler, top ops
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+ALPACA = SHARED_DATA / "alpaca" / "alpaca_5000.jsonl"
+SST2 = SHARED_DATA / "sst2" / "train.tsv"
+RESULTS = REPO / "benchmarks" / "results"
+
+MODEL = "smollm2-135m-instruct"
+CLS_MODEL = "minilm-l6"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CANDIDATE, REF_BF16, REF_FP32 = "peftlab", "ref_bf16", "ref_fp32"
+CONFIGS = (CANDIDATE, REF_BF16, REF_FP32)  # also the alternation order within a round
+IGNORE = -100
+WARMUP_STEPS = 2  # skipped when taking the steady-state median
+
+# name -> (target, higher_is_better)
+TARGETS = {
+    "train_vs_bf16": (2.0, True),
+    "train_vs_fp32": (3.5, True),
+    "mfu": (0.45, True),
+    "e2e_vs_bf16": (0.6, False),
+    "rss_vs_fp32": (0.6, False),
+    "cls_vs_bf16": (1.5, True),
+    "cls_vs_fp32": (1.5, True),
+    "gen_b1": (1.0, True),
+    "gen_b8": (1.0, True),
+}
+
+
+# ================================================================== data (built once, in the parent)
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise SystemExit(f"error: {what} not found at {path} (expected the shared datasets in "
+                         f"<repo>/../shared/data; see benchmarks/README.md)")
+    return path
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    with path.open() as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"error: {path}:{i}: not valid JSON ({exc.msg})") from None
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def build_sft_batches(tokenizer, records: list[dict[str, Any]], n_batches: int, batch_size: int,
+                      seq_len: int, source: str = "data") -> dict[str, torch.Tensor]:
+    """Pack whole chat-templated conversations (completion-only labels) into fixed rows.
+
+    First-fit packing into ``n_batches * batch_size`` rows of ``seq_len`` tokens; the unused
+    tail of a row is padding (attention 0, label -100). Conversations longer than a row are
+    skipped, never cut. Returns ``input_ids``/``attention_mask``/``labels`` shaped
+    (n_batches, batch_size, seq_len).
+    """
+    from peftlab.config import DataConfig
+    from peftlab.data.sft import record_to_messages, tokenize_conversation
+
+    cfg = DataConfig()
+    n_rows = n_batches * batch_size
+    rows: list[tuple[list[int], list[int]]] = []
+    misses = 0
+    for i, record in enumerate(records):
+        messages = record_to_messages(record, cfg, f"{source}:{i + 1}")
+        ex = tokenize_conversation(messages, tokenizer)
+        ids, labels = ex["input_ids"], ex["labels"]
+        if len(ids) > seq_len or all(t == IGNORE for t in labels[1:]):
+            continue
+        row = next((r for r in rows if len(r[0]) + len(ids) <= seq_len), None)
+        if row is None and len(rows) < n_rows:
+            row = ([], [])
+            rows.append(row)
+        if row is None:
+            misses += 1
+            if misses > 200:  # every row is (nearly) full
+                break
+            continue
+        row[0].extend(ids)
+        row[1].extend(labels)
+    if len(rows) < n_rows:
+        raise SystemExit(f"error: {source}: only enough conversations for {len(rows)} rows of "
+                         f"{seq_len} tokens, need {n_rows}")
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((n_rows, seq_len), pad, dtype=torch.long)
+    labels = torch.full((n_rows, seq_len), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n_rows, seq_len), dtype=torch.long)
+    for r, (ids, labs) in enumerate(rows):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        labels[r, :len(labs)] = torch.tensor(labs)
+        mask[r, :len(ids)] = 1
+    shape = (n_batches, batch_size, seq_len)
+    return {"input_ids": input_ids.view(shape), "attention_mask": mask.view(shape),
+            "labels": labels.view(shape)}
+
+
+def build_cls_batches(tokenizer, path: Path, n_batches: int, batch_size: int,
+                      seq_len: int) -> dict[str, torch.Tensor]:
+    """SST-2 sentences, truncated/padded to ``seq_len``, in file order."""
+    need = n_batches * batch_size
+    texts, labels = [], []
+    with path.open() as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if header[:2] != ["sentence", "label"]:
+            raise SystemExit(f"error: {path}:1: expected header 'sentence<TAB>label', got {header}")
+        for lineno, line in enumerate(f, start=2):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 2 or parts[1] not in ("0", "1"):
+                raise SystemExit(f"error: {path}:{lineno}: expected 'sentence<TAB>0|1'")
+            texts.append(parts[0])
+            labels.append(int(parts[1]))
+            if len(texts) >= need:
+                break
+    if len(texts) < need:
+        raise SystemExit(f"error: {path}: {len(texts)} rows, need {need}")
+    enc = tokenizer(texts, truncation=True, max_length=seq_len, padding="max_length",
+                    return_tensors="pt")
+    out = {k: enc[k].view(n_batches, batch_size, seq_len)
+           for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    out["labels"] = torch.tensor(labels).view(n_batches, batch_size)
+    return out
+
+
+def make_init_adapter(model_spec: str, directory: Path, seed: int, kind: str = "causal_lm",
+                      r: int = 16, alpha: float = 32, targets: list[str] | None = None) -> None:
+    """Save peft's LoRA init (A kaiming-uniform from ``seed``, B = 0) for both sides to load."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftlab.models import load_model
+
+    torch.manual_seed(seed)
+    if kind == "causal_lm":
+        model, _ = load_model(model_spec)
+        task_type = "CAUSAL_LM"
+    else:
+        model, _ = load_model(model_spec, kind="sequence_classification", num_labels=2)
+        task_type = "SEQ_CLS"  # peft adds the new classifier head to modules_to_save
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets or LORA_TARGETS,
+                     bias="none", task_type=task_type)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(str(directory))
+    del model, peft_model
+    gc.collect()
+
+
+def flop_params(model_spec: str) -> int:
+    """N for MFU: parameters of the transformer blocks (+ final norm), without the token
+    embedding / LM-head matrix (tied in SmolLM2). Counted on the meta device, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftlab.models import resolve_spec
+
+    config = AutoConfig.from_pretrained(resolve_spec(model_spec))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+# ================================================================== workers (one per subprocess)
+
+
+class FixedBatchTask:
+    """Hands the Trainer the pre-built batches in order and records each step's exact loss.
+
+    Everything else (loss maths, counting) is the wrapped peftlab task's.
+    """
+
+    def __init__(self, inner, batches: dict[str, torch.Tensor]):
+        self.inner, self.batches = inner, batches
+        self.n = batches["input_ids"].shape[0]
+        self.calls = 0
+        self.losses: list[float] = []
+        self.starts: list[float] = []  # perf_counter when the Trainer asked for each batch
+
+    def length(self, example: dict[str, Any]) -> int:
+        return 1
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        self.starts.append(time.perf_counter())
+        t = self.calls % self.n
+        self.calls += 1
+        return {k: v[t] for k, v in self.batches.items()}
+
+    def count(self, batch: dict[str, Any]) -> int:
+        return self.inner.count(batch)
+
+    def loss(self, model, batch):
+        loss_sum, n = self.inner.loss(model, batch)
+        self.losses.append(float(loss_sum.detach()) / max(n, 1))
+        return loss_sum, n
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _autocast(bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _maybe_profile(enabled: bool, rows: int = 25):
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        yield
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def _since_spawn(cfg: dict[str, Any]) -> float:
+    return time.time() - cfg.get("spawn_time", time.time())
+
+
+def train_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train ``cfg["name"]`` for ``cfg["steps"]`` steps on the fixed batches; report timings.
+
+    cfg: name (peftlab | ref_bf16 | ref_fp32), model, batches (safetensors path), adapter (init
+    adapter dir), steps, lr, seed, out_dir, precision (candidate only; "auto" by default),
+    spawn_time (parent's time.time() at spawn, for the end-to-end wall), profile.
+    """
+    batches = load_file(cfg["batches"])
+    name = cfg["name"]
+    out = {"name": name}
+    runner = _train_peftlab if name == CANDIDATE else _train_reference
+    out.update(runner(cfg, batches))
+    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    out["matmul_gflops"] = best_matmul_gflops(3)  # after the timed part: no startup cost
+    return out
+
+
+def best_matmul_gflops(trials: int) -> dict[str, float]:
+    """Best of ``trials`` runs of peftlab's own measurement (``measured_matmul_gflops``, uncached:
+    one run is only 8 matmuls per dtype, easily disturbed on a shared machine)."""
+    from peftlab.train.precision import measured_matmul_gflops
+
+    runs = [measured_matmul_gflops.__wrapped__() for _ in range(trials)]
+    return {d: max(r[d] for r in runs) for d in ("fp32", "bf16")}
+
+
+def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from peftlab.config import TrainConfig
+    from peftlab.methods.lora import load_lora, save_lora
+    from peftlab.models import load_model
+    from peftlab.tasks.sft import SFTTask
+    from peftlab.train.precision import prepare_precision, resolve_precision
+    from peftlab.train.trainer import Trainer
+
+    precision = resolve_precision(cfg.get("precision", "auto"))
+    model, tokenizer = load_model(cfg["model"])
+    load_lora(model, cfg["adapter"])
+    prepare_precision(model, precision)
+    task = FixedBatchTask(SFTTask(pad_id=tokenizer.pad_token_id), batches)
+    steps = cfg["steps"]
+    tcfg = TrainConfig(max_steps=steps, batch_size=1, grad_accum=1, lr=cfg["lr"],
+                       weight_decay=0.0, scheduler="constant", warmup_steps=0, max_grad_norm=None,
+                       precision=precision, log_every=1, save_every=steps, seed=cfg["seed"])
+    out_dir = Path(cfg["out_dir"])
+    trainer = Trainer(model, task, [{"index": i} for i in range(steps)], None, tcfg, out_dir,
+                      progress=False)
+    ends: list[float] = []  # a step = batch request -> optimizer.step() done, as for the refs
+    trainer.optimizer.register_step_post_hook(lambda *_: ends.append(time.perf_counter()))
+    startup = _since_spawn(cfg)
+    with _maybe_profile(cfg.get("profile", False)):
+        trainer.fit()
+    save_lora(model, out_dir / "adapter")
+    wall = _since_spawn(cfg)
+    tokens = [int(batches["attention_mask"][t % task.n].sum()) for t in range(steps)]
+    seconds = [end - start for start, end in zip(task.starts, ends, strict=True)]
+    return {"precision": precision, "losses": task.losses, "step_seconds": seconds,
+            "step_tokens": tokens, "startup_seconds": startup, "wall_seconds": wall}
+
+
+def _train_reference(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from peftlab.models import load_model
+
+    bf16 = cfg["name"] == REF_BF16
+    model, _ = load_model(cfg["model"])
+    model = PeftModel.from_pretrained(model, cfg["adapter"], is_trainable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    torch.manual_seed(cfg["seed"])
+    model.train()
+    n = batches["input_ids"].shape[0]
+    losses, seconds, tokens = [], [], []
+    startup = _since_spawn(cfg)
+    with _maybe_profile(cfg.get("profile", False)):
+        for t in range(cfg["steps"]):
+            start = time.perf_counter()
+            ids, mask, labels = (batches[k][t % n] for k in ("input_ids", "attention_mask", "labels"))
+            with _autocast(bf16):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            seconds.append(time.perf_counter() - start)
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            tokens.append(int(mask.sum()))
+    model.save_pretrained(str(Path(cfg["out_dir"]) / "adapter"))
+    wall = _since_spawn(cfg)
+    return {"precision": "bf16-autocast" if bf16 else "fp32", "losses": losses,
+            "step_seconds": seconds, "step_tokens": tokens, "startup_seconds": startup,
+            "wall_seconds": wall}
+
+
+def cls_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Classification training: MiniLM + LoRA(query, value) + trainable classifier."""
+    from peftlab.models import load_model
+
+    batches = load_file(cfg["batches"])
+    name = cfg["name"]
+    torch.manual_seed(cfg["seed"])  # weights the checkpoint lacks (if any) init identically
+    model, tokenizer = load_model(cfg["model"], kind="sequence_classification", num_labels=2)
+    inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batches]
+    if name == CANDIDATE:
+        from peftlab.evaluate.loss import autocast_for
+        from peftlab.methods.lora import load_lora
+        from peftlab.tasks.classification import ClassificationTask
+        from peftlab.train.precision import prepare_precision, resolve_precision
+
+        precision = resolve_precision(cfg.get("precision", "auto"))
+        load_lora(model, cfg["adapter"])
+        prepare_precision(model, precision)
+        task = ClassificationTask({"labels": ["0", "1"]}, pad_id=tokenizer.pad_token_id)
+
+        def step_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with autocast_for(precision):
+                loss_sum, n = task.loss(model, batch)
+            return loss_sum / n
+    else:
+        from peft import PeftModel
+
+        precision = "bf16-autocast" if name == REF_BF16 else "fp32"
+        model = PeftModel.from_pretrained(model, cfg["adapter"], is_trainable=True)
+
+        def step_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with _autocast(name == REF_BF16):
+                return model(**{k: batch[k] for k in inputs}, labels=batch["labels"]).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    torch.manual_seed(cfg["seed"])  # BERT has dropout: same masks on both sides
+    model.train()
+    n = batches["input_ids"].shape[0]
+    losses, seconds, tokens = [], [], []
+    for t in range(cfg["steps"]):
+        start = time.perf_counter()
+        batch = {k: v[t % n] for k, v in batches.items()}
+        loss = step_loss(batch)
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - start)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        tokens.append(batch["input_ids"].numel())  # padded positions: all are computed
+    return {"name": name, "precision": precision, "losses": losses, "step_seconds": seconds,
+            "step_tokens": tokens, "examples_per_step": batches["labels"].shape[1],
+            "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def gen_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Greedy KV-cache generation with a merged LoRA model, batch 1 and batch 8."""
+    from peftlab.models import load_model
+
+    name, max_new = cfg["name"], cfg["max_new_tokens"]
+    convs = cfg["conversations"]
+    model, tokenizer = load_model(cfg["model"])
+    if name == CANDIDATE:
+        from peftlab.evaluate.generate import generate_replies
+        from peftlab.methods.lora import load_lora, merge_and_unload
+
+        load_lora(model, cfg["adapter"])
+        merge_and_unload(model)
+        model.eval()
+
+        def run(batch: list[list[dict]], batch_size: int) -> tuple[list[str], None]:
+            return generate_replies(model, tokenizer, batch, max_new_tokens=max_new,
+                                    batch_size=batch_size), None
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg["adapter"]).merge_and_unload()
+        model.eval()
+        tokenizer.padding_side = "left"
+
+        def run(batch: list[list[dict]], batch_size: int) -> tuple[list[str], list[int]]:
+            replies, counts = [], []
+            for i in range(0, len(batch), batch_size):
+                enc = tokenizer.apply_chat_template(batch[i:i + batch_size],
+                                                    add_generation_prompt=True, padding=True,
+                                                    return_tensors="pt", return_dict=True)
+                out = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
+                                     temperature=None, top_p=None, top_k=None)
+                new = out[:, enc["input_ids"].shape[1]:]
+                for row in new:
+                    counts.append(_generated_length(row.tolist(), model.generation_config))
+                    replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            return replies, counts
+    run(convs[:1], 1)  # warm-up (first-call allocations, kernel selection)
+    out: dict[str, Any] = {"name": name}
+    for label, batch, batch_size in (("b1", convs[:cfg["b1_prompts"]], 1), ("b8", convs[:8], 8)):
+        start = time.perf_counter()
+        replies, counts = run(batch, batch_size)
+        out[label] = {"seconds": time.perf_counter() - start, "replies": replies,
+                      "new_tokens": counts}
+    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return out
+
+
+def _generated_length(row: list[int], gen_config) -> int:
+    """New tokens up to and including the first stop token (the rest is padding)."""
+    stops = gen_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    for i, tok in enumerate(row):
+        if tok in stops:
+            return i + 1
+    return len(row)
+
+
+WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "train": train_worker, "cls": cls_worker, "gen": gen_worker}
+
+
+# ================================================================== orchestration (the parent)
+
+
+def spawn(kind: str, cfg: dict[str, Any], tmp: Path, tag: str,
+          threads: int | None = None) -> dict[str, Any]:
+    """Run one worker in a fresh interpreter; return its JSON result."""
+    cfg = dict(cfg, out_dir=str(tmp / f"out-{tag}"), threads=threads, spawn_time=time.time())
+    cfg_path, res_path, log_path = (tmp / f"{tag}.{ext}" for ext in ("cfg.json", "res.json", "log"))
+    cfg_path.write_text(json.dumps(cfg))
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+               PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--worker-config",
+                               str(cfg_path), "--worker-result", str(res_path)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        raise SystemExit(f"error: worker {tag} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(res_path.read_text())
+
+
+def steady_rates(runs: list[dict[str, Any]], skip: int) -> list[float]:
+    """tokens/s of every step after the first ``skip`` of each run, pooled."""
+    return [n / s for run in runs
+            for n, s in list(zip(run["step_tokens"], run["step_seconds"], strict=True))[skip:]]
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    import peft
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version(),
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def status(name: str, value: float | None) -> str:
+    target, higher = TARGETS[name]
+    if value is None:
+        return "n/a"
+    return "MET" if (value >= target if higher else value <= target) else "MISSED"
+
+
+def run_training_section(args, tmp: Path, batches_path: Path, adapter: Path,
+                         steps: int, repeats: int, configs: tuple[str, ...], label: str,
+                         ) -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+    base = {"model": MODEL, "batches": str(batches_path), "adapter": str(adapter),
+            "steps": steps, "lr": args.lr, "seed": args.seed}
+    for rnd in range(repeats):
+        for name in configs:
+            res = spawn("train", dict(base, name=name), tmp, f"{label}-{name}-{rnd}",
+                        args.threads)
+            runs[name].append(res)
+            rates = steady_rates([res], min(WARMUP_STEPS, steps - 1))
+            print(f"  [{label} {rnd + 1}/{repeats}] {name:9s} {res['precision']:14s} "
+                  f"{statistics.median(rates):8.1f} tok/s  wall {res['wall_seconds']:6.1f} s  "
+                  f"rss {res['peak_rss_mb']:7.0f} MB  loss {res['losses'][-1]:.4f}", flush=True)
+    return runs
+
+
+def summarize_training(runs: dict[str, list[dict[str, Any]]], steps: int,
+                       n_flop: int, peaks: dict[str, float]) -> dict[str, Any]:
+    skip = min(WARMUP_STEPS, steps - 1)
+    tps = {c: statistics.median(steady_rates(r, skip)) for c, r in runs.items()}
+    rss = {c: max(x["peak_rss_mb"] for x in r) for c, r in runs.items()}
+    loss1 = {c: statistics.median(x["losses"][0] for x in r) for c, r in runs.items()}
+    final = {c: statistics.median(x["losses"][-1] for x in r) for c, r in runs.items()}
+    flops_per_token = 6 * n_flop
+    limit = max(peaks, key=peaks.get)
+    mfu_detail = {c: {f"vs_{d}_peak": tps[c] * flops_per_token / (peaks[d] * 1e9) for d in peaks}
+                  for c in runs}
+    return {
+        "tokens_per_s": tps,
+        "tokens_per_s_per_repeat": {c: [statistics.median(steady_rates([x], skip)) for x in r]
+                                    for c, r in runs.items()},
+        "candidate_precision": [x["precision"] for x in runs[CANDIDATE]],
+        "ratio_vs_bf16": ratio(tps[CANDIDATE], tps[REF_BF16]),
+        "ratio_vs_fp32": ratio(tps[CANDIDATE], tps[REF_FP32]),
+        "peak_rss_mb": rss,
+        "peak_rss_ratio_vs_fp32": ratio(rss[CANDIDATE], rss[REF_FP32]),
+        "mfu": mfu_detail[CANDIDATE][f"vs_{limit}_peak"],
+        "mfu_vs_fp32_peak": mfu_detail[CANDIDATE]["vs_fp32_peak"],
+        "mfu_vs_bf16_peak": mfu_detail[CANDIDATE]["vs_bf16_peak"],
+        "mfu_real_limit": limit,
+        "mfu_detail": mfu_detail,
+        "mfu_definition": (f"tokens/s * 6N / measured matmul peak; N = {n_flop:,} parameters of "
+                           "the transformer blocks (token embedding / tied LM head excluded; "
+                           "LoRA and attention-score FLOPs not counted); 6N = 2N forward + 4N "
+                           "backward by convention (frozen weights need no weight gradients, so "
+                           "a LoRA step really executes ~4N: MFU x 2/3 is the share of executed "
+                           "FLOPs)"),
+        "flops_per_token": flops_per_token,
+        "loss_step1": loss1,
+        "final_loss": final,
+        "final_loss_abs_diff_vs_fp32": {c: abs(final[c] - final[REF_FP32]) for c in runs},
+        "loss_curves": {c: r[0]["losses"] for c, r in runs.items()},
+        "step_seconds": {c: [[round(s, 3) for s in x["step_seconds"]] for x in r]
+                         for c, r in runs.items()},
+        "startup_seconds": {c: statistics.median(x["startup_seconds"] for x in r)
+                            for c, r in runs.items()},
+        "wall_seconds": {c: statistics.median(x["wall_seconds"] for x in r)
+                         for c, r in runs.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small step counts; finishes in < 5 min")
+    p.add_argument("--steps", type=int, help="optimizer steps per training run "
+                   f"(the first {WARMUP_STEPS} are warm-up; default 12, quick 4)")
+    p.add_argument("--repeats", type=int, help="alternating rounds (default 3, quick 1)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads in every worker (default: torch's "
+                   "default, all cores); 1 gives steadier numbers on a machine shared with other "
+                   "jobs, where multi-threaded ops stall on descheduled threads")
+    p.add_argument("--e2e-steps", type=int, help="steps of the end-to-end runs (default 50; "
+                   "quick: reuse the training runs' wall time)")
+    p.add_argument("--cls-steps", type=int, help="classification steps (default 20, quick 6)")
+    p.add_argument("--gen-b1-prompts", type=int, help="prompts generated one by one "
+                   "(default 8, quick 2)")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--skip-cls", action="store_true")
+    p.add_argument("--skip-gen", action="store_true")
+    p.add_argument("--profile", choices=CONFIGS, help="profile a few steps of one training "
+                   "configuration in-process and print the top ops; nothing else runs")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--worker-config", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        cfg = json.loads(args.worker_config.read_text())
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg["threads"])
+        args.worker_result.write_text(json.dumps(WORKERS[args.worker](cfg)))
+        return
+
+    q = args.quick
+    args.steps = args.steps or (4 if q else 12)
+    args.repeats = args.repeats or (1 if q else 3)
+    args.cls_steps = args.cls_steps or (6 if q else 20)
+    args.gen_b1_prompts = args.gen_b1_prompts or (2 if q else 8)
+    if args.e2e_steps is None and not q:
+        args.e2e_steps = 50
+    if args.steps <= WARMUP_STEPS and not args.profile:
+        raise SystemExit(f"error: --steps must be > {WARMUP_STEPS} (the warm-up steps are skipped)")
+    require_file(ALPACA, "Alpaca data")
+    if not args.skip_cls:
+        require_file(SST2, "SST-2 data")
+    run(args)
+
+
+def run(args) -> None:
+    from peftlab.models import load_tokenizer
+
+    started = time.perf_counter()
+    _quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+          f"load average {machine['loadavg_start']}", flush=True)
+    parent_peaks = best_matmul_gflops(5)
+    n_flop = flop_params(MODEL)
+    n_batches = max(args.steps, args.e2e_steps or 0)
+    records = read_jsonl(ALPACA)
+    tokenizer = load_tokenizer(MODEL)
+    with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        batches = build_sft_batches(tokenizer, records, n_batches, args.batch_size, args.seq_len,
+                                    source=str(ALPACA))
+        batches_path = tmp / "sft_batches.safetensors"
+        save_file(batches, str(batches_path))
+        adapter = tmp / "adapter-sft"
+        make_init_adapter(MODEL, adapter, args.seed)
+        real = int(batches["attention_mask"][:args.steps].sum())
+        labelled = int((batches["labels"][:args.steps, :, 1:] != IGNORE).sum())
+        data = {"source": str(ALPACA), "rows": n_batches * args.batch_size,
+                "pad_fraction": 1 - real / batches["attention_mask"][:args.steps].numel(),
+                "labelled_fraction": labelled / real}
+        print(f"data: {n_batches} batches of {args.batch_size}x{args.seq_len}, "
+              f"{data['pad_fraction']:.1%} padding, {data['labelled_fraction']:.1%} of tokens "
+              "labelled", flush=True)
+
+        if args.profile:
+            cfg = {"name": args.profile, "model": MODEL, "batches": str(batches_path),
+                   "adapter": str(adapter), "steps": args.steps, "lr": args.lr, "seed": args.seed,
+                   "out_dir": str(tmp / "profile"), "profile": True}
+            res = train_worker(cfg)
+            print(f"{args.profile}: steps {[round(s, 2) for s in res['step_seconds']]} s")
+            return
+
+        print(f"training: {args.repeats} round(s) x {list(CONFIGS)}, {args.steps} steps each",
+              flush=True)
+        runs = run_training_section(args, tmp, batches_path, adapter, args.steps, args.repeats,
+                                    CONFIGS, "train")
+        e2e = None
+        if not args.skip_e2e:
+            e2e = run_e2e(args, tmp, batches_path, adapter, runs)
+        cls = None if args.skip_cls else run_cls(args, tmp)
+        gen = None if args.skip_gen else run_gen(args, tmp, records, adapter)
+    parent_peaks_end = best_matmul_gflops(5)
+    peaks = _peaks([parent_peaks, parent_peaks_end]
+                   + [x["matmul_gflops"] for r in runs.values() for x in r])
+    train = summarize_training(runs, args.steps, n_flop, peaks)
+
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {
+        **{k: train[k] for k in ("tokens_per_s", "ratio_vs_bf16", "ratio_vs_fp32", "peak_rss_mb",
+                                 "peak_rss_ratio_vs_fp32", "mfu", "mfu_vs_fp32_peak",
+                                 "mfu_vs_bf16_peak", "mfu_real_limit", "final_loss")},
+        "bf16_matmul_gflops": peaks["bf16"],
+        "fp32_matmul_gflops": peaks["fp32"],
+        "steps": args.steps, "warmup_steps": min(WARMUP_STEPS, args.steps - 1),
+        "repeats": args.repeats, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "quick": args.quick, "model": MODEL, "machine": machine,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": LORA_TARGETS},
+        "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0,
+                      "schedule": "constant", "grad_clip": None},
+        "data": data,
+        "matmul_gflops_parent": {"start": parent_peaks, "end": parent_peaks_end},
+        "training": train,
+        "e2e": e2e, "classification": cls, "generation": gen,
+        "seconds": time.perf_counter() - started,
+    }
+    result["targets"] = targets(result)
+    report = markdown(result)
+    print()
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "train_throughput.md").write_text(report + "\n")
+    print(f"wrote {args.out / 'train_throughput.json'} and .md "
+          f"({result['seconds']:.0f} s in total)")
+
+
+def _quiet() -> None:
+    """No progress bars or load reports from transformers/peft in the parent's output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _peaks(samples: list[dict[str, float]]) -> dict[str, float]:
+    """The best of all measurements in this run: a peak is what the machine *can* do."""
+    return {d: max(s[d] for s in samples) for d in ("fp32", "bf16")}
+
+
+def run_e2e(args, tmp: Path, batches_path: Path, adapter: Path,
+            runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    configs = (CANDIDATE, REF_BF16)
+    if args.e2e_steps is None or args.e2e_steps == args.steps:
+        steps, source = args.steps, "the training runs above"
+        e2e_runs = {c: runs[c] for c in configs}
+    else:
+        steps, source = args.e2e_steps, "separate runs"
+        print(f"end-to-end: {configs}, {steps} steps", flush=True)
+        e2e_runs = run_training_section(args, tmp, batches_path, adapter, steps, 1, configs,
+                                        "e2e")
+    wall = {c: statistics.median(x["wall_seconds"] for x in r) for c, r in e2e_runs.items()}
+    startup = {c: statistics.median(x["startup_seconds"] for x in r) for c, r in e2e_runs.items()}
+    return {"steps": steps, "source": source, "wall_seconds": wall, "startup_seconds": startup,
+            "ratio_vs_bf16": ratio(wall[CANDIDATE], wall[REF_BF16]),
+            "definition": "interpreter start -> imports, model load, LoRA, training, adapter "
+                          "saved (batches pre-built by the parent, not included)"}
+
+
+def run_cls(args, tmp: Path) -> dict[str, Any]:
+    from peftlab.models import load_tokenizer
+
+    batch_size, seq_len, steps = 32, 64, args.cls_steps
+    print(f"classification: {CLS_MODEL}, {steps} steps of {batch_size}x{seq_len}", flush=True)
+    batches = build_cls_batches(load_tokenizer(CLS_MODEL), SST2, steps, batch_size, seq_len)
+    path = tmp / "cls_batches.safetensors"
+    save_file(batches, str(path))
+    adapter = tmp / "adapter-cls"
+    make_init_adapter(CLS_MODEL, adapter, args.seed, kind="sequence_classification", r=8,
+                      alpha=16, targets=["query", "value"])
+    base = {"model": CLS_MODEL, "batches": str(path), "adapter": str(adapter), "steps": steps,
+            "lr": args.lr, "seed": args.seed}
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    for rnd in range(args.repeats):
+        for name in CONFIGS:
+            res = spawn("cls", dict(base, name=name), tmp, f"cls-{name}-{rnd}", args.threads)
+            runs[name].append(res)
+            print(f"  [cls {rnd + 1}/{args.repeats}] {name:9s} {res['precision']:14s} "
+                  f"{statistics.median(steady_rates([res], WARMUP_STEPS)):8.1f} tok/s  "
+                  f"loss {res['losses'][-1]:.4f}", flush=True)
+    tps = {c: statistics.median(steady_rates(r, WARMUP_STEPS)) for c, r in runs.items()}
+    return {"model": CLS_MODEL, "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
+            "lora": {"r": 8, "alpha": 16, "targets": ["query", "value"],
+                     "modules_to_save": ["classifier"]},
+            "tokens_per_s": tps,
+            "examples_per_s": {c: v / seq_len for c, v in tps.items()},
+            "candidate_precision": [x["precision"] for x in runs[CANDIDATE]],
+            "ratio_vs_bf16": ratio(tps[CANDIDATE], tps[REF_BF16]),
+            "ratio_vs_fp32": ratio(tps[CANDIDATE], tps[REF_FP32]),
+            "peak_rss_mb": {c: max(x["peak_rss_mb"] for x in r) for c, r in runs.items()},
+            "final_loss": {c: statistics.median(x["losses"][-1] for x in r)
+                           for c, r in runs.items()},
+            "tokens": "padded positions (batch x 64): every position is computed"}
+
+
+def run_gen(args, tmp: Path, records: list[dict[str, Any]], adapter: Path) -> dict[str, Any]:
+    from peftlab.config import DataConfig
+    from peftlab.data.sft import record_to_messages
+
+    max_new = 64
+    convs = [record_to_messages(r, DataConfig(), f"{ALPACA}:{i + 1}")[:-1]  # drop the answer
+             for i, r in enumerate(records[-8:], start=len(records) - 8)]
+    print(f"generation: {max_new} new tokens, batch 1 ({args.gen_b1_prompts} prompts) and "
+          "batch 8", flush=True)
+    base = {"model": MODEL, "adapter": str(adapter), "max_new_tokens": max_new,
+            "conversations": convs, "b1_prompts": args.gen_b1_prompts}
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in (CANDIDATE, "ref")}
+    for rnd in range(args.repeats):
+        for name in runs:
+            runs[name].append(spawn("gen", dict(base, name=name), tmp, f"gen-{name}-{rnd}",
+                                       args.threads))
+    out: dict[str, Any] = {"max_new_tokens": max_new, "greedy": True, "kv_cache": True,
+                           "adapter": "init adapter merged (B = 0)"}
+    for label in ("b1", "b8"):
+        counts = runs["ref"][0][label]["new_tokens"]
+        n = sum(counts)
+        match = all(x[label]["replies"] == runs["ref"][0][label]["replies"]
+                    for r in runs.values() for x in r)
+        tps = {c: statistics.median(n / x[label]["seconds"] for x in r) for c, r in runs.items()}
+        out[label] = {"tokens_per_s": tps, "new_tokens": n, "replies_match": match,
+                      "ratio": ratio(tps[CANDIDATE], tps["ref"])}
+        print(f"  [gen {label}] peftlab {tps[CANDIDATE]:.1f} tok/s, transformers "
+              f"{tps['ref']:.1f} tok/s, replies match: {match}", flush=True)
+    out["peak_rss_mb"] = {c: max(x["peak_rss_mb"] for x in r) for c, r in runs.items()}
+    out["note"] = ("peftlab tokens/s uses the reference's generated-token count (identical "
+                   "greedy replies; see replies_match)")
+    return out
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    train, e2e = result["training"], result["e2e"] or {}
+    cls, gen = result["classification"] or {}, result["generation"] or {}
+    rows = [
+        ("train_vs_bf16", "training tokens/s vs transformers+peft bf16 autocast",
+         train["ratio_vs_bf16"]),
+        ("train_vs_fp32", "training tokens/s vs transformers+peft fp32", train["ratio_vs_fp32"]),
+        ("mfu", f"MFU vs the {train['mfu_real_limit']} matmul peak (the real limit)",
+         train["mfu"]),
+        ("e2e_vs_bf16", "end-to-end wall time vs bf16 reference", e2e.get("ratio_vs_bf16")),
+        ("rss_vs_fp32", "peak RSS vs fp32 reference", train["peak_rss_ratio_vs_fp32"]),
+        ("cls_vs_bf16", "classification tokens/s vs bf16 reference", cls.get("ratio_vs_bf16")),
+        ("cls_vs_fp32", "classification tokens/s vs fp32 reference", cls.get("ratio_vs_fp32")),
+        ("gen_b1", "generation tokens/s, batch 1, vs transformers generate",
+         (gen.get("b1") or {}).get("ratio")),
+        ("gen_b8", "generation tokens/s, batch 8, vs transformers generate",
+         (gen.get("b8") or {}).get("ratio")),
+    ]
+    out = []
+    for key, what, value in rows:
+        target, higher = TARGETS[key]
+        out.append({"key": key, "what": what, "value": value,
+                    "target": f"{'>=' if higher else '<='} {target:g}", "status": status(key, value)})
+    return out
+
+
+def _f(x: float | None, fmt: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    t, m = r["training"], r["machine"]
+    lines = [
+        "# Training throughput: peftlab vs transformers + peft",
+        "",
+        f"{MODEL}, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, AdamW lr {r['optimizer']['lr']:g}; "
+        f"batch {r['batch_size']} x {r['seq_len']} packed Alpaca conversations "
+        f"({r['data']['pad_fraction']:.1%} padding, {r['data']['labelled_fraction']:.1%} of "
+        f"tokens labelled); {r['steps']} steps x {r['repeats']} round(s), median over steps "
+        f"after the first {r['warmup_steps']}{' (--quick)' if r['quick'] else ''}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; load average "
+        f"{m['loadavg_start'][0]} at start, {m['loadavg_end'][0]} at end. Matmul peaks "
+        f"measured in this run: fp32 {r['fp32_matmul_gflops']:.0f} GFLOP/s, bf16 "
+        f"{r['bf16_matmul_gflops']:.0f} GFLOP/s (AMX: {m['amx_bf16']}).",
+        "",
+        "| config | precision | tokens/s | vs bf16 ref | vs fp32 ref | peak RSS MB | "
+        "MFU (fp32 peak) | MFU (bf16 peak) | loss step 1 | final loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    labels = {CANDIDATE: "peftlab (Trainer, auto)", REF_BF16: "transformers+peft bf16 autocast",
+              REF_FP32: "transformers+peft fp32"}
+    for c in CONFIGS:
+        prec = ", ".join(sorted(set(t["candidate_precision"]))) if c == CANDIDATE else (
+            "bf16 autocast" if c == REF_BF16 else "fp32")
+        mfu = t["mfu_detail"][c]
+        lines.append(
+            f"| {labels[c]} | {prec} | {t['tokens_per_s'][c]:.1f} | "
+            f"{_f(ratio(t['tokens_per_s'][c], t['tokens_per_s'][REF_BF16]))}x | "
+            f"{_f(ratio(t['tokens_per_s'][c], t['tokens_per_s'][REF_FP32]))}x | "
+            f"{t['peak_rss_mb'][c]:.0f} | {mfu['vs_fp32_peak']:.1%} | {mfu['vs_bf16_peak']:.1%} | "
+            f"{t['loss_step1'][c]:.4f} | {t['final_loss'][c]:.4f} |")
+    d = t["final_loss_abs_diff_vs_fp32"]
+    lines += ["", f"Loss agreement after {r['steps']} steps: |peftlab - fp32 ref| = "
+              f"{d[CANDIDATE]:.4f}, |bf16 ref - fp32 ref| = {d[REF_BF16]:.4f} (step 1, identical "
+              f"weights: peftlab {t['loss_step1'][CANDIDATE]:.5f} vs fp32 ref "
+              f"{t['loss_step1'][REF_FP32]:.5f}).", "", f"MFU: {t['mfu_definition']}.", ""]
+    busy = max(m["loadavg_start"][0], m["loadavg_end"][0])
+    if busy > m["cores"]:
+        lines += [f"**Warning:** load average {busy} > {m['cores']} cores: other processes "
+                  "shared the CPU, so absolute numbers are low and ratios noisy.", ""]
+    if r["e2e"]:
+        e = r["e2e"]
+        lines += [f"End-to-end ({e['steps']} steps, {e['source']}): peftlab "
+                  f"{e['wall_seconds'][CANDIDATE]:.1f} s (start-up {e['startup_seconds'][CANDIDATE]:.1f} s)"
+                  f" vs bf16 reference {e['wall_seconds'][REF_BF16]:.1f} s (start-up "
+                  f"{e['startup_seconds'][REF_BF16]:.1f} s): {_f(e['ratio_vs_bf16'])}x.", ""]
+    if r["classification"]:
+        c = r["classification"]
+        lines += [f"Classification ({c['model']}, batch {c['batch_size']} x {c['seq_len']}, "
+                  f"{c['steps']} steps, LoRA r=8 query/value + classifier): tokens/s peftlab "
+                  f"{c['tokens_per_s'][CANDIDATE]:.0f} ({', '.join(sorted(set(c['candidate_precision'])))}), "
+                  f"bf16 ref {c['tokens_per_s'][REF_BF16]:.0f}, fp32 ref "
+                  f"{c['tokens_per_s'][REF_FP32]:.0f}; final loss "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in c["final_loss"].items()) + ".", ""]
+    if r["generation"]:
+        g = r["generation"]
+        parts = [f"batch {lab[1:]}: peftlab {g[lab]['tokens_per_s'][CANDIDATE]:.1f} vs "
+                 f"transformers {g[lab]['tokens_per_s']['ref']:.1f} tokens/s "
+                 f"({g[lab]['new_tokens']} tokens, replies match: {g[lab]['replies_match']})"
+                 for lab in ("b1", "b8")]
+        lines += [f"Generation (greedy, KV cache, {g['max_new_tokens']} new tokens, merged "
+                  f"LoRA): " + "; ".join(parts) + ".", ""]
+    lines += ["| target | measured | goal | status |", "|---|---:|---:|---|"]
+    for row in r["targets"]:
+        value = row["value"]
+        shown = "n/a" if value is None else (f"{value:.1%}" if row["key"] == "mfu"
+                                             else f"{value:.2f}x")
+        goal = f">= {TARGETS['mfu'][0]:.0%}" if row["key"] == "mfu" else f"{row['target']}x"
+        lines.append(f"| {row['what']} | {shown} | {goal} | {row['status']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Class predictions: batched logits for any classification task, and predicting a file
+with a saved classifier (base model + adapter + labels.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from peftlab.evaluate.loss import autocast_for
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, task, examples: list[dict], batch_size: int,
+                   precision: str = "fp32") -> torch.Tensor:
+    """Class logits (n_examples, n_classes) in fp32, in the order of ``examples``.
+
+    Batches are formed from length-sorted examples (less padding) and put back in order.
+    """
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(examples), len(task.labels))
+    order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
+    with autocast_for(precision):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            logits = task.logits(model, task.collate([examples[i] for i in idx]))
+            out[idx] = logits.float().cpu()
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class Classifier:
+    """A loaded classifier: the model with its adapter, tokenizer, task and labels.json."""
+
+    model: nn.Module
+    tokenizer: Any
+    task: Any
+    meta: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.task.labels
+
+    def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None,
+                      batch_size: int = 32) -> torch.Tensor:
+        """Class probabilities (n, n_classes) for raw texts."""
+        from peftlab.data.classification import LabelledRow, build_examples
+        from peftlab.tasks.classification import make_encoder
+
+        rows = [LabelledRow("<input>", i + 1, t, text_pairs[i] if text_pairs else None, None)
+                for i, t in enumerate(texts)]
+        examples, _ = build_examples(rows, self.labels, make_encoder(self.meta, self.tokenizer))
+        return predict_logits(self.model, self.task, examples, batch_size).softmax(-1)
+
+
+def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier:
+    """Load the base model (``model``, default: the adapter's base_model_name_or_path), apply
+    the saved adapter (any registered method) and the task's saved head, if any."""
+    from peftlab.methods import method_for_adapter_dir
+    from peftlab.models import load_model
+    from peftlab.tasks.classification import HEAD_FILE, read_meta, task_from_meta
+
+    adapter = Path(adapter)
+    meta = read_meta(adapter)
+    if model is None:
+        model = _base_model_of(adapter)
+    if meta["mode"] == "verbalizer":
+        base, tokenizer = load_model(model, kind="causal_lm")
+    else:
+        base, tokenizer = load_model(model, kind="sequence_classification",
+                                     labels=meta["labels"])
+    method_for_adapter_dir(adapter).load(base, adapter, adapter_name="default")
+    if meta.get("head_file"):
+        _load_head(base, adapter / HEAD_FILE)
+    base.eval()
+    return Classifier(base, tokenizer, task_from_meta(meta, tokenizer), meta)
+
+
+def _base_model_of(adapter: Path) -> str:
+    path = adapter / "adapter_config.json"
+    try:
+        name = json.loads(path.read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the base model name ({exc}); pass --model") from None
+    if not name:
+        raise ValueError(f"{path}: no 'base_model_name_or_path'; pass --model")
+    return str(name)
+
+
+def _load_head(model: nn.Module, path: Path) -> None:
+    """Copy the task-saved head tensors into the model (every key must be a parameter)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (labels.json says the head is saved there)")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in load_file(str(path)).items():
+            if key not in params:
+                raise ValueError(f"{path}: unexpected key {key!r} (no such parameter in "
+                                 f"{type(model).__name__})")
+            if params[key].shape != tensor.shape:
+                raise ValueError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, the model "
+                                 f"expects {tuple(params[key].shape)}")
+            params[key].copy_(tensor)
+
+
+def predict_file(input: str | Path | list, adapter: str | Path, model: str | None = None,
+                 output: str | Path | None = None, text_field: str | None = None,
+                 text_pair_field: str | None = None, batch_size: int = 32,
+                 classifier: Classifier | None = None) -> dict[str, Any]:
+    """Predict every row of ``input`` (a data file, or a list of texts / row dicts).
+
+    Returns ``{"predictions": [{row, prediction, probabilities[, gold]}], "rows", "accuracy",
+    "labelled", "truncated"}``; accuracy is over rows that carry a known label. With
+    ``output`` the predictions are also written there, one JSON line per input row.
+    """
+    from peftlab.data.classification import build_examples, read_labelled
+    from peftlab.tasks.classification import make_encoder
+
+    clf = classifier or load_classifier(adapter, model)
+    meta = clf.meta
+    text_field = text_field or meta["text_field"]
+    text_pair_field = text_pair_field or meta.get("text_pair_field")
+    label_field = meta.get("label_field", "label")
+    if isinstance(input, list):
+        rows = _rows_from_list(input, text_field, text_pair_field, label_field)
+    else:
+        rows, _ = read_labelled(str(input), text_field, text_pair_field, label_field,
+                                require_label=False)
+    gold = [r.label for r in rows]
+    for r in rows:
+        r.label = None  # encode without labels: gold may hold classes the model never saw
+    examples, stats = build_examples(rows, clf.labels, make_encoder(meta, clf.tokenizer))
+    probs = predict_logits(clf.model, clf.task, examples, batch_size).softmax(-1)
+
+    predictions = []
+    for r, p, g in zip(rows, probs.tolist(), gold, strict=True):
+        best = max(range(len(p)), key=p.__getitem__)
+        item: dict[str, Any] = {"row": r.row, "prediction": clf.labels[best],
+                                "probabilities": {lab: round(v, 6)
+                                                  for lab, v in zip(clf.labels, p, strict=True)}}
+        if g is not None:
+            item["gold"] = g
+        predictions.append(item)
+    labelled = [x for x in predictions if "gold" in x]
+    correct = sum(x["gold"] == x["prediction"] for x in labelled)
+    if output is not None:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(x) + "\n" for x in predictions))
+    return {"rows": len(predictions), "labelled": len(labelled),
+            "accuracy": correct / len(labelled) if labelled else None,
+            "truncated": stats["truncated"], "output": str(output) if output else None,
+            "predictions": predictions}
+
+
+def _rows_from_list(items: list, text_field: str, text_pair_field: str | None,
+                    label_field: str) -> list:
+    from peftlab.data.classification import LabelledRow, labelled_row
+
+    rows = []
+    for i, item in enumerate(items, start=1):
+        if isinstance(item, str):
+            rows.append(LabelledRow("<input>", i, item, None, None))
+        elif isinstance(item, dict):
+            rows.append(labelled_row(item, "<input>", i, text_field, text_pair_field,
+                                      label_field, require_label=False))
+        else:
+            raise ValueError(f"<input>:{i}: expected a string or a mapping, "
+                             f"got {type(item).__name__}")
+    return rows
