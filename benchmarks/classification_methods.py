@@ -101,7 +101,8 @@ def worker(args: argparse.Namespace) -> None:
         "data": {"train": data["train"], "validation": data["validation"]},
         "classification": {"class_weights": args.class_weights},
         "train": {"epochs": args.epochs, "batch_size": 32, "lr": METHOD_LR[args.method],
-                  "max_length": 128, "seed": 0, "warmup_ratio": 0.06, "log_every": 50},
+                  "max_length": 128, "seed": 0, "warmup_ratio": 0.06, "log_every": 50,
+                  "num_threads": args.threads},
         "output_dir": args.out,
     }
     t0 = time.perf_counter()
@@ -118,9 +119,12 @@ def worker(args: argparse.Namespace) -> None:
     }))
 
 
-def run_one(method: str, data: dict, out: Path, epochs: float, class_weights: str) -> dict:
+def run_one(method: str, data: dict, out: Path, epochs: float, class_weights: str,
+            threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--data", json.dumps(data),
            "--out", str(out), "--epochs", str(epochs), "--class-weights", class_weights]
+    if threads:
+        cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -164,9 +168,13 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--class-weights", default="none")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (1 avoids OpenMP oversubscription on a busy machine)")
     p.add_argument("--only", choices=["sst2", "claudette"])
     p.add_argument("--methods", nargs="*", default=list(METHOD_CFG))
     p.add_argument("--sst2-train", type=int, default=8000)
+    p.add_argument("--claudette-train", type=int, default=4000,
+                   help="training sentences sampled from the non-validation documents")
     p.add_argument("--claudette-methods", nargs="*", default=["full", "lora", "adapter_pfeiffer"])
     args = p.parse_args()
     if args.worker:
@@ -176,7 +184,8 @@ def main() -> None:
 
     work = REPO / "runs" / "bench_classification"
     work.mkdir(parents=True, exist_ok=True)
-    out: dict = {"machine": {"cores": os.cpu_count()}, "settings": {"quick": args.quick}}
+    out: dict = {"machine": {"cores": os.cpu_count()},
+                 "settings": {"quick": args.quick, "threads": args.threads}}
     md = ["# Classification: every method on real data (minilm-l6)", ""]
     if args.only in (None, "sst2"):
         n_train = 1000 if args.quick else args.sst2_train
@@ -184,7 +193,7 @@ def main() -> None:
         results = []
         for m in args.methods:
             print(f"sst2: {m} ...", flush=True)
-            results.append(run_one(m, data, work / f"sst2_{m}", 1.0, "none"))
+            results.append(run_one(m, data, work / f"sst2_{m}", 1.0, "none", args.threads))
             print("   ", {k: v for k, v in results[-1].items() if k != "report"}, flush=True)
         out["sst2"] = {"data": {k: v for k, v in data.items() if k.startswith("n_")},
                        "results": results}
@@ -192,11 +201,12 @@ def main() -> None:
                      f"{data['n_dev']} dev rows", results, None), ""]
     if args.only in (None, "claudette"):
         data = prepare_claudette(work, n_val_docs=5, seed=0,
-                                 max_train=2000 if args.quick else None)
+                                 max_train=2000 if args.quick else args.claudette_train)
         results = []
         for m in args.claudette_methods:
             print(f"claudette: {m} ...", flush=True)
-            results.append(run_one(m, data, work / f"claudette_{m}", 1.0, "balanced"))
+            results.append(run_one(m, data, work / f"claudette_{m}", 1.0, "balanced",
+                                   args.threads))
             print("   ", {k: v for k, v in results[-1].items() if k != "report"}, flush=True)
         out["claudette"] = {"data": {k: v for k, v in data.items() if k != "train"
                                      and k != "validation"}, "results": results}
@@ -204,7 +214,7 @@ def main() -> None:
                      f"{data['n_dev']} sentences of 5 held-out documents, class weights balanced",
                      results, "1"), ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = (f"_{args.only}" if args.only else "") + ("_quick" if args.quick else "")
     (RESULTS / f"classification_methods{suffix}.json").write_text(json.dumps(out, indent=2))
     (RESULTS / f"classification_methods{suffix}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
