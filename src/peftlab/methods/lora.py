@@ -76,13 +76,64 @@ class LoraConfig:
                               f"got {self.layers_to_transform}")
 
 
+class _FusedLora(torch.autograd.Function):
+    """y = x W^T + b + scaling * (x_lora A^T) B^T for a *frozen* W, b in one autograd node.
+
+    Against the module-by-module graph this writes the adapter update straight into the base
+    output with addmm (no full-size add/scale/cast passes), saves only the LoRA input and the
+    rank-r activation ``x_lora A^T``, and skips the input gradient (g W) when the input does
+    not need it (e.g. the first block's projections). ``x_lora`` is None when it is ``x``
+    itself (no dropout). All tensors arrive in one dtype; the caller disables autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_lora: Tensor | None, w_t: Tensor, bias: Tensor | None,
+                a: Tensor, b: Tensor, scaling: float) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xl = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
+        xa = xl @ a.T  # (tokens, r)
+        out = x2 @ w_t if bias is None else torch.addmm(bias, x2, w_t)
+        out.addmm_(xa, b.T, alpha=scaling)
+        ctx.save_for_backward(xl, xa, w_t, a, b)
+        ctx.scaling, ctx.separate_lora_input, ctx.shape = scaling, x_lora is not None, shape
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        xl, xa, w_t, a, b = ctx.saved_tensors
+        need_x, need_xl, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        grad_x = grad_xl = grad_a = grad_b = None
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        with torch.autocast(g.device.type, enabled=False):
+            if need_x or need_xl or need_a:
+                gb = (g @ b).mul_(ctx.scaling)  # scaling * g B: (tokens, r)
+            if need_x:
+                grad_x = g @ w_t.T
+                if not ctx.separate_lora_input:
+                    grad_x.addmm_(gb, a)
+                grad_x = grad_x.view(ctx.shape)
+            if need_xl:
+                grad_xl = (gb @ a).view(ctx.shape)
+            if need_a:
+                grad_a = gb.T @ xl
+            if need_b:
+                grad_b = (g.T @ xa).mul_(ctx.scaling)
+        return grad_x, grad_xl, None, None, grad_a, grad_b, None
+
+
 class LoraLinear(nn.Module):
     """A Linear/Conv1D plus any number of named low-rank adapters, one of them active.
 
     The base module is kept untouched as ``base_layer`` (frozen); each adapter owns
     ``lora_A[name]`` (in -> r), ``lora_B[name]`` (r -> out) and, for DoRA, a per-output-row
     magnitude ``lora_magnitude_vector[name]``.
+
+    Plain LoRA on a frozen base runs through :class:`_FusedLora` (set ``fused = False`` on a
+    layer, or the class, to use the module-by-module path); DoRA always takes the latter.
     """
+
+    fused: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -165,12 +216,16 @@ class LoraLinear(nn.Module):
             return torch.linalg.norm(self.base_weight().float() + self.delta_weight(name), dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)
         name = self.active_adapter
         if self.disabled and self.merged_adapter is not None:
             raise RuntimeError("cannot disable a merged LoRA layer; unmerge it first")
         if name is None or self.disabled or self.merged_adapter is not None:
-            return result
+            return self.base_layer(x)
+        if name not in self.lora_magnitude_vector:
+            dtype = self._fused_dtype(x)
+            if dtype is not None:
+                return self._fused_forward(x, name, dtype)
+        result = self.base_layer(x)
         # Run the adapter in the input's dtype (fp32 master weights are cast, which autograd
         # handles); under autocast F.linear picks bf16 by itself.
         a = self.lora_A[name].weight.to(x.dtype)
@@ -190,6 +245,44 @@ class LoraLinear(nn.Module):
             base_out = F.linear(x, self.base_weight().to(x.dtype))
         lora_out = F.linear(F.linear(x, a), b)
         return (result + (scale - 1) * base_out + scale * lora_out * scaling).to(result.dtype)
+
+    def _fused_dtype(self, x: Tensor) -> torch.dtype | None:
+        """The dtype the fused kernel would compute in, or None when it does not apply.
+
+        It applies to a frozen, hook-free nn.Linear/Conv1D base whose weight dtype matches
+        the computation (under autocast all operands are cast to the autocast dtype, exactly
+        as F.linear would). Anything else (a trainable base, an unusual dtype) takes the
+        plain path.
+        """
+        base = self.base_layer
+        if not (self.fused and type(base) in (nn.Linear, Conv1D) and x.is_floating_point()):
+            return None
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                return None
+            return torch.get_autocast_dtype(device)
+        return x.dtype if base.weight.dtype == x.dtype else None
+
+    def _fused_forward(self, x: Tensor, name: str, dtype: torch.dtype) -> Tensor:
+        base = self.base_layer
+        w = base.weight.to(dtype)
+        w_t = w if self.fan_in_fan_out else w.T  # (in, out): Conv1D already stores W^T
+        bias = None if base.bias is None else base.bias.to(dtype)
+        dropout = self.lora_dropout[name]
+        # Dropout only feeds A (as in peft): the dropped-out input is a second Function input
+        # whose gradient autograd routes back through the dropout mask.
+        x_lora = None
+        if not isinstance(dropout, nn.Identity) and dropout.training:
+            x_lora = dropout(x).to(dtype)
+        a = self.lora_A[name].weight.to(dtype)  # fp32 master -> compute dtype (autograd casts back)
+        b = self.lora_B[name].weight.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _FusedLora.apply(x.to(dtype), x_lora, w_t, bias, a, b, self.scaling[name])
 
     @torch.no_grad()
     def merge(self) -> None:
