@@ -1,0 +1,68 @@
+"""Precision auto-selection: best-of-repeats measurement, the decision rule, caching."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftlab.train import precision
+from peftlab.train.precision import (
+    choose_precision,
+    matmul_gflops,
+    measured_matmul_gflops,
+    resolve_precision,
+)
+
+M, K, N = precision._SHAPE
+FLOP = 2 * M * K * N
+
+
+def scripted_clock(seconds: list[float]):
+    """A fake clock: one call to start, then a (start, end) pair per sample, in the order
+    matmul_gflops measures them (fp32, bf16, fp32, bf16, ...)."""
+    times, now = [0.0], 0.0
+    for s in seconds:
+        times += [now, now + s]
+        now += s
+    it = iter(times)
+    return lambda: next(it)
+
+
+def interleave(fp32: list[float], bf16: list[float]) -> list[float]:
+    return [t for pair in zip(fp32, bf16, strict=True) for t in pair]
+
+
+def test_one_slow_sample_cannot_flip_the_choice_to_bf16():
+    # fp32 takes 10 ms, bf16 15 ms; the first fp32 sample hit a load burst (100 ms). A single
+    # sample would say bf16 is 6.7x faster; the best of five says fp32 is 1.5x faster.
+    fp32 = [0.100, 0.010, 0.010, 0.010, 0.010]
+    rates = matmul_gflops(clock=scripted_clock(interleave(fp32, [0.015] * 5)))
+    assert rates["fp32"] == pytest.approx(FLOP / 0.010 / 1e9)
+    assert rates["bf16"] == pytest.approx(FLOP / 0.015 / 1e9)
+    assert choose_precision(rates) == "fp32"
+
+
+def test_one_slow_sample_cannot_flip_the_choice_to_fp32():
+    bf16 = [0.005, 0.005, 0.200, 0.005, 0.005]
+    rates = matmul_gflops(clock=scripted_clock(interleave([0.020] * 5, bf16)))
+    assert rates["bf16"] == pytest.approx(FLOP / 0.005 / 1e9)
+    assert choose_precision(rates) == "bf16"
+
+
+def test_stops_after_the_time_budget():
+    # 0.6 s per sample: after the first fp32+bf16 round the 1 s budget is spent; the clock
+    # holds only that round, so a further sample would raise StopIteration.
+    rates = matmul_gflops(clock=scripted_clock([0.6, 0.6]))
+    assert rates == pytest.approx({"fp32": FLOP / 0.6 / 1e9, "bf16": FLOP / 0.6 / 1e9})
+
+
+def test_bf16_must_be_clearly_faster():
+    assert choose_precision({"fp32": 100.0, "bf16": 119.0}) == "fp32"
+    assert choose_precision({"fp32": 100.0, "bf16": 121.0}) == "bf16"
+
+
+def test_explicit_precision_passes_through_and_auto_is_measured_once():
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") in ("fp32", "bf16")
+    rates = measured_matmul_gflops()
+    assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
+    assert measured_matmul_gflops() is rates  # cached per process
