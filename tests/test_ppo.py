@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,85 @@ def test_ppo_with_a_classifier_reward(tiny_chat_model_dir, tmp_path):
     summary = run_training(from_dict(_cfg(tiny_chat_model_dir, prompts, tmp_path / "ppo", ppo)),
                            progress=False)
     assert 0.0 < summary.result.history[0]["reward_mean"] < 1.0
+
+
+def test_resume_continues_to_the_same_result(tiny_chat_model_dir, tmp_path, monkeypatch):
+    """4 iterations straight == 2 iterations, a crash, and a resume from the step-2 checkpoint.
+
+    Sampling at temperature 1 (torch RNG), an adaptive KL coefficient, validation rollouts and
+    6 prompts drawn 4 at a time (the shuffled pass straddles the checkpoint) make the result
+    depend on every piece of restored state.
+    """
+    data = _prompts(tmp_path / "prompts.jsonl", n=8)
+    (tmp_path / "ppo_resume_reward.py").write_text(
+        "def longer(prompts, responses):\n"
+        "    return [len(r) / 40 for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    ppo = {"reward_function": "ppo_resume_reward:longer", "iterations": 4,
+           "rollout_batch_size": 4, "minibatch_size": 2, "ppo_epochs": 1, "temperature": 1.0,
+           "adaptive_kl": True, "kl_coef": 0.1, "target_kl": 0.01, "kl_horizon": 10}
+    cfg = _cfg(tiny_chat_model_dir, data, out, ppo, save_every=2, eval_every=3)
+    cfg["data"]["validation_split"] = 0.25  # 6 training prompts, 2 validation prompts
+
+    straight = run_training(from_dict(cfg), progress=False).result.history
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    head = load_file(str(out / "value_head.safetensors"))
+    ckpt_dir = out / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step-0000002", "step-0000004"]
+    step2 = ckpt_dir / "step-0000002"
+    assert sorted(p.name for p in step2.iterdir()) == [
+        "optimizer.safetensors", "trainable.safetensors", "trainer_state.json"]
+    weights = load_file(str(step2 / "trainable.safetensors"))
+    assert "value_head.linear.weight" in weights
+    assert any(k.startswith("policy.") and "lora_A" in k for k in weights)
+    state = json.loads((step2 / "trainer_state.json").read_text())
+    assert state["iteration"] == 2 and [r["step"] for r in state["history"]] == [1, 2]
+    last = state["history"][-1]  # the coefficient after iteration 2's update (see KLController)
+    error = min(max(last["kl"] / 0.01 - 1, -0.2), 0.2)
+    assert state["kl_coef"] == pytest.approx(last["kl_coef"] * (1 + error * 4 / 10), rel=1e-3)
+    assert state["kl_coef"] != pytest.approx(0.1)
+    assert len(state["prompt_order"]) == 4  # 8 drawn: a pass of 6, then 2 of the next
+
+    # a crash after iteration 2: no later checkpoint, no outputs, a half-written checkpoint
+    # and a half-written metrics line
+    for name in ("step-0000004", "adapter", "value_head.safetensors", "reward.png"):
+        path = (ckpt_dir if name.startswith("step") else out) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (ckpt_dir / "step-0000003.tmp").mkdir()
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "rew')
+
+    resumed = run_training(from_dict(cfg), resume=True, progress=False).result.history
+    assert _without_time(resumed) == _without_time(straight)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    adapter2 = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    head2 = load_file(str(out / "value_head.safetensors"))
+    assert adapter.keys() == adapter2.keys() and head.keys() == head2.keys()
+    for key in adapter:
+        torch.testing.assert_close(adapter2[key], adapter[key], rtol=0, atol=1e-6)
+    for key in head:
+        torch.testing.assert_close(head2[key], head[key], rtol=0, atol=1e-6)
+    assert head["value_head.linear.weight"].abs().sum() > 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1, 2, 3, 4]  # step 0: the initial validation
+    assert _without_time(lines[1:]) == _without_time(straight)
+    assert (out / "reward.png").is_file()
+
+
+def _without_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_resume_without_a_checkpoint_names_the_directory(tiny_chat_model_dir, tmp_path):
+    data = _prompts(tmp_path / "p.jsonl", n=2)
+    out = tmp_path / "fresh"
+    ppo = {"reward_function": "math:fsum", "iterations": 1, "rollout_batch_size": 2}
+    cfg = from_dict(_cfg(tiny_chat_model_dir, data, out, ppo))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(out / "checkpoints"))):
+        run_training(cfg, resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="not a peftlab checkpoint"):
+        run_training(cfg, resume=str(tmp_path), progress=False)
 
 
 def test_reward_source_configuration_errors(tiny_chat_model_dir, tmp_path):

@@ -17,11 +17,19 @@ estimator), KL coefficient, entropy, clip fraction, losses, and ``val_reward_mea
 validation prompts (every ``train.eval_every`` iterations and at the end); reward.png
 plots the curves. The adapter is saved by the recipe, the value head to
 value_head.safetensors.
+
+Checkpoints (train/checkpoint.py: atomic, safetensors + JSON, never pickle) are written
+to ``checkpoints/step-N`` every ``train.save_every`` iterations, else every
+``train.eval_every``, else only after the last one; the newest two are kept. Each holds
+the adapter and value head, AdamW state, the torch RNG (rollout sampling), the KL
+coefficient, the prompt cursor and the history so far, so a resumed run samples,
+scores and updates exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -39,6 +47,7 @@ from peftlab.evaluate.loss import autocast_for
 from peftlab.tasks.dpo import check_reference_method, reference_policy
 from peftlab.tasks.ppo_rewards import Scorer, reward_source
 from peftlab.tasks.sft import backbone_hidden_states
+from peftlab.train import checkpoint as ckpt
 from peftlab.train.schedule import lr_multiplier
 from peftlab.train.trainer import TrainResult
 
@@ -236,6 +245,7 @@ class PPOTrainer:
         self.model, self.tokenizer, self.cfg, self.ppo = model, tokenizer, cfg, cfg.ppo
         self.prompts, self.val_prompts = prompts, val_prompts
         self.output_dir = Path(output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.scorer, self.progress = scorer, progress
         hidden = model.get_output_embeddings().weight.shape[1]
@@ -250,6 +260,7 @@ class PPOTrainer:
                                self.ppo.kl_horizon)
         self.warmup = (tcfg.warmup_steps if tcfg.warmup_steps is not None
                        else round(tcfg.warmup_ratio * self.ppo.iterations))
+        self.save_every = tcfg.save_every or tcfg.eval_every or self.ppo.iterations
         self.rng = random.Random(tcfg.seed)
         self._order: list[int] = []
 
@@ -268,18 +279,29 @@ class PPOTrainer:
                  for r, m in zip(rollouts.responses, rollouts.mask, strict=True)]
         return self.scorer([p["messages"] for p in prompts], texts).float()
 
-    def train(self) -> TrainResult:
+    def train(self, resume: bool | str | Path = False) -> TrainResult:
+        """Run (or, with ``resume``, continue) the PPO iterations up to ``ppo.iterations``."""
         cfg, ppo, precision = self.cfg, self.ppo, self.cfg.train.precision
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.metrics_path.exists():
-            self.metrics_path.unlink()
         model = self.model
         model.eval()  # no dropout: ratio = 1 before the first update
         history: list[dict[str, Any]] = []
-        tokens, t0 = 0, time.perf_counter()
-        bar = tqdm(total=ppo.iterations, disable=not self.progress, desc="ppo", unit="it",
-                   dynamic_ncols=True)
-        for it in range(1, ppo.iterations + 1):
+        start, tokens, elapsed, initial_val = 0, 0, 0.0, None
+        if resume:  # restores the RNG last: nothing below may draw from it before the loop
+            state = self._load(resume)
+            start, tokens, elapsed = state["iteration"], state["tokens"], state["seconds"]
+            history, initial_val = state["history"], state["initial_val"]
+            self._rewrite_metrics(initial_val, history)
+        else:
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+            if self.val_prompts:  # the starting point of the reward curve (policy == reference)
+                initial_val = round(self.evaluate(), 5)
+                self._log({"step": 0, "val_reward_mean": initial_val}, [])
+        t0 = time.perf_counter() - elapsed
+        bar = tqdm(total=ppo.iterations, initial=start, disable=not self.progress, desc="ppo",
+                   unit="it", dynamic_ncols=True)
+        for it in range(start + 1, ppo.iterations + 1):
             lr = cfg.train.lr * lr_multiplier(it - 1, ppo.iterations, self.warmup,
                                               cfg.train.scheduler)
             for group in self.optimizer.param_groups:
@@ -321,13 +343,16 @@ class PPOTrainer:
             self._log(rec, history)
             bar.update(1)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", kl=f"{seq_kl:.3f}")
+            if it % self.save_every == 0 or it == ppo.iterations:
+                self._save(it, {"tokens": tokens, "seconds": time.perf_counter() - t0,
+                                "initial_val": initial_val, "history": history})
         bar.close()
         save_file({f"value_head.{k}": v.detach().contiguous()
                    for k, v in self.value_head.state_dict().items()},
                   str(self.output_dir / "value_head.safetensors"))
         if history:
             plot_reward_curve(history, self.output_dir / "reward.png",
-                              title=f"PPO on {cfg.model}")
+                              title=f"PPO on {cfg.model}", initial_val=initial_val)
         best = max(history, key=lambda r: r["reward_mean"])
         return TrainResult(steps=ppo.iterations, final_train_loss=history[-1]["loss"],
                            best_value=best["reward_mean"], best_step=best["step"],
@@ -363,6 +388,48 @@ class PPOTrainer:
                 count += 1
         return {k: v / count for k, v in sums.items()}
 
+    # -- checkpoints ----------------------------------------------------------------
+    def _trainable(self) -> nn.Module:
+        """What a checkpoint's weights cover: the policy's adapter and the value head."""
+        return nn.ModuleDict({"policy": self.model, "value_head": self.value_head})
+
+    def _save(self, iteration: int, state: dict[str, Any]) -> None:
+        version, internal, gauss = self.rng.getstate()
+        state = dict(state, task="ppo", iteration=iteration, kl_coef=self.kl.value,
+                     num_prompts=len(self.prompts), prompt_order=self._order,
+                     prompt_rng=[version, list(internal), gauss])
+        ckpt.save_checkpoint(self.ckpt_dir / f"step-{iteration:07d}", self._trainable(),
+                             self.optimizer, state)
+        ckpt.prune_checkpoints(self.ckpt_dir, keep=2)
+
+    def _load(self, resume: bool | str | Path) -> dict[str, Any]:
+        path = ckpt.latest_checkpoint(self.ckpt_dir) if resume is True else Path(resume)
+        if path is None:
+            raise FileNotFoundError(f"resume: no complete PPO checkpoint under {self.ckpt_dir} "
+                                    "(written every train.save_every iterations)")
+        state = ckpt.load_checkpoint(path, self._trainable(), self.optimizer)
+        if state.get("task") != "ppo":
+            raise ValueError(f"{path}: not a task: ppo checkpoint")
+        if state["num_prompts"] != len(self.prompts):
+            raise ValueError(f"{path}: taken with {state['num_prompts']} training prompts, this "
+                             f"run has {len(self.prompts)}; resume needs the same data")
+        self.kl.value = state["kl_coef"]
+        self._order = list(state["prompt_order"])
+        version, internal, gauss = state["prompt_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        print(f"resumed from {path} at iteration {state['iteration']}")
+        return state
+
+    def _rewrite_metrics(self, initial_val: float | None,
+                         history: list[dict[str, Any]]) -> None:
+        """metrics.jsonl as of the checkpoint: drops lines of iterations about to be redone
+        (and a line half-written by a killed run), keeps everything before."""
+        records = ([{"step": 0, "val_reward_mean": initial_val}] if initial_val is not None
+                   else []) + history
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.metrics_path)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean reward of sampled answers to the validation prompts."""
@@ -381,7 +448,8 @@ class PPOTrainer:
             f.write(json.dumps(record) + "\n")
 
 
-def plot_reward_curve(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+def plot_reward_curve(history: list[dict[str, Any]], path: str | Path, title: str = "",
+                      initial_val: float | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,6 +459,8 @@ def plot_reward_curve(history: list[dict[str, Any]], path: str | Path, title: st
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     ax.plot(steps, [r["reward_mean"] for r in history], label="mean reward", lw=1.4)
     val = [(r["step"], r["val_reward_mean"]) for r in history if "val_reward_mean" in r]
+    if initial_val is not None:
+        val.insert(0, (0, initial_val))
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation reward", lw=1.4)
     ax.set_xlabel("PPO iteration")
@@ -438,13 +508,12 @@ class PPOTask:
         raise TypeError("task: ppo has no supervised loss; it trains with PPOTask.fit")
 
     def fit(self, model: nn.Module, tokenizer, train: list[dict], val: list[dict],
-            cfg: RunConfig, output_dir: str | Path, resume: bool | str = False,
+            cfg: RunConfig, output_dir: str | Path, resume: bool | str | Path = False,
             progress: bool = True) -> TrainResult:
-        if resume:
-            raise ValueError("task: ppo cannot resume from a checkpoint; start a new run")
+        """``resume``: True for the newest complete checkpoint in output_dir, or a path."""
         scorer = self.reward if self.reward is not None else reward_source(cfg.ppo)
         trainer = PPOTrainer(model, tokenizer, train, val, cfg, output_dir, scorer, progress)
-        return trainer.train()
+        return trainer.train(resume)
 
 
 def prepare_prompts(cfg: RunConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, Any]]:
