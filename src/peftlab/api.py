@@ -48,14 +48,23 @@ def merge(model):
 
 def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
              adapter: str | Path | None = None) -> dict[str, Any]:
-    """Validation loss and perplexity of the base model and of the run's adapter."""
+    """Validation loss and perplexity of the base model and of the run's adapter.
+
+    For ``task: sft`` also, as configured: forgetting (``eval.forgetting_corpus``: perplexity
+    of base and adapter, compared) and generation (``eval.generate``: the adapter's answers,
+    plus the base model's with ``eval.compare_base`` or when there is no adapter; written to
+    OUTPUT_DIR/eval_predictions.jsonl and eval_generation_metrics.json).
+    """
+    from peftlab.evaluate import sft_eval
     from peftlab.evaluate.loss import evaluate_loss, perplexity
     from peftlab.methods import method_for_adapter_dir
     from peftlab.models import load_model, load_tokenizer
     from peftlab.tasks import build_task
 
     cfg = _as_config(config, overrides)
-    prepared = build_task(cfg, load_tokenizer(cfg.model))
+    sft_eval.check_eval_config(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = build_task(cfg, tokenizer)
     task, val = prepared.task, prepared.validation
     model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
     if not val:
@@ -67,12 +76,29 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
     base_loss = evaluate_loss(model, task, val, bs, prec)
     results["base"] = {"val_loss": base_loss, "perplexity": perplexity(base_loss)}
     adapter_dir = Path(adapter) if adapter else Path(cfg.output_dir) / "adapter"
+    forgetting = cfg.eval.forgetting_corpus is not None
+    gen_examples = sft_eval.generation_examples(val, cfg.eval.generate_max_rows)
+    runs: dict[str, Any] = {}
+    if forgetting:
+        results["base"]["forgetting"] = sft_eval.measure_forgetting(model, tokenizer, cfg, prec)
+    if cfg.eval.generate and (cfg.eval.compare_base or not adapter_dir.is_dir()):
+        runs["base"] = sft_eval.generate(model, tokenizer, gen_examples, cfg, prec)
     if adapter_dir.is_dir():
         method_for_adapter_dir(adapter_dir).load(model, adapter_dir, adapter_name="default")
         loss = evaluate_loss(model, task, val, bs, prec)
         results["adapter"] = {"path": str(adapter_dir), "val_loss": loss,
                               "perplexity": perplexity(loss)}
+        if forgetting:
+            after = sft_eval.measure_forgetting(model, tokenizer, cfg, prec)
+            results["adapter"]["forgetting"] = after
+            results["forgetting"] = sft_eval.forgetting_summary(results["base"]["forgetting"],
+                                                                after)
+        if cfg.eval.generate:
+            runs["tuned"] = sft_eval.generate(model, tokenizer, gen_examples, cfg, prec)
     out = Path(cfg.output_dir)
+    if runs:
+        results["generation"] = sft_eval.write_generation(out if out.is_dir() else None,
+                                                          gen_examples, runs, prefix="eval_")
     if out.is_dir():
         (out / "eval.json").write_text(json.dumps(results, indent=2))
     return results

@@ -79,6 +79,15 @@ def _eval(args: argparse.Namespace) -> int:
         if name in results:
             r = results[name]
             print(f"{name:<10} {r['val_loss']:>9.4f} {r['perplexity']:>11.2f}")
+    if "forgetting" in results:
+        from peftlab.evaluate.sft_eval import describe_forgetting
+
+        print(describe_forgetting(results["forgetting"]))
+    if "generation" in results:
+        from peftlab.evaluate.sft_eval import generation_table
+
+        print(f"generation on {results['generation']['examples']} validation prompts:")
+        print("\n".join(generation_table(results["generation"])))
     print(json.dumps(results))
     return 0
 

@@ -109,11 +109,23 @@ class DataConfig:
     text_pair_field: str | None = None
     label_field: str = "label"
     labels: list[str | int] | None = None  # fixed label order; default: sorted labels of train
+    k_shot: int | None = None  # few-shot: keep exactly k training rows per class (seeded by train.seed)
     # SFT data preparation (peftlab.data.clean / templates / packing / augment)
     clean: CleanConfig = field(default_factory=CleanConfig)
     template: str | None = None  # None: chat template | alpaca | a Jinja file | inline Jinja
     packing: bool = False  # pack short training examples into max_length rows (no cross-attention)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # data mixing (task: sft; peftlab.data.mixing). replay: a general-text/instruction file
+    # (JSONL/JSON/CSV/TSV/Parquet, or .txt/.raw: one row per non-empty line); replay_ratio:
+    # its share of the final training set. Rows with a text_field and no instruction/messages
+    # field train with LM loss on the whole text (cut to train.max_length).
+    replay: str | None = None
+    replay_ratio: float = 0.0
+    # multi-task: [{name, train, validation?, weight, format?, template?, system_prompt?,
+    # messages_field?, instruction_field?, input_field?, output_field?, max_rows?}, ...].
+    # weights are exact shares of mixture_size (default: the sources' training rows summed).
+    mixture: list[dict[str, Any]] | None = None
+    mixture_size: int | None = None
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.format", self.format, ["auto", "alpaca", "chat"])
@@ -124,6 +136,76 @@ class DataConfig:
             raise ConfigError(f"{where}: give either 'validation' or 'validation_split', not both")
         if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
             raise ConfigError(f"{where}.labels must be a non-empty list of unique labels, got {self.labels}")
+        if self.k_shot is not None and self.k_shot < 1:
+            raise ConfigError(f"{where}.k_shot must be >= 1 (training rows per class), "
+                              f"got {self.k_shot}")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            raise ConfigError(f"{where}.replay_ratio must be in [0, 1), got {self.replay_ratio}")
+        if self.replay_ratio > 0 and not self.replay:
+            raise ConfigError(f"{where}.replay_ratio is {self.replay_ratio} but {where}.replay "
+                              "(the replay data file) is not set")
+        if self.mixture_size is not None and self.mixture_size < 1:
+            raise ConfigError(f"{where}.mixture_size must be >= 1, got {self.mixture_size}")
+        if self.mixture_size is not None and self.mixture is None:
+            raise ConfigError(f"{where}.mixture_size needs {where}.mixture")
+        if self.mixture is not None:
+            _validate_mixture(self, where)
+
+
+# Keys of one ``data.mixture`` entry: name -> accepted Python types.
+MIXTURE_KEYS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "train": (str,), "validation": (str,), "weight": (int, float),
+    "format": (str,), "template": (str,), "system_prompt": (str,), "messages_field": (str,),
+    "instruction_field": (str,), "input_field": (str,), "output_field": (str,),
+    "max_rows": (int,),
+}
+
+
+def _validate_mixture(data: DataConfig, where: str) -> None:
+    """Check ``data.mixture`` entries in place (weights become floats); errors name
+    ``data.mixture[i].key``."""
+    key = f"{where}.mixture"
+    if not data.mixture:
+        raise ConfigError(f"{key} must be a non-empty list of sources")
+    data.mixture = [dict(entry) for entry in data.mixture]  # don't touch the caller's dicts
+    for other in ("train", "validation"):
+        if getattr(data, other):
+            raise ConfigError(f"{where}.{other}: give the files per source in {key} "
+                              f"(or drop {key}), not both")
+    names = []
+    for i, entry in enumerate(data.mixture):
+        at = f"{key}[{i}]"
+        for k, value in entry.items():
+            if k not in MIXTURE_KEYS:
+                raise ConfigError(f"{at}: unknown key {k!r}{suggest(str(k), list(MIXTURE_KEYS))}; "
+                                  f"valid keys: {', '.join(MIXTURE_KEYS)}")
+            allowed = MIXTURE_KEYS[k]
+            if value is None and k in ("validation", "template", "system_prompt", "max_rows"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                kind = "a number" if float in allowed else ("an integer" if int in allowed
+                                                            else "a string")
+                raise ConfigError(f"{at}.{k}: expected {kind}, got {value!r}")
+        for required in ("name", "train"):
+            if not entry.get(required):
+                raise ConfigError(f"{at}.{required} is required")
+        name = entry["name"]
+        if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ConfigError(f"{at}.name: {name!r} must use only letters, digits, '_', '-', '.' "
+                              "(it names the metrics val_loss/<name>)")
+        if name == "replay" or name in names:
+            raise ConfigError(f"{at}.name: {name!r} is "
+                              + ("reserved for data.replay" if name == "replay" else "used twice"))
+        names.append(name)
+        entry["weight"] = float(entry.get("weight", 1.0))
+        if entry["weight"] < 0:
+            raise ConfigError(f"{at}.weight must be >= 0, got {entry['weight']}")
+        if "format" in entry:
+            _choice(f"{at}.format", entry["format"], ["auto", "alpaca", "chat"])
+        if entry.get("max_rows") is not None and entry["max_rows"] < 1:
+            raise ConfigError(f"{at}.max_rows must be >= 1, got {entry['max_rows']}")
+    if sum(e["weight"] for e in data.mixture) <= 0:
+        raise ConfigError(f"{key}: at least one source needs weight > 0")
 
 
 @dataclass
@@ -149,6 +231,7 @@ class TrainConfig:
     num_threads: int | None = None
     best_metric: str = "val_loss"  # any logged val_* metric; *loss/*ppl lower is better
     early_stopping_patience: int | None = None  # evaluations without improvement
+    activation_checkpointing: bool = False  # recompute block activations in backward: less RAM
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.scheduler", self.scheduler, ["cosine", "linear", "constant"])
@@ -164,10 +247,39 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation after training (generation settings for SFT models)."""
+    """Evaluation around training (task: sft; peftlab.evaluate.sft_eval).
+
+    ``forgetting_corpus``: perplexity on the first ``forgetting_max_tokens`` tokens of a text
+    file, measured on the base model before training and on the tuned model after it.
+    ``generate``: greedy answers to the validation prompts after training (and on the base
+    model first with ``compare_base``), scored by ROUGE/exact match/BLEU.
+    """
 
     batch_size: int = 8
     max_new_tokens: int = 64
+    forgetting_corpus: str | None = None
+    forgetting_max_tokens: int = 20000
+    forgetting_window: int = 512
+    forgetting_stride: int | None = None  # default: forgetting_window // 2
+    generate: bool = False
+    generate_max_rows: int | None = 200  # validation examples to answer (None: all)
+    compare_base: bool = False  # also generate with the base model (before training)
+
+    def validate(self, where: str) -> None:
+        for key in ("batch_size", "max_new_tokens", "forgetting_max_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+        if self.forgetting_window < 2:
+            raise ConfigError(f"{where}.forgetting_window must be >= 2, got {self.forgetting_window}")
+        stride = self.forgetting_stride
+        if stride is not None and not 1 <= stride <= self.forgetting_window:
+            raise ConfigError(f"{where}.forgetting_stride must be in [1, forgetting_window="
+                              f"{self.forgetting_window}], got {stride}")
+        if self.generate_max_rows is not None and self.generate_max_rows < 1:
+            raise ConfigError(f"{where}.generate_max_rows must be >= 1 (or null: all), "
+                              f"got {self.generate_max_rows}")
+        if self.compare_base and not self.generate:
+            raise ConfigError(f"{where}.compare_base needs {where}.generate: true")
 
 
 @dataclass
@@ -356,6 +468,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         dpo=_build(DPOConfig, raw.get("dpo") or {}, "dpo"),
         ppo=_build(PPOConfig, raw.get("ppo") or {}, "ppo"),
     )
+    if cfg.data.k_shot is not None and cfg.task != "classification":
+        raise ConfigError(f"data.k_shot only applies to task: classification (task is {task!r})")
     return cfg
 
 

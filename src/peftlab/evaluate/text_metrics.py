@@ -127,12 +127,13 @@ def split_prompt_reference(example: dict[str, list[int]]) -> tuple[list[int], li
 @torch.no_grad()
 def generation_report(model: nn.Module, tokenizer: Any, examples: list[dict[str, list[int]]],
                       max_new_tokens: int = 64, batch_size: int = 8,
-                      max_examples: int | None = None) -> dict[str, Any]:
+                      max_examples: int | None = None,
+                      samples: int | None = 5) -> dict[str, Any]:
     """Greedy answers for tokenized SFT examples, scored against their labelled answers.
 
     Only the first answer of a multi-turn example is used (the later turns' prompts would
     need the model's own earlier answers). Returns the metrics plus ``samples`` (prompt,
-    reference, prediction) for the first 5 examples.
+    reference, prediction) for the first ``samples`` examples (None: all, in order).
     """
     from peftlab.evaluate.generate import _stop_token_ids
 
@@ -163,7 +164,7 @@ def generation_report(model: nn.Module, tokenizer: Any, examples: list[dict[str,
     report["samples"] = [
         {"prompt": tokenizer.decode(pairs[i][0], skip_special_tokens=False),
          "reference": refs[i], "prediction": preds[i]}
-        for i in range(min(5, len(pairs)))
+        for i in range(len(pairs) if samples is None else min(samples, len(pairs)))
     ]
     return report
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peftlab.config import RunConfig
+from peftlab.config import ConfigError, RunConfig
+from peftlab.evaluate.sft_eval import RunEvaluation, check_eval_config, report_lines
 from peftlab.methods import get_method
 from peftlab.models import load_model, load_tokenizer
 from peftlab.tasks import build_task
@@ -31,6 +32,7 @@ class RunSummary:
     trainable_params: int
     total_params: int
     data_report: dict[str, Any]
+    evaluation: dict[str, Any] = field(default_factory=dict)  # forgetting, generation (sft)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -44,13 +46,14 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.num_threads:  # before measuring: auto precision times matmuls on these threads
+        torch.set_num_threads(cfg.train.num_threads)
     precision = resolve_precision(cfg.train.precision)
     if precision != cfg.train.precision:
         print(f"precision auto -> {precision} (measured matmul rates on this machine)")
         cfg.train.precision = precision
     cfg.save(out / "config.yaml")
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    check_eval_config(cfg)  # e.g. a missing eval.forgetting_corpus fails before any work
     torch.manual_seed(cfg.train.seed)
 
     if tokenizer is None:
@@ -58,10 +61,18 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
     prepared = build_task(cfg, tokenizer)
     task, train, val, data_report = (prepared.task, prepared.train, prepared.validation,
                                      prepared.report)
+    own_loop = getattr(task, "fit", None)  # tasks with their own loop (task: ppo)
+    if own_loop is not None and cfg.train.activation_checkpointing:
+        raise ConfigError(f"train.activation_checkpointing is not supported by task "
+                          f"{cfg.task!r} (it runs its own loop); set it to false")
     if model is None:
         model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
     (out / "data_report.json").write_text(json.dumps(data_report, indent=2))
     _print_data_report(data_report)
+
+    evaluation = RunEvaluation(cfg, tokenizer, val)
+    if evaluation.enabled:  # on the base model, before the method is applied
+        evaluation.before(model)
 
     method = get_method(cfg.method_name)
     method.apply(model, cfg.method, "default")
@@ -73,7 +84,6 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
           f"({100 * trainable / total:.3f}%)")
     prepare_precision(model, cfg.train.precision)
 
-    own_loop = getattr(task, "fit", None)  # tasks with their own loop (task: ppo)
     if own_loop is not None:
         result = own_loop(model, tokenizer, train, val, cfg, out, resume=resume, progress=progress)
     else:
@@ -91,9 +101,10 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
     if final_report is not None and val:
         report = final_report(model, val, cfg.eval.batch_size, cfg.train.precision)
         (out / f"eval_{cfg.task}.json").write_text(json.dumps(report, indent=2))
+    evaluated = evaluation.after(model, out) if evaluation.enabled else {}
     if result.history:
         plot_loss_curve(result.history, out / "loss.png", title=f"{cfg.method_name} on {cfg.model}")
-    summary = RunSummary(out, adapter_dir, result, trainable, total, data_report)
+    summary = RunSummary(out, adapter_dir, result, trainable, total, data_report, evaluated)
     _write_report(cfg, summary, time.perf_counter() - started)
     print(f"saved adapter to {adapter_dir}")
     return summary
@@ -133,5 +144,6 @@ def _write_report(cfg: RunConfig, s: RunSummary, seconds: float) -> None:
         f"| training time | {r.seconds:.1f} s ({r.tokens / max(r.seconds, 1e-9):.0f} tokens/s) |",
         f"| wall time | {seconds:.1f} s |",
         "", "![loss curve](loss.png)", "",
+        *report_lines(s.evaluation, r.history),
     ]
     (s.output_dir / "report.md").write_text("\n".join(lines))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftlab.config import TrainConfig
+from peftlab.config import ConfigError, TrainConfig
 from peftlab.data.collate import length_grouped_batches
 from peftlab.evaluate.loss import autocast_for, evaluate_loss, perplexity
 from peftlab.tasks.base import Task
@@ -39,6 +39,31 @@ class TrainResult:
     tokens: int = 0
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """``train.activation_checkpointing``: keep only each transformer block's input and
+    recompute the block in backward, trading ~30% more compute for a lower peak RSS.
+
+    Non-reentrant checkpointing lets gradients reach adapter parameters inside the blocks
+    even though the frozen embeddings' output does not require grad. transformers only
+    checkpoints while the model is in training mode, so evaluation is unaffected.
+    """
+    where = "train.activation_checkpointing"
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    legacy = getattr(model, "gradient_checkpointing_enable", None)
+    if not getattr(model, "supports_gradient_checkpointing", False) or not (enable or legacy):
+        raise ConfigError(f"{where}: {type(model).__name__} does not support activation "
+                          "checkpointing (needs a transformers model whose class sets "
+                          "supports_gradient_checkpointing); set it to false")
+    kwargs = {"use_reentrant": False}
+    try:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            legacy(gradient_checkpointing_kwargs=kwargs)
+    except ValueError as err:  # e.g. an architecture without checkpointable blocks
+        raise ConfigError(f"{where}: {err}; set it to false") from err
+
+
 class Trainer:
     """Fits ``model``'s trainable parameters on ``train_examples`` through ``task``."""
 
@@ -56,6 +81,8 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (did the method apply?)")
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lengths = [task.length(e) for e in train_examples]
         self.batches_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
@@ -182,7 +209,8 @@ class Trainer:
         return self.cfg.best_metric
 
     def _better(self, value: float, best: float) -> bool:
-        lower_is_better = self.best_metric.endswith(("loss", "ppl"))
+        # per-source metrics of a data.mixture are named e.g. val_loss/<source>
+        lower_is_better = self.best_metric.split("/")[0].endswith(("loss", "ppl"))
         return value < best if lower_is_better else value > best
 
     def evaluate(self) -> dict[str, float]:

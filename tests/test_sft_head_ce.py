@@ -1,0 +1,107 @@
+"""The memory-bounded chunked cross-entropy of SFTTask against plain F.cross_entropy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from peftlab.methods.lora import LoraConfig, apply_lora
+from peftlab.tasks.sft import IGNORE, SFTTask, head_cross_entropy
+
+HIDDEN, VOCAB = 16, 50
+
+
+def frozen_head(bias: bool = False) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(HIDDEN, VOCAB, bias=bias).requires_grad_(False)
+
+
+def reference(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, scale: float):
+    h = hidden.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(head(h).float(), targets, reduction="sum")
+    (loss * scale).backward()
+    return loss.detach(), h.grad
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n, chunk", [(10, 64), (12, 4), (10, 4), (1, 1)],
+                         ids=["one-chunk", "exact-boundary", "remainder", "single-row"])
+def test_matches_full_logits_cross_entropy(n, chunk, bias):
+    head = frozen_head(bias)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(n, HIDDEN, generator=gen)
+    targets = torch.randint(0, VOCAB, (n,), generator=gen)
+    expected_loss, expected_grad = reference(hidden, head, targets, scale=1 / 7)
+
+    h = hidden.clone().requires_grad_(True)
+    loss = head_cross_entropy(h, head, targets, chunk)
+    assert "FrozenHeadCrossEntropy" in type(loss.grad_fn).__name__
+    (loss * (1 / 7)).backward()  # the trainer divides by the token count: grad_output != 1
+    assert_close(loss.detach(), expected_loss)
+    assert_close(h.grad, expected_grad)
+
+
+def test_trained_head_keeps_the_autograd_path():
+    head = frozen_head().requires_grad_(True)
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(9, HIDDEN, generator=gen, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (9,), generator=gen)
+    loss = head_cross_entropy(hidden, head, targets, 4)
+    assert "FrozenHeadCrossEntropy" not in type(loss.grad_fn).__name__
+    loss.backward()
+    assert head.weight.grad is not None
+    assert_close(loss.detach(), F.cross_entropy(head(hidden), targets, reduction="sum").detach())
+
+
+def test_bf16_autocast_close_to_fp32():
+    head = frozen_head()
+    head.weight.data = head.weight.data.bfloat16().float()  # the same weights in both runs
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(11, HIDDEN, generator=gen)
+    targets = torch.randint(0, VOCAB, (11,), generator=gen)
+    expected_loss, expected_grad = reference(hidden, head, targets, scale=1.0)
+    head.bfloat16()
+    h = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_cross_entropy(h, head, targets, 4)
+    assert "FrozenHeadCrossEntropy" in type(loss.grad_fn).__name__
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == torch.float32
+    assert_close(loss.detach(), expected_loss, rtol=0.01, atol=0)
+    assert ((h.grad - expected_grad).norm() / expected_grad.norm()) < 0.02
+
+
+def test_sft_loss_with_lora_matches_full_model_logits():
+    """End to end: tied, frozen embeddings as the head; LoRA gradients equal the plain CE's."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, tie_word_embeddings=True))
+    apply_lora(model, LoraConfig(r=4, init="random"))
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=gen)
+    labels = ids.clone()
+    labels[0, :4] = IGNORE  # a prompt
+    labels[1, 6:] = IGNORE  # padding
+    mask = (labels[1] != IGNORE).long().expand(2, -1).clone()
+    mask[0] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    loss, n = SFTTask(pad_id=0, chunk_size=3).loss(model, batch)
+    (loss / n).backward()
+    ours = [p.grad.clone() for p in params]
+    model.zero_grad()
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    keep = labels[:, 1:] != IGNORE
+    expected = F.cross_entropy(logits[keep].float(), labels[:, 1:][keep], reduction="sum")
+    (expected / n).backward()
+    assert n == int(keep.sum())
+    assert_close(loss.detach(), expected.detach())
+    for p, g in zip(params, ours, strict=True):
+        assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
