@@ -231,13 +231,15 @@ def render_template(template: str, text: str, text_pair: str | None) -> str:
 
 
 def encode_prompt(tokenizer, template: str, text: str, text_pair: str | None,
-                  max_length: int) -> Encoded:
+                  max_length: int, add_special_tokens: bool = True) -> Encoded:
     """Tokenize a verbaliser prompt. Over-long inputs lose tokens from the end of the longest
-    text field, never from the template, so the prompt still ends with its cue ("Sentiment:")."""
+    text field, never from the template, so the prompt still ends with its cue ("Sentiment:").
+    ``add_special_tokens=False`` for a prompt that continues a longer one (in-context demos)."""
     fields = {"text": text, "text_pair": text_pair}
 
     def ids() -> list[int]:
-        return tokenizer(render_template(template, fields["text"], fields["text_pair"]))["input_ids"]
+        return tokenizer(render_template(template, fields["text"], fields["text_pair"]),
+                         add_special_tokens=add_special_tokens)["input_ids"]
 
     current = ids()
     before = len(current)

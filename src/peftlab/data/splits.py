@@ -1,9 +1,12 @@
-"""Deterministic train/validation splits: random, grouped (by document) and stratified."""
+"""Deterministic train/validation splits (random, grouped by document, stratified) and
+k-shot sampling."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -74,3 +77,39 @@ def stratified_split(rows: list[dict[str, Any]], label_key: str, fraction: float
             raise ValueError(f"row {i + 1}: label field {label_key!r} is missing or null")
         labels.append(str(row[label_key]).strip())
     return split_by_labels(rows, labels, fraction, seed)
+
+
+def sample_k_per_class(rows: list[T], label_key: str | Callable[[T], Any], k: int, seed: int,
+                       classes: list[str] | None = None,
+                       content_key: Callable[[T], str] | None = None) -> list[T]:
+    """Exactly ``k`` rows of every class (labels compared as strings), in input order.
+
+    Few-shot results vary a lot with *which* k rows are drawn, so the draw has to be
+    reproducible from the seed alone: every row is ranked by a seeded hash of its content
+    (``content_key``; default: the row as sorted JSON) and each class keeps its k lowest
+    ranks. Shuffling the file, or adding rows of other classes, does not change the sample.
+    ``classes`` (e.g. ``data.labels``) must each have k rows, even those absent from ``rows``;
+    a class with fewer raises ValueError naming it.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    label_of = label_key if callable(label_key) else (lambda row: row[label_key])
+    content = content_key or (lambda row: json.dumps(row, sort_keys=True, default=str))
+    by_class: dict[str, list[int]] = {c: [] for c in classes or []}
+    for i, row in enumerate(rows):
+        label = label_of(row)
+        if label is None:
+            raise ValueError(f"row {i + 1}: the label is missing or null")
+        by_class.setdefault(str(label).strip(), []).append(i)
+    short = {c: len(m) for c, m in by_class.items() if len(m) < k}
+    if short:
+        c, n = sorted(short.items())[0]
+        raise ValueError(f"class {c!r} has {n} row(s), fewer than k={k} "
+                         f"(rows per class: {({c: len(m) for c, m in sorted(by_class.items())})})")
+
+    def rank(i: int) -> tuple[bytes, int]:
+        digest = hashlib.sha256(f"peftlab-k-shot:{seed}\0{content(rows[i])}".encode()).digest()
+        return digest, i  # identical rows tie: either copy is the same content
+
+    keep = {i for members in by_class.values() for i in sorted(members, key=rank)[:k]}
+    return [r for i, r in enumerate(rows) if i in keep]

@@ -14,7 +14,8 @@ in full along with the method's parameters and is saved with the adapter:
 
 ``mode: verbalizer`` keeps the causal LM as it is: the prompt template is filled with the text
 and the class logits are the LM's next-token logits of the first token of each label word.
-No new parameters, so it also works few-shot.
+No new parameters, so it also works few-shot: ``data.k_shot`` keeps k training rows per class,
+and peftlab.evaluate.in_context scores the same rows as in-context demonstrations instead.
 
 Either way ``labels.json`` (id2label plus how inputs were encoded) is saved with the adapter,
 so ``peftlab predict`` rebuilds exactly the training-time inputs.
@@ -34,9 +35,11 @@ from torch import nn
 from peftlab.config import ConfigError
 from peftlab.data.classification import (
     Encoded,
+    LabelledRow,
     balanced_class_weights,
     build_examples,
     check_known_labels,
+    class_counts,
     encode_prompt,
     encode_texts,
     label_list,
@@ -46,6 +49,7 @@ from peftlab.data.classification import (
     stratified_split,
 )
 from peftlab.data.readers import DataError
+from peftlab.data.splits import sample_k_per_class
 from peftlab.tasks.sft import backbone_hidden_states
 
 LABELS_FILE = "labels.json"
@@ -297,11 +301,41 @@ def build_classification_task(cfg, tokenizer):
     """
     from peftlab.tasks import PreparedTask
 
-    data, ccfg = cfg.data, cfg.classification
-    if not data.train:
+    if not cfg.data.train:
         raise DataError("data.train: no training file given")
     if tokenizer.pad_token_id is None:
         raise ValueError("classification needs a tokenizer with a pad token (or eos/unk)")
+    rows, val_rows, labels, report = read_classification_rows(cfg)
+    meta = classification_meta(cfg, labels, tokenizer)
+    if meta["mode"] == "verbalizer":
+        model_kind, model_kwargs = "causal_lm", {}
+    else:
+        model_kind, model_kwargs = "sequence_classification", {"labels": labels}
+        _add_head_to_modules_to_save(cfg.method)
+
+    encode = make_encoder(meta, tokenizer)
+    train, train_stats = build_examples(rows, labels, encode)
+    val, val_stats = build_examples(val_rows, labels, encode)
+    counts = list(train_stats["class_counts"].values())
+    weights = balanced_class_weights(counts) if cfg.classification.class_weights == "balanced" else None
+    report.update(labels=labels, train=train_stats, validation=val_stats,
+                  class_weights=dict(zip(labels, weights, strict=True)) if weights else None)
+    task = task_from_meta(meta, tokenizer, weights)
+    return PreparedTask(task, train, val, report, model_kind=model_kind,
+                        model_kwargs=model_kwargs)
+
+
+def read_classification_rows(
+        cfg) -> tuple[list[LabelledRow], list[LabelledRow], list[str], dict[str, Any]]:
+    """(train rows, validation rows, class order, data report) as ``cfg.data`` describes.
+
+    ``data.k_shot`` keeps k training rows per class (:func:`sample_k_per_class`, seeded by
+    ``train.seed``) after ``validation_split``, so the held-out rows are the same for every k
+    and the in-context baseline (peftlab.evaluate.in_context) can use the very same rows.
+    """
+    data = cfg.data
+    if not data.train:
+        raise DataError("data.train: no training file given")
     fields = (data.text_field, data.text_pair_field, data.label_field)
     rows, train_file = read_labelled(data.train, *fields, on_error=data.on_error,
                                      max_rows=data.max_rows)
@@ -318,7 +352,28 @@ def build_classification_task(cfg, tokenizer):
     if len(labels) < 2:
         raise DataError(f"{data.train}: classification needs at least 2 classes, found {labels} "
                         f"in field {data.label_field!r}")
+    if data.k_shot is not None:
+        available = class_counts([r.label for r in rows], labels)
+        try:
+            rows = sample_k_per_class(rows, lambda r: r.label, data.k_shot, cfg.train.seed,
+                                      classes=labels, content_key=_row_content)
+        except ValueError as err:
+            raise DataError(f"data.k_shot={data.k_shot}: {data.train} (field "
+                            f"{data.label_field!r}, after validation_split): {err}") from None
+        report["k_shot"] = {"k": data.k_shot, "seed": cfg.train.seed,
+                            "rows_before": sum(available.values()), "rows_kept": len(rows),
+                            "available_per_class": available}
+    return rows, val_rows, labels, report
 
+
+def _row_content(row: LabelledRow) -> str:
+    """What a k-shot draw is keyed on: the texts and label, not the row number."""
+    return json.dumps([row.text, row.text_pair, row.label])
+
+
+def classification_meta(cfg, labels: list[str], tokenizer) -> dict[str, Any]:
+    """labels.json's content: the class order and how inputs are encoded and scored."""
+    data, ccfg = cfg.data, cfg.classification
     meta: dict[str, Any] = {
         "id2label": {str(i): label for i, label in enumerate(labels)},
         "labels": labels,
@@ -336,24 +391,10 @@ def build_classification_task(cfg, tokenizer):
         words = verbalizer_words(ccfg.verbalizer, labels)
         meta.update(prompt_template=template, verbalizer=dict(zip(labels, words, strict=True)),
                     label_token_ids=label_token_ids(tokenizer, template, words, labels))
-        model_kind, model_kwargs = "causal_lm", {}
-    else:
-        if ccfg.verbalizer or ccfg.prompt_template:
-            raise ConfigError("classification.verbalizer/prompt_template only apply to "
-                              "classification.mode: verbalizer")
-        model_kind, model_kwargs = "sequence_classification", {"labels": labels}
-        _add_head_to_modules_to_save(cfg.method)
-
-    encode = make_encoder(meta, tokenizer)
-    train, train_stats = build_examples(rows, labels, encode)
-    val, val_stats = build_examples(val_rows, labels, encode)
-    counts = list(train_stats["class_counts"].values())
-    weights = balanced_class_weights(counts) if ccfg.class_weights == "balanced" else None
-    report.update(labels=labels, train=train_stats, validation=val_stats,
-                  class_weights=dict(zip(labels, weights, strict=True)) if weights else None)
-    task = task_from_meta(meta, tokenizer, weights)
-    return PreparedTask(task, train, val, report, model_kind=model_kind,
-                        model_kwargs=model_kwargs)
+    elif ccfg.verbalizer or ccfg.prompt_template:
+        raise ConfigError("classification.verbalizer/prompt_template only apply to "
+                          "classification.mode: verbalizer")
+    return meta
 
 
 def _add_head_to_modules_to_save(method_cfg: Any) -> None:
