@@ -40,10 +40,30 @@ def load(model: str, adapter: str | Path | None = None, kind: str = "causal_lm")
 
 
 def merge(model):
-    """Fold LoRA weights into the base weights and return a plain transformers model."""
-    from peftlab.methods.lora import merge_and_unload
+    """Fold the adapter into the base weights and return a plain transformers model.
 
-    return merge_and_unload(model)
+    Only methods whose update is a change of the base weights can be folded: LoRA and (IA)^3
+    (both may be present). Bottleneck adapters, prompt tuning, p-tuning and prefix tuning add
+    computation no weight can absorb, so they are refused before anything is changed.
+    """
+    from peftlab.methods import adapter, ia3, lora, prefix_tuning, virtual_tokens
+
+    name = type(model).__name__
+    unmergeable = {"adapter": bool(adapter.adapter_layers(model)),
+                   "prompt_tuning / p_tuning": virtual_tokens.hooks_of(model) is not None,
+                   "prefix_tuning": prefix_tuning.adapters_of(model) is not None}
+    for method, present in unmergeable.items():
+        if present:
+            raise ValueError(f"merge: {name} carries a {method} adapter, which cannot be folded "
+                             "into the base weights (only lora and ia3 can); keep it as an adapter")
+    has_lora, has_ia3 = bool(lora.lora_layers(model)), bool(ia3.ia3_layers(model))
+    if not (has_lora or has_ia3):
+        raise ValueError(f"merge: {name} has no lora or ia3 layers to fold")
+    if has_lora:
+        lora.merge_and_unload(model)
+    if has_ia3:
+        ia3.merge_and_unload(model)
+    return model
 
 
 def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,

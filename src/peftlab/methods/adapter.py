@@ -36,9 +36,8 @@ On-disk format (peftlab's own, laid out like peft's), in the adapter directory:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from os import PathLike
 
@@ -48,7 +47,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.config import ConfigError, suggest
-from peftlab.methods import peft_format
+from peftlab.methods import layers, peft_format
 from peftlab.methods.freeze import copy_tensor, read_method_config
 from peftlab.methods.registry import Method, register
 from peftlab.models.targets import block_index
@@ -88,13 +87,13 @@ class AdapterConfig:
             raise ConfigError(f"{where}.reduction_factor must be an integer >= 1, got {rf!r}")
         if not isinstance(self.residual, bool):
             raise ConfigError(f"{where}.residual must be true or false, got {self.residual!r}")
-        layers = self.layers_to_transform
-        if layers is not None and not (
-            isinstance(layers, list) and layers
-            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+        idx = self.layers_to_transform
+        if idx is not None and not (
+            isinstance(idx, list) and idx
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx)
         ):
             raise ConfigError(f"{where}.layers_to_transform must be a non-empty list of layer "
-                              f"indices >= 0, got {layers!r}")
+                              f"indices >= 0, got {idx!r}")
 
 
 def _choice(key: str, value: object, choices: tuple[str, ...]) -> None:
@@ -113,7 +112,7 @@ def output_size(module: nn.Module) -> int:
     raise TypeError(f"adapters wrap nn.Linear/Conv1D outputs, not {type(module).__name__}")
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(layers.Wrapper):
     """A hidden-size output projection plus any number of named bottleneck adapters."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -125,15 +124,6 @@ class AdapterLayer(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapter: str | None = None
         self.disabled = False
-
-    # Some model code reads .weight/.bias of its projections (e.g. for dtype checks).
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def add_adapter(self, name: str, cfg: AdapterConfig) -> None:
         if name in self.adapter_down:
@@ -181,15 +171,12 @@ class AdapterLayer(nn.Module):
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """Every adapter-wrapped module, by full dotted name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    return layers.wrapper_layers(model, AdapterLayer)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Adapter names present in the model (by first appearance in module order)."""
-    names: dict[str, None] = {}
-    for layer in adapter_layers(model).values():
-        names.update(dict.fromkeys(layer.adapter_down.keys()))
-    return list(names)
+    return layers.adapter_names(adapter_layers(model))
 
 
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -252,10 +239,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str = "def
 
 
 def _inject(model: nn.Module, targets: list[str], cfg: AdapterConfig, adapter_name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
-        raise ValueError(f"adapter name {adapter_name!r} must be letters, digits, '_' or '-'")
-    if adapter_name in adapter_names(model):
-        raise ValueError(f"adapter {adapter_name!r} already exists; pick another name")
+    layers.check_new_adapter_name(adapter_layers(model), adapter_name)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, AdapterLayer):
@@ -266,38 +250,16 @@ def _inject(model: nn.Module, targets: list[str], cfg: AdapterConfig, adapter_na
 
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make ``name`` the active adapter; only its parameters stay trainable."""
-    layers = _require_layers(model)
-    if name not in adapter_names(model):
-        raise ValueError(f"unknown adapter {name!r}; the model has {adapter_names(model)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in layers.values():
-        # Modules the adapter does not cover (pfeiffer's attention output) run the base only.
-        layer.active_adapter = name if name in layer.adapter_down else None
-        if layer.active_adapter is not None:
-            for p in layer.adapter_parameters(name):
-                p.requires_grad_(True)
+    layers.set_active(model, _require_layers(model), name)
 
 
-@contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
+def disable_adapters(model: nn.Module) -> AbstractContextManager[None]:
     """Inside the block the model computes the pure base output, without copying it."""
-    layers = list(_require_layers(model).values())
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, previous, strict=True):
-            layer.disabled = flag
+    return layers.disabled(_require_layers(model))
 
 
 def _require_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no adapter layers; call apply_adapter first")
-    return layers
+    return layers.require_layers(model, AdapterLayer, "adapter", "apply_adapter")
 
 
 # ----------------------------------------------------------------------------- on disk
@@ -311,12 +273,9 @@ def save_adapter(
     task_type: str | None = "CAUSAL_LM",
 ) -> None:
     """Write ``adapter_name`` in peftlab's adapter format (see the module docstring)."""
-    layers = {n: m for n, m in adapter_layers(model).items() if adapter_name in m.adapter_down}
-    if not layers:
-        raise ValueError(f"no adapter {adapter_name!r} to save; the model has {adapter_names(model)}")
-    cfg = next(iter(layers.values())).configs[adapter_name]
+    saved, cfg = layers.adapter_to_save(model, AdapterLayer, adapter_name)
     tensors: dict[str, Tensor] = {}
-    for name, layer in layers.items():
+    for name, layer in saved.items():
         down, up = layer.adapter_down[adapter_name], layer.adapter_up[adapter_name]
         for kind, t in zip(_KINDS, (down.weight, down.bias, up.weight, up.bias), strict=True):
             tensors[f"{peft_format.PREFIX}{name}.{kind}"] = t
@@ -324,7 +283,7 @@ def save_adapter(
         "peft_type": PEFT_TYPE,
         "base_model_name_or_path": base_model_name_or_path,
         "task_type": task_type,
-        "target_modules": sorted(layers),
+        "target_modules": sorted(saved),
         **asdict(cfg),
     }
     peft_format.write_adapter(directory, config, tensors)

@@ -23,10 +23,8 @@ paper (and peft's own Llama/Mistral entries) do.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -37,10 +35,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.config import ConfigError
-from peftlab.methods import peft_format
-from peftlab.methods.lora import _modules_to_save
+from peftlab.methods import layers, peft_format
 from peftlab.methods.registry import Method, register
-from peftlab.methods.virtual_tokens import file_modules_to_save, infer_task_type
 from peftlab.models.targets import find_target_modules
 
 # model_type -> (target_modules, feedforward_modules); list entries match a full module name
@@ -94,7 +90,7 @@ class IA3Config:
             raise ConfigError(f"{where}.init_ia3_weights must be true or false")
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(layers.Wrapper):
     """A Linear/Conv1D plus named (IA)^3 vectors, one of them active.
 
     ``is_feedforward`` decides where the vector acts: on the input (FFN down projection) or on
@@ -118,15 +114,6 @@ class IA3Linear(nn.Module):
         self.merged_adapter: str | None = None
         self._merged_scale: Tensor | None = None  # the vector folded in, to unmerge exactly
 
-    # Some model code reads .weight/.bias of its projections (e.g. for dtype checks).
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
-
     @property
     def vector_shape(self) -> tuple[int, int]:
         return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
@@ -144,6 +131,9 @@ class IA3Linear(nn.Module):
             nn.init.normal_(vector)
         self.ia3_l[name] = nn.Parameter(vector)
         self.configs[name] = cfg
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.ia3_l[name]]
 
     def forward(self, x: Tensor) -> Tensor:
         name = self.active_adapter
@@ -202,14 +192,11 @@ class IA3Linear(nn.Module):
 
 def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
     """Every (IA)^3-wrapped module, by full dotted name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, IA3Linear)}
+    return layers.wrapper_layers(model, IA3Linear)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    names: dict[str, None] = {}
-    for layer in ia3_layers(model).values():
-        names.update(dict.fromkeys(layer.ia3_l.keys()))
-    return list(names)
+    return layers.adapter_names(ia3_layers(model))
 
 
 def resolve_modules(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
@@ -255,12 +242,9 @@ def apply_ia3(model: nn.Module, cfg: IA3Config, adapter_name: str = "default") -
 
 def _inject(model: nn.Module, targets: list[str], feedforward: set[str], cfg: IA3Config,
             adapter_name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
-        raise ValueError(f"adapter name {adapter_name!r} must be letters, digits, '_' or '-'")
-    if adapter_name in adapter_names(model):
-        raise ValueError(f"adapter {adapter_name!r} already exists; pick another name")
+    layers.check_new_adapter_name(ia3_layers(model), adapter_name)
     if cfg.modules_to_save:
-        _modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
+        peft_format.find_modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
     for name in targets:
         module = model.get_submodule(name)
         is_ff = name in feedforward
@@ -277,68 +261,31 @@ def _inject(model: nn.Module, targets: list[str], feedforward: set[str], cfg: IA
 
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make ``name`` the active adapter; only its vectors (and modules_to_save) stay trainable."""
-    layers = _require_layers(model)
-    if name not in adapter_names(model):
-        raise ValueError(f"unknown adapter {name!r}; the model has {adapter_names(model)}")
-    if any(layer.merged_adapter is not None for layer in layers.values()):
-        raise RuntimeError("unmerge the model before switching adapters")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    cfg = None
-    for layer in layers.values():
-        layer.active_adapter = name if name in layer.ia3_l else None
-        if layer.active_adapter is not None:
-            layer.ia3_l[name].requires_grad_(True)
-            cfg = layer.configs[name]
-    if cfg is not None and cfg.modules_to_save:
-        for module in _modules_to_save(model, cfg.modules_to_save).values():
-            module.requires_grad_(True)
+    layers.set_active(model, _require_layers(model), name)
 
 
-@contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
+def disable_adapters(model: nn.Module) -> AbstractContextManager[None]:
     """Inside the block the model computes the pure base output. Merged layers are unmerged
     for the block and merged back after it."""
-    layers = list(_require_layers(model).values())
-    merged = [layer for layer in layers if layer.merged_adapter is not None]
-    previous = [layer.disabled for layer in layers]
-    for layer in merged:
-        layer.unmerge()
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, previous, strict=True):
-            layer.disabled = flag
-        for layer in merged:
-            layer.merge()
+    return layers.disabled(_require_layers(model))
 
 
 def merge(model: nn.Module) -> None:
     """Fold each layer's active vector into its base weight (no inference overhead)."""
-    for layer in _require_layers(model).values():
-        layer.merge()
+    layers.merge_all(_require_layers(model))
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in _require_layers(model).values():
-        layer.unmerge()
+    layers.unmerge_all(_require_layers(model))
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapter and put plain base layers back: a normal transformers model."""
-    for name, layer in _require_layers(model).items():
-        layer.merge()
-        model.set_submodule(name, layer.base_layer)
-    return model
+    return layers.replace_with_base(model, _require_layers(model))
 
 
 def _require_layers(model: nn.Module) -> dict[str, IA3Linear]:
-    layers = ia3_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no (IA)^3 layers; call apply_ia3 first")
-    return layers
+    return layers.require_layers(model, IA3Linear, "(IA)^3", "apply_ia3")
 
 
 # ----------------------------------------------------------------------------- peft format
@@ -357,20 +304,14 @@ def save_ia3(
 
     ``task_type`` None: inferred from the model class (CAUSAL_LM, SEQ_CLS, ...). A SEQ_CLS
     file always carries the classification head, as peft's loader requires (see
-    :func:`peftlab.methods.virtual_tokens.file_modules_to_save`).
+    :func:`peftlab.methods.peft_format.file_modules_to_save`).
     """
-    layers = {n: m for n, m in ia3_layers(model).items() if adapter_name in m.ia3_l}
-    if not layers:
-        raise ValueError(f"no adapter {adapter_name!r} to save; the model has {adapter_names(model)}")
-    cfg: IA3Config = next(iter(layers.values())).configs[adapter_name]
-    task_type = task_type if task_type is not None else infer_task_type(model)
-    to_save = file_modules_to_save(model, task_type, cfg.modules_to_save)
+    saved, cfg = layers.adapter_to_save(model, IA3Linear, adapter_name)
+    task_type = task_type if task_type is not None else peft_format.infer_task_type(model)
+    to_save = peft_format.file_modules_to_save(model, task_type, cfg.modules_to_save)
     prefix = peft_format.PREFIX
-    tensors = {f"{prefix}{name}{_SUFFIX}": layer.ia3_l[adapter_name] for name, layer in layers.items()}
-    if to_save:
-        for name, module in _modules_to_save(model, to_save).items():
-            for pname, p in module.named_parameters():
-                tensors[f"{prefix}{name}.{pname}"] = p
+    tensors = {f"{prefix}{name}{_SUFFIX}": layer.ia3_l[adapter_name] for name, layer in saved.items()}
+    tensors.update(peft_format.modules_to_save_tensors(model, to_save))
     config = {
         "peft_type": "IA3",
         "base_model_name_or_path": base_model_name_or_path,
@@ -378,10 +319,10 @@ def save_ia3(
         "task_type": task_type,
         "inference_mode": True,
         # Full names: unambiguous for peft (exact match) and for us.
-        "target_modules": sorted(layers),
-        "feedforward_modules": sorted(n for n, m in layers.items() if m.is_feedforward),
+        "target_modules": sorted(saved),
+        "feedforward_modules": sorted(n for n, m in saved.items() if m.is_feedforward),
         "exclude_modules": None,
-        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in saved.values()),
         "init_ia3_weights": cfg.init_ia3_weights,
         "modules_to_save": to_save,
     }
@@ -389,17 +330,7 @@ def save_ia3(
 
 
 def _read_config(directory: str | PathLike) -> tuple[dict[str, Any], Path]:
-    path = Path(directory) / peft_format.CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter config found (expected a peft adapter directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("peft_type") != "IA3":
-        raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}; expected 'IA3'")
+    raw, path = peft_format.read_raw_config(directory, "IA3")
     ff = raw.get("feedforward_modules")
     if ff is not None and not (isinstance(ff, str) or (isinstance(ff, list)
                                                        and all(isinstance(f, str) for f in ff))):
@@ -408,9 +339,7 @@ def _read_config(directory: str | PathLike) -> tuple[dict[str, Any], Path]:
     init = raw.get("init_ia3_weights", True)
     if not isinstance(init, bool):
         raise ConfigError(f"{path}: key 'init_ia3_weights' must be true or false, got {init!r}")
-    to_save = raw.get("modules_to_save")
-    if to_save is not None and not (isinstance(to_save, list) and all(isinstance(m, str) for m in to_save)):
-        raise ConfigError(f"{path}: key 'modules_to_save' must be a list of module names, got {to_save!r}")
+    peft_format.check_modules_to_save_key(raw, path)
     return raw, path
 
 
@@ -453,39 +382,17 @@ def load_ia3(model: nn.Module, directory: str | PathLike, adapter_name: str = "d
     cfg = IA3Config(target_modules=sorted(vectors), feedforward_modules=sorted(feedforward),
                     init_ia3_weights=raw.get("init_ia3_weights", True),
                     modules_to_save=raw.get("modules_to_save") or None)
-    saved = _match_modules_to_save(model, cfg, extra, weights_path)
+    pairs = peft_format.match_modules_to_save(model, cfg.modules_to_save, extra, weights_path,
+                                              "an IA3 vector")
 
     _inject(model, sorted(vectors), feedforward, cfg, adapter_name)
     with torch.no_grad():
         for name, tensor in vectors.items():
             model.get_submodule(name).ia3_l[adapter_name].copy_(tensor)
-        for param, tensor in saved.values():
+        for param, tensor in pairs:
             param.copy_(tensor)
     set_adapter(model, adapter_name)
     return cfg
-
-
-def _match_modules_to_save(model: nn.Module, cfg: IA3Config, extra: dict[str, Tensor],
-                           path: PathLike) -> dict[str, tuple[nn.Parameter, Tensor]]:
-    """Non-IA3 tensors must be exactly the parameters of the ``modules_to_save`` modules."""
-    params = {}
-    if cfg.modules_to_save:
-        for mname, module in _modules_to_save(model, cfg.modules_to_save).items():
-            for pname, p in module.named_parameters():
-                params[f"{peft_format.PREFIX}{mname}.{pname}"] = p
-    out = {}
-    for key, tensor in extra.items():
-        if key not in params:
-            raise ValueError(f"{path}: unexpected key {key!r} (not an IA3 vector, nor a parameter "
-                             "of modules_to_save)")
-        if params[key].shape != tensor.shape:
-            raise ValueError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, the model "
-                             f"expects {tuple(params[key].shape)}")
-        out[key] = (params[key], tensor)
-    for key in params:
-        if key not in extra:
-            raise ValueError(f"{path}: missing key {key!r} (a parameter of modules_to_save)")
-    return out
 
 
 register(Method(name="ia3", config_cls=IA3Config, apply=apply_ia3, save=save_ia3,

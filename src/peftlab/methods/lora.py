@@ -15,9 +15,7 @@ peft itself is only used by the tests, to prove numerical parity.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from os import PathLike
 
@@ -27,7 +25,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.config import ConfigError
-from peftlab.methods import peft_format
+from peftlab.methods import layers, peft_format
+from peftlab.methods.freeze import copy_tensor
 from peftlab.methods.registry import Method, register
 from peftlab.models.targets import find_target_modules
 
@@ -122,7 +121,7 @@ class _FusedLora(torch.autograd.Function):
         return grad_x, grad_xl, None, None, grad_a, grad_b, None
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(layers.Wrapper):
     """A Linear/Conv1D plus any number of named low-rank adapters, one of them active.
 
     The base module is kept untouched as ``base_layer`` (frozen); each adapter owns
@@ -153,15 +152,6 @@ class LoraLinear(nn.Module):
         self.disabled = False
         self.merged_adapter: str | None = None
         self._merged_norm: Tensor | None = None  # DoRA: the norm used at merge time, to unmerge
-
-    # Some model code reads .weight/.bias of its projections (e.g. for dtype checks).
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def base_weight(self) -> Tensor:
         """The base weight as (out, in), whatever the storage layout."""
@@ -323,15 +313,12 @@ class LoraLinear(nn.Module):
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     """Every LoRA-wrapped module, by full dotted name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    return layers.wrapper_layers(model, LoraLinear)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Adapter names present in the model, in the order they were added."""
-    names: dict[str, None] = {}
-    for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.lora_A.keys()))
-    return list(names)
+    return layers.adapter_names(lora_layers(model))
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default") -> None:
@@ -346,12 +333,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default")
 
 
 def _inject(model: nn.Module, targets: list[str], cfg: LoraConfig, adapter_name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
-        raise ValueError(f"adapter name {adapter_name!r} must be letters, digits, '_' or '-'")
-    if adapter_name in adapter_names(model):
-        raise ValueError(f"adapter {adapter_name!r} already exists; pick another name")
+    layers.check_new_adapter_name(lora_layers(model), adapter_name)
     if cfg.modules_to_save:
-        _modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
+        peft_format.find_modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLinear):
@@ -360,74 +344,29 @@ def _inject(model: nn.Module, targets: list[str], cfg: LoraConfig, adapter_name:
         module.add_adapter(adapter_name, cfg)
 
 
-def _modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-    """Modules named (fully or by suffix, as in peft) in ``modules_to_save``."""
-    found = {n: m for n, m in model.named_modules()
-             if n and any(n == s or n.endswith("." + s) for s in names)}
-    if not found:
-        raise ValueError(f"modules_to_save={names!r} matched no module of {type(model).__name__}")
-    return found
-
-
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make ``name`` the active adapter; only its parameters stay trainable."""
-    layers = _require_layers(model)
-    if name not in adapter_names(model):
-        raise ValueError(f"unknown adapter {name!r}; the model has {adapter_names(model)}")
-    if any(layer.merged_adapter is not None for layer in layers.values()):
-        raise RuntimeError("unmerge the model before switching adapters")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    cfg = None
-    for layer in layers.values():
-        # Layers the adapter does not cover (e.g. other layers_to_transform) run the base only.
-        layer.active_adapter = name if name in layer.lora_A else None
-        if layer.active_adapter is not None:
-            cfg = layer.configs[name]
-            for p in layer.adapter_parameters(name):
-                p.requires_grad_(True)
-    if cfg is not None and cfg.modules_to_save:
-        for module in _modules_to_save(model, cfg.modules_to_save).values():
-            module.requires_grad_(True)
+    layers.set_active(model, _require_layers(model), name)
 
 
-@contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
+def disable_adapters(model: nn.Module) -> AbstractContextManager[None]:
     """Inside the block the model computes the pure base output (e.g. a frozen reference
     policy for DPO/PPO) without copying it. Merged layers are unmerged and merged back."""
-    layers = list(_require_layers(model).values())
-    merged = [layer for layer in layers if layer.merged_adapter is not None]
-    previous = [layer.disabled for layer in layers]
-    for layer in merged:
-        layer.unmerge()
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, previous, strict=True):
-            layer.disabled = flag
-        for layer in merged:
-            layer.merge()
+    return layers.disabled(_require_layers(model))
 
 
 def merge(model: nn.Module) -> None:
     """Fold each layer's active adapter into its base weight (faster inference)."""
-    for layer in _require_layers(model).values():
-        layer.merge()
+    layers.merge_all(_require_layers(model))
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in _require_layers(model).values():
-        layer.unmerge()
+    layers.unmerge_all(_require_layers(model))
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapter and put plain base layers back: a normal transformers model."""
-    for name, layer in _require_layers(model).items():
-        layer.merge()
-        model.set_submodule(name, layer.base_layer)
-    return model
+    return layers.replace_with_base(model, _require_layers(model))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -437,10 +376,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def _require_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers; call apply_lora first")
-    return layers
+    return layers.require_layers(model, LoraLinear, "LoRA", "apply_lora")
 
 
 # ----------------------------------------------------------------------------- peft format
@@ -454,31 +390,25 @@ def save_lora(
     task_type: str | None = "CAUSAL_LM",
 ) -> None:
     """Write ``adapter_name`` as a peft adapter (loadable by ``PeftModel.from_pretrained``)."""
-    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
-    if not layers:
-        raise ValueError(f"no adapter {adapter_name!r} to save; the model has {adapter_names(model)}")
-    cfg = next(iter(layers.values())).configs[adapter_name]
+    saved, cfg = layers.adapter_to_save(model, LoraLinear, adapter_name)
     prefix = peft_format.PREFIX
     tensors: dict[str, Tensor] = {}
-    for name, layer in layers.items():
+    for name, layer in saved.items():
         tensors[f"{prefix}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         tensors[f"{prefix}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if adapter_name in layer.lora_magnitude_vector:
             tensors[f"{prefix}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
-    if cfg.modules_to_save:
-        for name, module in _modules_to_save(model, cfg.modules_to_save).items():
-            for pname, p in module.named_parameters():
-                tensors[f"{prefix}{name}.{pname}"] = p
+    tensors.update(peft_format.modules_to_save_tensors(model, cfg.modules_to_save))
     config = peft_format.peft_config_dict(
         r=cfg.r,
         alpha=cfg.alpha,
         dropout=cfg.dropout,
-        target_modules=list(layers),  # full names: unambiguous for peft and for us
+        target_modules=list(saved),  # full names: unambiguous for peft and for us
         layers_to_transform=cfg.layers_to_transform,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         init=cfg.init,
-        fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in saved.values()),
         modules_to_save=cfg.modules_to_save,
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
@@ -531,7 +461,8 @@ def load_lora(model: nn.Module, directory: str | PathLike, adapter_name: str = "
             if isinstance(modules.get(name), (nn.Linear, Conv1D, LoraLinear)) and name not in per_module:
                 raise ValueError(f"{weights_path}: missing key {_key(name, 'lora_A')!r} "
                                  f"(module listed in {config_path} target_modules)")
-    saved = _match_modules_to_save(model, cfg, extra, weights_path)
+    pairs = peft_format.match_modules_to_save(model, cfg.modules_to_save, extra, weights_path,
+                                              "a LoRA tensor of a Linear/Conv1D module")
 
     _inject(model, sorted(per_module), cfg, adapter_name)  # the init is overwritten just below
     with torch.no_grad():
@@ -542,9 +473,9 @@ def load_lora(model: nn.Module, directory: str | PathLike, adapter_name: str = "
             if cfg.use_dora:
                 targets["magnitude"] = layer.lora_magnitude_vector[adapter_name]
             for kind, param in targets.items():
-                _copy(param, kinds[kind], _key(name, kind), weights_path)
-        for key, (param, tensor) in saved.items():
-            _copy(param, tensor, key, weights_path)
+                copy_tensor(param, kinds[kind], _key(name, kind), weights_path)
+        for param, tensor in pairs:
+            param.copy_(tensor)
     set_adapter(model, adapter_name)
     return cfg
 
@@ -552,33 +483,6 @@ def load_lora(model: nn.Module, directory: str | PathLike, adapter_name: str = "
 def _key(module: str, kind: str) -> str:
     suffix = {v: k for k, v in peft_format.TENSOR_KINDS.items()}[kind]
     return f"{peft_format.PREFIX}{module}{suffix}"
-
-
-def _match_modules_to_save(model: nn.Module, cfg: LoraConfig, extra: dict[str, Tensor],
-                           path: PathLike) -> dict[str, tuple[nn.Parameter, Tensor]]:
-    """Non-LoRA tensors must be full parameters of a ``modules_to_save`` module."""
-    params = {}
-    if cfg.modules_to_save:
-        for mname, module in _modules_to_save(model, cfg.modules_to_save).items():
-            for pname, p in module.named_parameters():
-                params[f"{peft_format.PREFIX}{mname}.{pname}"] = p
-    out = {}
-    for key, tensor in extra.items():
-        if key not in params:
-            raise ValueError(f"{path}: unexpected key {key!r} (not a LoRA tensor of a Linear/Conv1D "
-                             "module, nor a parameter of modules_to_save)")
-        out[key] = (params[key], tensor)
-    for key in params:
-        if key not in extra:
-            raise ValueError(f"{path}: missing key {key!r} (a parameter of modules_to_save)")
-    return out
-
-
-def _copy(param: Tensor, tensor: Tensor, key: str, path: PathLike) -> None:
-    if param.shape != tensor.shape:
-        raise ValueError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, "
-                         f"the model expects {tuple(param.shape)}")
-    param.copy_(tensor)
 
 
 register(Method(name="lora", config_cls=LoraConfig, apply=apply_lora, save=save_lora,

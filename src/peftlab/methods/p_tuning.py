@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from os import PathLike
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from peftlab.config import ConfigError
-from peftlab.methods import peft_format
 from peftlab.methods import virtual_tokens as vt
 from peftlab.methods.registry import Method, register
 
@@ -108,25 +108,14 @@ class PromptEncoder(nn.Module):
 def apply_p_tuning(model: nn.Module, cfg: PTuningConfig, adapter_name: str = "default") -> None:
     """Add a trainable prompt encoder to ``model`` in place; everything else is frozen."""
     cfg.validate("method")
-    _attach(model, _new_encoder(model, cfg, inference_mode=False), cfg, adapter_name)
+    vt.attach_prompts(model, _new_encoder(model, cfg, inference_mode=False), cfg, adapter_name)
 
 
 def _new_encoder(model: nn.Module, cfg: PTuningConfig, inference_mode: bool) -> PromptEncoder:
-    words = vt.backbone_of(model).get_input_embeddings()
     encoder = PromptEncoder(cfg.num_virtual_tokens, vt.token_dim(model), cfg.encoder_type,
                             cfg.encoder_hidden_size, cfg.encoder_num_layers, cfg.encoder_dropout,
                             inference_mode=inference_mode)
-    # fp32 master weights even on a bf16 model; the hook casts the prompts to the embeddings' dtype.
-    return encoder.to(device=words.weight.device, dtype=torch.float32)
-
-
-def _attach(model: nn.Module, encoder: PromptEncoder, cfg: PTuningConfig, adapter_name: str) -> None:
-    from peftlab.methods.lora import _modules_to_save
-
-    extra = _modules_to_save(model, cfg.modules_to_save) if cfg.modules_to_save else {}
-    vt.attach(model, encoder, adapter_name)
-    encoder.method_config = cfg
-    vt.freeze_all_but(model, [encoder, *extra.values()])
+    return vt.on_embeddings_device(model, encoder)
 
 
 def save_p_tuning(
@@ -141,18 +130,8 @@ def save_p_tuning(
     The output is computed in eval mode (no LSTM dropout). ``task_type`` None: inferred from
     the model class.
     """
-    encoder = _require(model, adapter_name)
+    encoder = vt.require_prompts(model, adapter_name, PromptEncoder, "p-tuning")
     cfg: PTuningConfig = encoder.method_config
-    config = vt.peft_prompt_config(model, peft_type="P_TUNING",
-                                   num_virtual_tokens=cfg.num_virtual_tokens,
-                                   base_model_name_or_path=base_model_name_or_path,
-                                   task_type=task_type, modules_to_save=cfg.modules_to_save)
-    config.update({
-        "encoder_reparameterization_type": cfg.encoder_type.upper(),
-        "encoder_hidden_size": cfg.encoder_hidden_size or vt.token_dim(model),
-        "encoder_num_layers": cfg.encoder_num_layers,
-        "encoder_dropout": cfg.encoder_dropout,
-    })
     was_training = encoder.training
     encoder.eval()
     try:
@@ -160,44 +139,36 @@ def save_p_tuning(
             prompts = encoder().float()
     finally:
         encoder.train(was_training)
-    tensors = {"prompt_embeddings": prompts}
-    tensors.update(vt.modules_to_save_tensors(model, config["modules_to_save"]))
-    peft_format.write_adapter(directory, config, tensors)
+    vt.save_prompts(model, directory, prompts, peft_type="P_TUNING", cfg=cfg,
+                    method_keys={
+                        "encoder_reparameterization_type": cfg.encoder_type.upper(),
+                        "encoder_hidden_size": cfg.encoder_hidden_size or vt.token_dim(model),
+                        "encoder_num_layers": cfg.encoder_num_layers,
+                        "encoder_dropout": cfg.encoder_dropout,
+                    },
+                    base_model_name_or_path=base_model_name_or_path, task_type=task_type)
 
 
 def load_p_tuning(model: nn.Module, directory: str | PathLike,
                   adapter_name: str = "default") -> PTuningConfig:
     """Load a peft (or peftlab) p-tuning adapter: its final prompt vectors, no encoder."""
-    raw, config_path = vt.read_prompt_config(directory, "P_TUNING", model)
+    return vt.load_prompts(
+        model, directory, "P_TUNING", _config_from_peft,
+        lambda cfg: vt.attach_prompts(model, _new_encoder(model, cfg, inference_mode=True), cfg,
+                                      adapter_name))
+
+
+def _config_from_peft(raw: dict[str, Any]) -> PTuningConfig:
     encoder_type = str(raw.get("encoder_reparameterization_type", "MLP")).lower()
-    cfg = PTuningConfig(
+    lstm = encoder_type == "lstm"
+    return PTuningConfig(
         num_virtual_tokens=raw["num_virtual_tokens"],
         encoder_type=encoder_type,
         encoder_hidden_size=raw.get("encoder_hidden_size"),
-        encoder_num_layers=raw.get("encoder_num_layers", 2) if encoder_type == "lstm" else 2,
-        encoder_dropout=float(raw.get("encoder_dropout") or 0.0) if encoder_type == "lstm" else 0.0,
+        encoder_num_layers=raw.get("encoder_num_layers", 2) if lstm else 2,
+        encoder_dropout=float(raw.get("encoder_dropout") or 0.0) if lstm else 0.0,
         modules_to_save=raw.get("modules_to_save") or None,
     )
-    cfg.validate(str(config_path))
-    prompts, extra, weights_path = vt.read_prompt_weights(directory, cfg.num_virtual_tokens, model)
-    pairs = vt.check_modules_to_save(model, cfg.modules_to_save, extra, weights_path)
-    encoder = _new_encoder(model, cfg, inference_mode=True)
-    _attach(model, encoder, cfg, adapter_name)  # first: it refuses a model that has prompts
-    with torch.no_grad():
-        encoder.embedding.weight.copy_(prompts)
-        for param, tensor in pairs:
-            param.copy_(tensor)
-    return cfg
-
-
-def _require(model: nn.Module, adapter_name: str) -> PromptEncoder:
-    state = vt.hooks_of(model)
-    if state is None or adapter_name not in state.encoders:
-        raise ValueError(f"no prompt adapter {adapter_name!r} on {type(model).__name__}")
-    encoder = state.encoders[adapter_name]
-    if not isinstance(encoder, PromptEncoder):
-        raise ValueError(f"adapter {adapter_name!r} is a {type(encoder).__name__}, not p-tuning")
-    return encoder
 
 
 register(Method(name="p_tuning", config_cls=PTuningConfig, apply=apply_p_tuning,

@@ -1,8 +1,8 @@
-"""The peft LoRA on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""The peft on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-This module only knows files, JSON keys and tensor names; it does not touch modules, so
-peft compatibility rules live in one place. Weights are read with safetensors only, never
-with torch.load/pickle, so loading an adapter cannot execute code.
+This module knows files, JSON keys and tensor names (and which modules those names point
+at); it never changes a model, so peft compatibility rules live in one place. Weights are
+read with safetensors only, never with torch.load/pickle, so loading cannot execute code.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from peftlab.config import ConfigError
 
@@ -116,12 +117,9 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
-def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
-    """Read adapter_config.json and map it onto peftlab LoraConfig field values.
-
-    Unknown keys are ignored (peft adds new ones every release); keys for features we do not
-    implement are an error naming the file and the key.
-    """
+def read_raw_config(directory: str | os.PathLike,
+                    peft_type: str | None = None) -> tuple[dict[str, Any], Path]:
+    """adapter_config.json as a dict (checked to be ``peft_type`` if given), and its path."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter config found (expected a peft adapter directory)")
@@ -131,7 +129,25 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    if peft_type is not None and raw.get("peft_type") != peft_type:
+        raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}; expected {peft_type!r}")
+    return raw, path
 
+
+def check_modules_to_save_key(raw: dict[str, Any], path: Path) -> None:
+    """Every peft config may carry ``modules_to_save``: a list of module names or null."""
+    to_save = raw.get("modules_to_save")
+    if to_save is not None and not (isinstance(to_save, list) and all(isinstance(m, str) for m in to_save)):
+        raise ConfigError(f"{path}: key 'modules_to_save' must be a list of module names, got {to_save!r}")
+
+
+def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """Read adapter_config.json and map it onto peftlab LoraConfig field values.
+
+    Unknown keys are ignored (peft adds new ones every release); keys for features we do not
+    implement are an error naming the file and the key.
+    """
+    raw, path = read_raw_config(directory)
     if raw.get("peft_type") != "LORA":
         raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}; only 'LORA' is supported")
     for key in _MUST_BE_EMPTY:
@@ -167,9 +183,7 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         layers = [layers]  # peft allows a single int
     if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
         raise ConfigError(f"{path}: key 'layers_to_transform' must be a list of integers, got {layers!r}")
-    to_save = raw.get("modules_to_save")
-    if to_save is not None and not (isinstance(to_save, list) and all(isinstance(m, str) for m in to_save)):
-        raise ConfigError(f"{path}: key 'modules_to_save' must be a list of module names, got {to_save!r}")
+    check_modules_to_save_key(raw, path)
 
     fields = {
         "r": r,
@@ -180,7 +194,7 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         "use_rslora": bool(raw.get("use_rslora", False)),
         "use_dora": bool(raw.get("use_dora", False)),
         "init": _INIT_FROM_PEFT[init_key],
-        "modules_to_save": to_save or None,
+        "modules_to_save": raw.get("modules_to_save") or None,
     }
     return fields, path
 
@@ -206,3 +220,74 @@ def split_key(key: str) -> tuple[str, str] | None:
         if key.endswith(suffix):
             return key[len(PREFIX):-len(suffix)], kind
     return None
+
+
+# ----------------------------------------------------------------------------- model <-> file
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """peft's task_type for a transformers model class (decides peft's PeftModel subclass)."""
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def file_modules_to_save(model: nn.Module, task_type: str | None,
+                         names: list[str] | None) -> list[str] | None:
+    """``modules_to_save`` to write for an adapter of ``task_type``.
+
+    peft's SEQ_CLS loader always wraps the classification head and fails on a file without it,
+    so for SEQ_CLS the head ("classifier"/"score") is added when the config did not name it: the
+    file then carries its current (possibly untouched) weights, and loading the file makes the
+    head trainable, as peft does for SEQ_CLS.
+    """
+    if task_type != "SEQ_CLS":
+        return names
+    heads = [h for h in ("classifier", "score") if isinstance(getattr(model, h, None), nn.Module)]
+    names = list(names or [])
+    return names + [h for h in heads if h not in names] or None
+
+
+def find_modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Modules named (fully or by suffix, as in peft) in ``modules_to_save``."""
+    found = {n: m for n, m in model.named_modules()
+             if n and any(n == s or n.endswith("." + s) for s in names)}
+    if not found:
+        raise ValueError(f"modules_to_save={names!r} matched no module of {type(model).__name__}")
+    return found
+
+
+def modules_to_save_tensors(model: nn.Module, names: list[str] | None,
+                            prefix: str = PREFIX) -> dict[str, nn.Parameter]:
+    """File key -> parameter for every module in ``modules_to_save`` (``<prefix><module>.<param>``)."""
+    tensors = {}
+    for name, module in (find_modules_to_save(model, names) if names else {}).items():
+        for pname, p in module.named_parameters():
+            tensors[f"{prefix}{name}.{pname}"] = p
+    return tensors
+
+
+def match_modules_to_save(model: nn.Module, names: list[str] | None, extra: dict[str, torch.Tensor],
+                          path: os.PathLike, what: str,
+                          prefix: str = PREFIX) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Pair each file tensor that is not the method's own (``what``) with its modules_to_save
+    parameter: all of those parameters, nothing else, shapes equal. Checked before loading."""
+    params = modules_to_save_tensors(model, names, prefix)
+    pairs = []
+    for key, tensor in extra.items():
+        if key not in params:
+            raise ValueError(f"{path}: unexpected key {key!r} (not {what}, nor a parameter of "
+                             "modules_to_save)")
+        if params[key].shape != tensor.shape:
+            raise ValueError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, the model "
+                             f"expects {tuple(params[key].shape)}")
+        pairs.append((params[key], tensor))
+    for key in params:
+        if key not in extra:
+            raise ValueError(f"{path}: missing key {key!r} (a parameter of modules_to_save)")
+    return pairs

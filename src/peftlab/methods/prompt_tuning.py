@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.config import ConfigError
-from peftlab.methods import peft_format
 from peftlab.methods import virtual_tokens as vt
 from peftlab.methods.registry import Method, register
 
@@ -101,30 +100,11 @@ def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig, adapter_name:
         with torch.no_grad():
             index = torch.tensor(ids, dtype=torch.long, device=words.weight.device)
             encoder.embedding.weight.copy_(words(index).float())
-    _attach(model, encoder, cfg, adapter_name)
+    vt.attach_prompts(model, encoder, cfg, adapter_name)
 
 
 def _new_encoder(model: nn.Module, cfg: PromptTuningConfig) -> PromptEmbedding:
-    words = vt.backbone_of(model).get_input_embeddings()
-    encoder = PromptEmbedding(cfg.num_virtual_tokens, vt.token_dim(model))
-    # fp32 master copy even on a bf16 model; the hook casts to the embeddings' dtype.
-    return encoder.to(device=words.weight.device, dtype=torch.float32)
-
-
-def _attach(model: nn.Module, encoder: PromptEmbedding, cfg: PromptTuningConfig,
-            adapter_name: str) -> None:
-    if cfg.modules_to_save:
-        vt.modules_to_save_tensors(model, cfg.modules_to_save)  # fail before touching the model
-    vt.attach(model, encoder, adapter_name)
-    encoder.method_config = cfg
-    extra = list(_modules(model, cfg))
-    vt.freeze_all_but(model, [encoder, *extra])
-
-
-def _modules(model: nn.Module, cfg: PromptTuningConfig) -> list[nn.Module]:
-    from peftlab.methods.lora import _modules_to_save
-
-    return list(_modules_to_save(model, cfg.modules_to_save).values()) if cfg.modules_to_save else []
+    return vt.on_embeddings_device(model, PromptEmbedding(cfg.num_virtual_tokens, vt.token_dim(model)))
 
 
 def save_prompt_tuning(
@@ -135,57 +115,37 @@ def save_prompt_tuning(
     task_type: str | None = None,
 ) -> None:
     """Write the adapter as peft does (``task_type`` None: inferred from the model class)."""
-    encoder = _require(model, adapter_name)
+    encoder = vt.require_prompts(model, adapter_name, PromptEmbedding, "prompt tuning")
     cfg: PromptTuningConfig = encoder.method_config
-    config = vt.peft_prompt_config(model, peft_type="PROMPT_TUNING",
-                                   num_virtual_tokens=cfg.num_virtual_tokens,
-                                   base_model_name_or_path=base_model_name_or_path,
-                                   task_type=task_type, modules_to_save=cfg.modules_to_save)
     # peft refuses TEXT without a tokenizer path; the init does not matter for loading anyway.
     text_init = cfg.init == "text" and bool(cfg.tokenizer_name_or_path)
-    config.update({
-        "prompt_tuning_init": "TEXT" if text_init else "RANDOM",
-        "prompt_tuning_init_text": cfg.init_text if text_init else None,
-        "tokenizer_name_or_path": cfg.tokenizer_name_or_path if text_init else None,
-        "tokenizer_kwargs": None,
-    })
-    tensors = {"prompt_embeddings": encoder().detach().float()}
-    tensors.update(vt.modules_to_save_tensors(model, config["modules_to_save"]))
-    peft_format.write_adapter(directory, config, tensors)
+    vt.save_prompts(model, directory, encoder().detach().float(), peft_type="PROMPT_TUNING", cfg=cfg,
+                    method_keys={
+                        "prompt_tuning_init": "TEXT" if text_init else "RANDOM",
+                        "prompt_tuning_init_text": cfg.init_text if text_init else None,
+                        "tokenizer_name_or_path": cfg.tokenizer_name_or_path if text_init else None,
+                        "tokenizer_kwargs": None,
+                    },
+                    base_model_name_or_path=base_model_name_or_path, task_type=task_type)
 
 
 def load_prompt_tuning(model: nn.Module, directory: str | PathLike,
                        adapter_name: str = "default") -> PromptTuningConfig:
     """Load a peft (or peftlab) prompt-tuning adapter; its vectors stay trainable."""
-    raw, config_path = vt.read_prompt_config(directory, "PROMPT_TUNING", model)
+    return vt.load_prompts(
+        model, directory, "PROMPT_TUNING", _config_from_peft,
+        lambda cfg: vt.attach_prompts(model, _new_encoder(model, cfg), cfg, adapter_name))
+
+
+def _config_from_peft(raw: dict[str, Any]) -> PromptTuningConfig:
     text = str(raw.get("prompt_tuning_init", "RANDOM")).upper() == "TEXT"
-    cfg = PromptTuningConfig(
+    return PromptTuningConfig(
         num_virtual_tokens=raw["num_virtual_tokens"],
         init="text" if text else "random",
         init_text=raw.get("prompt_tuning_init_text") if text else None,
         tokenizer_name_or_path=raw.get("tokenizer_name_or_path"),
         modules_to_save=raw.get("modules_to_save") or None,
     )
-    cfg.validate(str(config_path))
-    prompts, extra, weights_path = vt.read_prompt_weights(directory, cfg.num_virtual_tokens, model)
-    pairs = vt.check_modules_to_save(model, cfg.modules_to_save, extra, weights_path)
-    encoder = _new_encoder(model, cfg)
-    _attach(model, encoder, cfg, adapter_name)  # first: it refuses a model that has prompts
-    with torch.no_grad():
-        encoder.embedding.weight.copy_(prompts)
-        for param, tensor in pairs:
-            param.copy_(tensor)
-    return cfg
-
-
-def _require(model: nn.Module, adapter_name: str) -> PromptEmbedding:
-    state = vt.hooks_of(model)
-    if state is None or adapter_name not in state.encoders:
-        raise ValueError(f"no prompt adapter {adapter_name!r} on {type(model).__name__}")
-    encoder = state.encoders[adapter_name]
-    if not isinstance(encoder, PromptEmbedding):
-        raise ValueError(f"adapter {adapter_name!r} is a {type(encoder).__name__}, not prompt tuning")
-    return encoder
 
 
 register(Method(name="prompt_tuning", config_cls=PromptTuningConfig, apply=apply_prompt_tuning,

@@ -36,8 +36,7 @@ The prompt modules live in ``model.prompt_encoder[adapter_name]`` (so ``model.pa
 from __future__ import annotations
 
 import inspect
-import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
@@ -259,37 +258,16 @@ def freeze_all_but(model: nn.Module, trainable: list[nn.Module]) -> None:
         module.requires_grad_(True)
 
 
+def on_embeddings_device(model: nn.Module, encoder: nn.Module) -> nn.Module:
+    """``encoder`` moved next to the input embeddings, in fp32: the trained master copy even
+    on a bf16 model (the hook casts the prompts to the embeddings' dtype)."""
+    words = backbone_of(model).get_input_embeddings()
+    return encoder.to(device=words.weight.device, dtype=torch.float32)
+
+
 def token_dim(model: nn.Module) -> int:
     """Width of the input embeddings, i.e. of a virtual token."""
     return int(backbone_of(model).get_input_embeddings().embedding_dim)
-
-
-def infer_task_type(model: nn.Module) -> str | None:
-    """peft's task_type for a transformers model class (decides peft's PeftModel subclass)."""
-    name = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
-        if name.endswith(suffix):
-            return task
-    return None
-
-
-def file_modules_to_save(model: nn.Module, task_type: str | None,
-                         names: list[str] | None) -> list[str] | None:
-    """``modules_to_save`` to write for an adapter of ``task_type``.
-
-    peft's SEQ_CLS loader always wraps the classification head and fails on a file without it,
-    so for SEQ_CLS the head ("classifier"/"score") is added when the config did not name it: the
-    file then carries its current (possibly untouched) weights, and loading the file makes the
-    head trainable, as peft does for SEQ_CLS.
-    """
-    if task_type != "SEQ_CLS":
-        return names
-    heads = [h for h in ("classifier", "score") if isinstance(getattr(model, h, None), nn.Module)]
-    names = list(names or [])
-    return names + [h for h in heads if h not in names] or None
 
 
 # ----------------------------------------------------------------------------- peft format
@@ -302,7 +280,7 @@ def peft_prompt_config(model: nn.Module, *, peft_type: str, num_virtual_tokens: 
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
-    task_type = task_type if task_type is not None else infer_task_type(model)
+    task_type = task_type if task_type is not None else peft_format.infer_task_type(model)
     return {
         "peft_type": peft_type,
         "base_model_name_or_path": base_model_name_or_path,
@@ -314,24 +292,14 @@ def peft_prompt_config(model: nn.Module, *, peft_type: str, num_virtual_tokens: 
         "num_transformer_submodules": 1,
         "num_attention_heads": heads,
         "num_layers": layers,
-        "modules_to_save": file_modules_to_save(model, task_type, modules_to_save),
+        "modules_to_save": peft_format.file_modules_to_save(model, task_type, modules_to_save),
     }
 
 
 def read_prompt_config(directory: str | PathLike, peft_type: str,
                        model: nn.Module) -> tuple[dict[str, Any], Path]:
     """Read and check a prompt-learning adapter_config.json for ``model``."""
-    path = Path(directory) / peft_format.CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter config found (expected a peft adapter directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("peft_type") != peft_type:
-        raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}; expected {peft_type!r}")
+    raw, path = peft_format.read_raw_config(directory, peft_type)
     n = raw.get("num_virtual_tokens")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"{path}: key 'num_virtual_tokens' must be an integer >= 1, got {n!r}")
@@ -343,9 +311,8 @@ def read_prompt_config(directory: str | PathLike, peft_type: str,
     if dim is not None and dim != token_dim(model):
         raise ConfigError(f"{path}: key 'token_dim' = {dim!r} does not match this model's embedding "
                           f"width {token_dim(model)}")
+    peft_format.check_modules_to_save_key(raw, path)
     to_save = raw.get("modules_to_save")
-    if to_save is not None and not (isinstance(to_save, list) and all(isinstance(m, str) for m in to_save)):
-        raise ConfigError(f"{path}: key 'modules_to_save' must be a list of module names, got {to_save!r}")
     if to_save:
         raw["modules_to_save"] = list(dict.fromkeys(to_save))  # peft repeats its SEQ_CLS defaults
     return raw, path
@@ -367,29 +334,67 @@ def read_prompt_weights(directory: str | PathLike, num_virtual_tokens: int,
 
 def modules_to_save_tensors(model: nn.Module, names: list[str] | None) -> dict[str, Tensor]:
     """peft's keys for full modules saved with a prompt adapter: ``base_model.<module>.<param>``."""
-    from peftlab.methods.lora import _modules_to_save
-
-    tensors = {}
-    for name, module in (_modules_to_save(model, names) if names else {}).items():
-        for pname, p in module.named_parameters():
-            tensors[f"{SAVE_PREFIX}{name}.{pname}"] = p
-    return tensors
+    return peft_format.modules_to_save_tensors(model, names, SAVE_PREFIX)
 
 
 def check_modules_to_save(model: nn.Module, names: list[str] | None, extra: dict[str, Tensor],
                           path: PathLike) -> list[tuple[Tensor, Tensor]]:
     """Pair each saved non-prompt tensor with its parameter (all of them, nothing else)."""
-    params = modules_to_save_tensors(model, names)
-    pairs = []
-    for key, tensor in extra.items():
-        if key not in params:
-            raise ValueError(f"{path}: unexpected key {key!r} (not 'prompt_embeddings', nor a "
-                             "parameter of modules_to_save)")
-        if params[key].shape != tensor.shape:
-            raise ValueError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, the model "
-                             f"expects {tuple(params[key].shape)}")
-        pairs.append((params[key], tensor))
-    for key in params:
-        if key not in extra:
-            raise ValueError(f"{path}: missing key {key!r} (a parameter of modules_to_save)")
-    return pairs
+    return peft_format.match_modules_to_save(model, names, extra, path, "'prompt_embeddings'",
+                                             SAVE_PREFIX)
+
+
+# ----------------------------------------------------------------------------- a prompt method
+
+
+def attach_prompts(model: nn.Module, encoder: nn.Module, cfg: Any, adapter_name: str) -> nn.Module:
+    """Attach ``encoder`` (built from ``cfg``); it and cfg's modules_to_save alone train."""
+    extra = peft_format.find_modules_to_save(model, cfg.modules_to_save) if cfg.modules_to_save else {}
+    attach(model, encoder, adapter_name)  # after the lookup: fail before touching the model
+    encoder.method_config = cfg
+    freeze_all_but(model, [encoder, *extra.values()])
+    return encoder
+
+
+def require_prompts(model: nn.Module, adapter_name: str, cls: type, method: str) -> Any:
+    """The ``cls`` prompt module of ``adapter_name``, or an error naming what is there."""
+    state = hooks_of(model)
+    if state is None or adapter_name not in state.encoders:
+        raise ValueError(f"no prompt adapter {adapter_name!r} on {type(model).__name__}")
+    encoder = state.encoders[adapter_name]
+    if not isinstance(encoder, cls):
+        raise ValueError(f"adapter {adapter_name!r} is a {type(encoder).__name__}, not {method}")
+    return encoder
+
+
+def save_prompts(model: nn.Module, directory: str | PathLike, prompts: Tensor, *, peft_type: str,
+                 cfg: Any, method_keys: dict[str, Any], base_model_name_or_path: str | None,
+                 task_type: str | None) -> None:
+    """Write a prompt adapter as peft does: the final ``(n, hidden)`` vectors, the common
+    prompt-learning keys plus the method's own ``method_keys``, and modules_to_save."""
+    config = peft_prompt_config(model, peft_type=peft_type, num_virtual_tokens=cfg.num_virtual_tokens,
+                                base_model_name_or_path=base_model_name_or_path,
+                                task_type=task_type, modules_to_save=cfg.modules_to_save)
+    config.update(method_keys)
+    tensors = {"prompt_embeddings": prompts}
+    tensors.update(modules_to_save_tensors(model, config["modules_to_save"]))
+    peft_format.write_adapter(directory, config, tensors)
+
+
+def load_prompts(model: nn.Module, directory: str | PathLike, peft_type: str,
+                 config_from: Callable[[dict[str, Any]], Any],
+                 attach_for: Callable[[Any], nn.Module]) -> Any:
+    """Load a prompt adapter: ``config_from(raw json)`` makes the method config, every file
+    key and shape is checked, then ``attach_for(cfg)`` attaches a prompt module whose
+    ``embedding`` receives the saved vectors. Returns the config."""
+    raw, config_path = read_prompt_config(directory, peft_type, model)
+    cfg = config_from(raw)
+    cfg.validate(str(config_path))
+    prompts, extra, weights_path = read_prompt_weights(directory, cfg.num_virtual_tokens, model)
+    pairs = check_modules_to_save(model, cfg.modules_to_save, extra, weights_path)
+    encoder = attach_for(cfg)
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(prompts)
+        for param, tensor in pairs:
+            param.copy_(tensor)
+    return cfg
