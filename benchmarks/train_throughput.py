@@ -53,7 +53,9 @@ MODEL = "smollm2-135m-instruct"
 CLS_MODEL = "minilm-l6"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CANDIDATE, REF_BF16, REF_FP32 = "peftlab", "ref_bf16", "ref_fp32"
+CANDIDATE_CKPT = "peftlab_ckpt"  # peftlab defaults + train.activation_checkpointing (opt-in)
 CONFIGS = (CANDIDATE, REF_BF16, REF_FP32)  # also the alternation order within a round
+TRAIN_CONFIGS = (*CONFIGS, CANDIDATE_CKPT)  # the SFT section also measures the opt-in lever
 IGNORE = -100
 WARMUP_STEPS = 2  # skipped when taking the steady-state median
 
@@ -64,6 +66,7 @@ TARGETS = {
     "mfu": (0.45, True),
     "e2e_vs_bf16": (0.6, False),
     "rss_vs_fp32": (0.6, False),
+    "rss_ckpt_vs_fp32": (0.6, False),
     "cls_vs_bf16": (1.5, True),
     "cls_vs_fp32": (1.5, True),
     "gen_b1": (1.0, True),
@@ -277,7 +280,7 @@ def train_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     batches = load_file(cfg["batches"])
     name = cfg["name"]
     out = {"name": name}
-    runner = _train_peftlab if name == CANDIDATE else _train_reference
+    runner = _train_peftlab if name in (CANDIDATE, CANDIDATE_CKPT) else _train_reference
     out.update(runner(cfg, batches))
     out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     out["matmul_gflops"] = best_matmul_gflops(2)  # after the timed part: no startup cost
@@ -309,7 +312,8 @@ def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dic
     steps = cfg["steps"]
     tcfg = TrainConfig(max_steps=steps, batch_size=1, grad_accum=1, lr=cfg["lr"],
                        weight_decay=0.0, scheduler="constant", warmup_steps=0, max_grad_norm=None,
-                       precision=precision, log_every=1, save_every=steps, seed=cfg["seed"])
+                       precision=precision, log_every=1, save_every=steps, seed=cfg["seed"],
+                       activation_checkpointing=cfg["name"] == CANDIDATE_CKPT)
     out_dir = Path(cfg["out_dir"])
     trainer = Trainer(model, task, [{"index": i} for i in range(steps)], None, tcfg, out_dir,
                       progress=False)
@@ -574,6 +578,8 @@ def summarize_training(runs: dict[str, list[dict[str, Any]]], steps: int,
         "ratio_vs_fp32": ratio(tps[CANDIDATE], tps[REF_FP32]),
         "peak_rss_mb": rss,
         "peak_rss_ratio_vs_fp32": ratio(rss[CANDIDATE], rss[REF_FP32]),
+        "peak_rss_ratio_ckpt_vs_fp32": (ratio(rss[CANDIDATE_CKPT], rss[REF_FP32])
+                                        if CANDIDATE_CKPT in rss else None),
         "mfu": mfu_detail[CANDIDATE][f"vs_{limit}_peak"],
         "mfu_vs_fp32_peak": mfu_detail[CANDIDATE]["vs_fp32_peak"],
         "mfu_vs_bf16_peak": mfu_detail[CANDIDATE]["vs_bf16_peak"],
@@ -621,7 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-cls", action="store_true")
     p.add_argument("--skip-gen", action="store_true")
-    p.add_argument("--profile", choices=CONFIGS, help="profile a few steps of one training "
+    p.add_argument("--profile", choices=TRAIN_CONFIGS, help="profile a few steps of one training "
                    "configuration in-process and print the top ops; nothing else runs")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -693,10 +699,10 @@ def run(args) -> None:
             print(f"{args.profile}: steps {[round(s, 2) for s in res['step_seconds']]} s")
             return
 
-        print(f"training: {args.repeats} round(s) x {list(CONFIGS)}, {args.steps} steps each",
+        print(f"training: {args.repeats} round(s) x {list(TRAIN_CONFIGS)}, {args.steps} steps each",
               flush=True)
         runs = run_training_section(args, tmp, batches_path, adapter, args.steps, args.repeats,
-                                    CONFIGS, "train")
+                                    TRAIN_CONFIGS, "train")
         e2e = None
         if not args.skip_e2e:
             e2e = run_e2e(args, tmp, batches_path, adapter, runs)
@@ -854,6 +860,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
          train["mfu"]),
         ("e2e_vs_bf16", "end-to-end wall time vs bf16 reference", e2e.get("ratio_vs_bf16")),
         ("rss_vs_fp32", "peak RSS vs fp32 reference", train["peak_rss_ratio_vs_fp32"]),
+        ("rss_ckpt_vs_fp32", "peak RSS vs fp32 reference, with train.activation_checkpointing",
+         train.get("peak_rss_ratio_ckpt_vs_fp32")),
         ("cls_vs_bf16", "classification tokens/s vs bf16 reference", cls.get("ratio_vs_bf16")),
         ("cls_vs_fp32", "classification tokens/s vs fp32 reference", cls.get("ratio_vs_fp32")),
         ("gen_b1", "generation tokens/s, batch 1, vs transformers generate",
@@ -894,9 +902,11 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {CANDIDATE: "peftlab (Trainer, auto)", REF_BF16: "transformers+peft bf16 autocast",
+              CANDIDATE_CKPT: "peftlab + activation_checkpointing",
               REF_FP32: "transformers+peft fp32"}
-    for c in CONFIGS:
+    for c in [c for c in TRAIN_CONFIGS if c in t["tokens_per_s"]]:
         prec = ", ".join(sorted(set(t["candidate_precision"]))) if c == CANDIDATE else (
+            "auto" if c == CANDIDATE_CKPT else
             "bf16 autocast" if c == REF_BF16 else "fp32")
         mfu = t["mfu_detail"][c]
         lines.append(
