@@ -232,7 +232,7 @@ def apply_prefix_tuning(model: nn.Module, cfg: PrefixTuningConfig,
                          "(transformers drops past_key_values in checkpointed layers)")
     shape = kv_shape(model.config)
     if cfg.modules_to_save:
-        _modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
+        peft_format.find_modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
     adapters = adapters_of(model)
     if adapters is None:
         positional = [p.name for p in params.values()
@@ -261,18 +261,9 @@ def set_adapter(model: nn.Module, name: str) -> None:
     model.requires_grad_(False)
     adapters[name].requires_grad_(True)
     if adapters[name].modules_to_save:
-        for module in _modules_to_save(model, adapters[name].modules_to_save).values():
+        for module in peft_format.find_modules_to_save(model, adapters[name].modules_to_save).values():
             module.requires_grad_(True)
     adapters.active = name
-
-
-def _modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-    """Modules named (fully or by suffix, as in peft) in ``modules_to_save``."""
-    found = {n: m for n, m in model.named_modules()
-             if n and any(n == s or n.endswith("." + s) for s in names)}
-    if not found:
-        raise ValueError(f"modules_to_save={names!r} matched no module of {type(model).__name__}")
-    return found
 
 
 def _saved_module_params(model: nn.Module, names: list[str] | None) -> dict[str, nn.Parameter]:
@@ -280,7 +271,7 @@ def _saved_module_params(model: nn.Module, names: list[str] | None) -> dict[str,
     if not names:
         return {}
     return {f"{MODULE_PREFIX}{mname}.{pname}": p
-            for mname, module in _modules_to_save(model, names).items()
+            for mname, module in peft_format.find_modules_to_save(model, names).items()
             for pname, p in module.named_parameters()}
 
 
