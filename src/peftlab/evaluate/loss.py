@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +36,24 @@ def evaluate_loss(model: nn.Module, task: Task, examples: list[dict], batch_size
             count += n
     model.train(was_training)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def score_pairs(model: nn.Module, examples: list[dict[str, Any]], collate: Callable,
+                score: Callable, batch_size: int, precision: str,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``score(model, batch) -> (chosen, rejected)`` over every preference pair, in eval mode;
+    the shared loop of the reward and DPO validation metrics."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    with autocast_for(precision):
+        for start in range(0, len(examples), batch_size):
+            c, r = score(model, collate(examples[start:start + batch_size]))
+            chosen.append(c)
+            rejected.append(r)
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 def perplexity(mean_loss: float) -> float:

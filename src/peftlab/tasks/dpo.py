@@ -30,7 +30,7 @@ from torch import nn
 from peftlab.config import ConfigError, DPOConfig
 from peftlab.data.collate import IGNORE_INDEX
 from peftlab.data.preference import pad_pairs
-from peftlab.evaluate.loss import autocast_for
+from peftlab.evaluate.loss import score_pairs
 from peftlab.tasks.sft import backbone_hidden_states
 
 # Methods whose adapters can be switched off in place: name -> (module, function listing
@@ -181,16 +181,8 @@ class DPOTask:
         """Reward accuracy, mean implicit rewards of chosen/rejected answers and their margin."""
         if not examples:
             return {}
-        was_training = model.training
-        model.eval()
-        chosen, rejected = [], []
-        with autocast_for(precision):
-            for start in range(0, len(examples), batch_size):
-                _, c, r = self.pair_terms(model, self.collate(examples[start:start + batch_size]))
-                chosen.append(c)
-                rejected.append(r)
-        model.train(was_training)
-        c, r = torch.cat(chosen), torch.cat(rejected)
+        c, r = score_pairs(model, examples, self.collate,
+                           lambda m, batch: self.pair_terms(m, batch)[1:], batch_size, precision)
         return {"reward_accuracy": round(float((c > r).float().mean()), 5),
                 "chosen_reward": round(float(c.mean()), 5),
                 "rejected_reward": round(float(r.mean()), 5),

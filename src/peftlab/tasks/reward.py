@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.data.preference import pad_pairs
-from peftlab.evaluate.loss import autocast_for
+from peftlab.evaluate.loss import score_pairs
 from peftlab.tasks.sft import backbone_hidden_states
 
 HEAD_NAMES = ["classifier", "score"]  # transformers' sequence-classification heads (peft's list)
@@ -102,16 +102,7 @@ class RewardTask:
         """Pairwise accuracy (chosen scored higher) and the mean score margin."""
         if not examples:
             return {}
-        was_training = model.training
-        model.eval()
-        chosen, rejected = [], []
-        with autocast_for(precision):
-            for start in range(0, len(examples), batch_size):
-                c, r = self.scores(model, self.collate(examples[start:start + batch_size]))
-                chosen.append(c)
-                rejected.append(r)
-        model.train(was_training)
-        c, r = torch.cat(chosen), torch.cat(rejected)
+        c, r = score_pairs(model, examples, self.collate, self.scores, batch_size, precision)
         return {"accuracy": round(float((c > r).float().mean()), 5),
                 "margin": round(float((c - r).mean()), 5),
                 "chosen_score": round(float(c.mean()), 5),
