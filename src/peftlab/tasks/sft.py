@@ -127,9 +127,14 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             t = targets[rows]
             logits = F.linear(hidden[rows], weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits buffer
+            target_logits = logits.gather(1, t[:, None]).squeeze(1)
+            # Softmax and log-sum-exp in place: torch.logsumexp would allocate another
+            # (tokens, vocab) buffer, and on CPU the page faults of a fresh 200 MB buffer
+            # cost more than the arithmetic.
+            peak = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+            total += (peak + sums.log()).squeeze(1).sub_(target_logits).sum()
+            probs = logits.div_(sums)
             probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             grad_hidden[rows] = probs.to(weight.dtype) @ weight
             del logits, probs
