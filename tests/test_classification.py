@@ -552,3 +552,22 @@ def test_minilm_lora_on_sst2(tmp_path, capsys):
     with (tmp_path / "dev.tsv").open(newline="") as f:
         gold = [row["label"] for row in csv.DictReader(f, delimiter="\t")]
     assert [p["gold"] for p in preds] == gold
+
+
+@pytest.mark.parametrize("method", ["adapter", "ia3"])
+def test_eval_reloads_the_head_the_task_saved(method, tiny_bert_dir, synthetic_files, tmp_path):
+    """`peftlab eval` must score the trained classifier, head included: for a method that does
+    not save the new head (adapter) the task's head file has to be read back too."""
+    cfg = from_dict(_cfg(tiny_bert_dir, synthetic_files["train"], tmp_path / "run",
+                         validation=synthetic_files["validation"], method={"name": method},
+                         train={"max_steps": 3}))
+    model, tok = load_model(str(tiny_bert_dir), kind="sequence_classification",
+                            labels=["neg", "pos"])
+    summary = run_training(cfg, progress=False, model=model, tokenizer=tok)
+    prepared = build_task(cfg, tok)
+    from peftlab.evaluate.loss import evaluate_loss
+
+    expected = evaluate_loss(model, prepared.task, prepared.validation, 16, "fp32")
+    results = peftlab.evaluate(cfg, adapter=summary.adapter_dir)
+    assert results["adapter"]["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert results["base"]["val_loss"] != pytest.approx(expected, rel=1e-3)

@@ -105,6 +105,9 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
         runs["base"] = sft_eval.generate(model, tokenizer, gen_examples, cfg, prec)
     if adapter_dir.is_dir():
         method_for_adapter_dir(adapter_dir).load(model, adapter_dir, adapter_name="default")
+        restore = getattr(task, "restore", None)  # e.g. a classifier head the task saved
+        if restore is not None:
+            restore(model, adapter_dir)
         loss = evaluate_loss(model, task, val, bs, prec)
         results["adapter"] = {"path": str(adapter_dir), "val_loss": loss,
                               "perplexity": perplexity(loss)}

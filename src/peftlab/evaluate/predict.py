@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from peftlab.evaluate.loss import autocast_for
@@ -66,6 +65,7 @@ def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier
     from peftlab.methods import method_for_adapter_dir
     from peftlab.models import load_model
     from peftlab.tasks.classification import HEAD_FILE, read_meta, task_from_meta
+    from peftlab.tasks.heads import load_head
 
     adapter = Path(adapter)
     meta = read_meta(adapter)
@@ -78,7 +78,7 @@ def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier
                                      labels=meta["labels"])
     method_for_adapter_dir(adapter).load(base, adapter, adapter_name="default")
     if meta.get("head_file"):
-        _load_head(base, adapter / HEAD_FILE)
+        load_head(base, adapter / HEAD_FILE)
     base.eval()
     return Classifier(base, tokenizer, task_from_meta(meta, tokenizer), meta)
 
@@ -92,23 +92,6 @@ def _base_model_of(adapter: Path) -> str:
     if not name:
         raise ValueError(f"{path}: no 'base_model_name_or_path'; pass --model")
     return str(name)
-
-
-def _load_head(model: nn.Module, path: Path) -> None:
-    """Copy the task-saved head tensors into the model (every key must be a parameter)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (labels.json says the head is saved there)")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, tensor in load_file(str(path)).items():
-            if key not in params:
-                raise ValueError(f"{path}: unexpected key {key!r} (no such parameter in "
-                                 f"{type(model).__name__})")
-            if params[key].shape != tensor.shape:
-                raise ValueError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, the model "
-                                 f"expects {tuple(params[key].shape)}")
-            params[key].copy_(tensor)
-
 
 def predict_file(input: str | Path | list, adapter: str | Path, model: str | None = None,
                  output: str | Path | None = None, text_field: str | None = None,

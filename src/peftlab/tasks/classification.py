@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.config import ConfigError
@@ -50,6 +49,7 @@ from peftlab.data.classification import (
 )
 from peftlab.data.readers import DataError
 from peftlab.data.splits import sample_k_per_class
+from peftlab.tasks.heads import load_head, save_head
 from peftlab.tasks.sft import backbone_hidden_states
 
 LABELS_FILE = "labels.json"
@@ -175,8 +175,14 @@ class ClassificationTask:
         meta = dict(self.meta, head_file=HEAD_FILE if self.head_params else None)
         (directory / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if self.head_params:
-            save_file({k: p.detach().float().cpu().contiguous() for k, p in self.head_params.items()},
-                      str(directory / HEAD_FILE), metadata={"format": "pt"})
+            save_head(self.head_params, directory / HEAD_FILE)
+
+    def restore(self, model: nn.Module, directory: str | Path) -> None:
+        """What :meth:`save` wrote beyond the method's adapter: the head, if labels.json
+        names one (``peftlab eval`` calls this after loading the adapter)."""
+        directory = Path(directory)
+        if (directory / LABELS_FILE).is_file() and read_meta(directory).get("head_file"):
+            load_head(model, directory / HEAD_FILE)
 
 
 class VerbalizerTask(ClassificationTask):

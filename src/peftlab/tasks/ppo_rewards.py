@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from peftlab.config import ConfigError, PPOConfig
 from peftlab.data.preference import Messages, encode_exchange
@@ -49,6 +47,7 @@ class RewardModelScorer:
     def __init__(self, path: str | Path, batch_size: int = 16):
         from peftlab.methods import method_for_adapter_dir
         from peftlab.models import load_model
+        from peftlab.tasks.heads import load_head
         from peftlab.tasks.reward import HEAD_FILE
 
         adapter = adapter_dir_of(path)
@@ -56,7 +55,7 @@ class RewardModelScorer:
                                                 kind="sequence_classification", num_labels=1)
         method_for_adapter_dir(adapter).load(self.model, adapter, adapter_name="default")
         if (adapter / HEAD_FILE).is_file():
-            _copy_tensors(self.model, adapter / HEAD_FILE)
+            load_head(self.model, adapter / HEAD_FILE)
         self.model.eval()
         self.batch_size = batch_size
 
@@ -171,13 +170,3 @@ def reward_source(cfg: PPOConfig) -> Scorer:
     if cfg.reward_classifier:
         return ClassifierScorer(cfg.reward_classifier, cfg.reward_label)
     return FunctionScorer(cfg.reward_function)
-
-
-def _copy_tensors(model: nn.Module, path: Path) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, tensor in load_file(str(path)).items():
-            if key not in params or params[key].shape != tensor.shape:
-                raise ValueError(f"{path}: key {key!r} does not match a parameter of "
-                                 f"{type(model).__name__}")
-            params[key].copy_(tensor)

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.data.preference import pad_pairs
 from peftlab.evaluate.loss import score_pairs
+from peftlab.tasks.heads import load_head, save_head
 from peftlab.tasks.sft import backbone_hidden_states
 
 HEAD_NAMES = ["classifier", "score"]  # transformers' sequence-classification heads (peft's list)
@@ -73,9 +73,12 @@ class RewardTask:
 
     def save(self, model: nn.Module, directory: str | Path) -> None:
         if self.head_params:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            save_file({k: p.detach().float().cpu().contiguous()
-                       for k, p in self.head_params.items()}, str(Path(directory) / HEAD_FILE))
+            save_head(self.head_params, Path(directory) / HEAD_FILE)
+
+    def restore(self, model: nn.Module, directory: str | Path) -> None:
+        """The head :meth:`save` wrote, if any (``peftlab eval`` calls this)."""
+        if (Path(directory) / HEAD_FILE).is_file():
+            load_head(model, Path(directory) / HEAD_FILE)
 
     def length(self, example: dict[str, Any]) -> int:
         return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
