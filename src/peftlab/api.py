@@ -27,6 +27,19 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     return run_training(_as_config(config, overrides), resume=resume, progress=progress)
 
 
+def sweep(config: RunConfig | dict | str | Path, grid: list[str] | dict[str, list],
+          overrides: list[str] | None = None, trials: int | None = None, seed: int = 0,
+          progress: bool = True):
+    """Hyper-parameter search / method comparison: train the config once per grid point
+    (``{"train.lr": [1e-4, 3e-4]}`` or ``["train.lr=1e-4,3e-4"]``), or a seeded sample of
+    ``trials`` points, into OUTPUT_DIR/trials/; returns a SweepResult ranked by
+    ``train.best_metric`` (also OUTPUT_DIR/sweep.md, sweep.json, sweep.png)."""
+    from peftlab.lab.sweep import parse_grid, run_sweep
+
+    return run_sweep(_as_config(config, overrides), parse_grid(grid), trials=trials, seed=seed,
+                     progress=progress)
+
+
 def load(model: str, adapter: str | Path | None = None, kind: str = "causal_lm"):
     """Load a base model (+ a saved adapter, any registered method) and its tokenizer."""
     from peftlab.methods import method_for_adapter_dir

@@ -1,4 +1,4 @@
-"""Command line: ``peftlab train|eval|predict|chat|demo``. Thin: every command calls peftlab.api."""
+"""Command line: ``peftlab train|sweep|eval|predict|chat|demo``. Thin: every command calls peftlab.api."""
 
 from __future__ import annotations
 
@@ -19,6 +19,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in output_dir (or the one given)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("sweep", help="hyper-parameter search / method comparison: one run per "
+                       "grid point, ranked by train.best_metric")
+    p.add_argument("config")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values to try for a config key, e.g. --grid train.lr=1e-4,3e-4 "
+                        "--grid method.name=lora,ia3 (repeatable; all combinations)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="train only this many grid points, a seeded random sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --trials sample")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key for every trial")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("eval", help="validation loss and perplexity, base vs adapter")
@@ -67,6 +80,22 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(args.config, args.overrides, resume=args.resume,
                     progress=not args.no_progress)
     print(f"done: {summary.result.steps} steps, adapter in {summary.adapter_dir}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from peftlab.api import sweep
+    from peftlab.lab.sweep import table
+
+    result = sweep(args.config, args.grid, overrides=args.overrides, trials=args.trials,
+                   seed=args.seed, progress=not args.no_progress)
+    print(table(result))
+    best = result.best
+    if best is None:
+        print(f"no trial produced {result.metric}; see {result.output_dir / 'sweep.md'}")
+        return 1
+    print(f"best: {best.overrides} ({result.metric} {best.best_value:.4f}), adapter in "
+          f"{best.directory}/adapter; report {result.output_dir / 'sweep.md'}")
     return 0
 
 
@@ -152,7 +181,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "chat": _chat, "demo": _demo}
+_COMMANDS = {"train": _train, "sweep": _sweep, "eval": _eval, "predict": _predict, "chat": _chat, "demo": _demo}
 
 if __name__ == "__main__":
     raise SystemExit(main())

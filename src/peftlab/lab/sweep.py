@@ -1,0 +1,263 @@
+"""Hyper-parameter search and side-by-side method comparison: many runs of one config.
+
+A sweep is a base config plus a grid of ``key=v1,v2,...`` overrides on any config key
+(``train.lr``, ``method.r``, ``method.name`` ...). Every combination, or a seeded random sample
+of ``trials`` of them, is trained by the ordinary recipe into ``OUTPUT_DIR/trials/NN-<slug>``.
+A finished trial leaves ``trial.json``; re-running the sweep skips it, so an interrupted sweep
+resumes where it stopped. A trial whose overrides are invalid, or whose run fails on bad
+input, is recorded with its error and the sweep goes on. Trials are ranked by the base
+config's ``train.best_metric`` (e.g. ``val_loss``, ``val_accuracy``): ``sweep.md``,
+``sweep.json`` and ``sweep.png`` in OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from peftlab.config import ConfigError, RunConfig, load_config
+
+TRIAL_FILE = "trial.json"
+
+
+@dataclass
+class Trial:
+    index: int
+    overrides: dict[str, str]
+    directory: str
+    status: str  # done | failed
+    metric: str
+    best_value: float | None = None
+    best_step: int | None = None
+    final_train_loss: float | None = None
+    trainable_params: int | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    output_dir: Path
+    metric: str
+    lower_is_better: bool
+    trials: list[Trial]
+
+    @property
+    def ranked(self) -> list[Trial]:
+        """Finished trials with a metric value, best first."""
+        done = [t for t in self.trials if t.best_value is not None]
+        return sorted(done, key=lambda t: t.best_value if self.lower_is_better else -t.best_value)
+
+    @property
+    def best(self) -> Trial | None:
+        return self.ranked[0] if self.ranked else None
+
+
+def parse_grid(specs: list[str] | dict[str, list[Any]]) -> dict[str, list[str]]:
+    """``["train.lr=1e-4,3e-4", "method.target_modules=[q,v],[q,k,v]"]`` (or a dict of lists)
+    -> ``{key: [value strings]}``. Commas inside brackets or braces do not split values."""
+    if isinstance(specs, dict):
+        items = [(k, [v if isinstance(v, str) else json.dumps(v) for v in vals])
+                 for k, vals in specs.items()]
+    else:
+        items = []
+        for spec in specs:
+            key, sep, values = spec.partition("=")
+            if not sep or not key.strip() or not values.strip():
+                raise ConfigError(f"sweep grid {spec!r}: expected KEY=VALUE1,VALUE2,... "
+                                  "(e.g. train.lr=1e-4,3e-4)")
+            items.append((key.strip(), _split_values(values, spec)))
+    grid: dict[str, list[str]] = {}
+    for key, values in items:
+        if key in grid:
+            raise ConfigError(f"sweep grid: key {key!r} given twice")
+        if not values:
+            raise ConfigError(f"sweep grid: key {key!r} has no values")
+        if key == "output_dir":
+            raise ConfigError("sweep grid: output_dir is set per trial (OUTPUT_DIR/trials/...)")
+        grid[key] = values
+    if not grid:
+        raise ConfigError("sweep: the grid is empty (give at least one KEY=VALUE1,VALUE2)")
+    return grid
+
+
+def _split_values(text: str, spec: str) -> list[str]:
+    values, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(f"sweep grid {spec!r}: unbalanced brackets")
+        if ch == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise ConfigError(f"sweep grid {spec!r}: unbalanced brackets")
+    values.append(current.strip())
+    if any(not v for v in values):
+        raise ConfigError(f"sweep grid {spec!r}: empty value (two commas in a row?)")
+    return values
+
+
+def combinations(grid: dict[str, list[str]], trials: int | None = None,
+                 seed: int = 0) -> list[dict[str, str]]:
+    """All grid points in key order, or a seeded random sample of ``trials`` of them (kept in
+    grid order, so a bigger sample extends a smaller one's trial names only where they agree)."""
+    keys = list(grid)
+    points = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*grid.values())]
+    if trials is not None:
+        if trials < 1:
+            raise ConfigError(f"sweep: trials must be >= 1, got {trials}")
+        if trials < len(points):
+            chosen = sorted(random.Random(seed).sample(range(len(points)), trials))
+            points = [points[i] for i in chosen]
+    return points
+
+
+def _slug(overrides: dict[str, str]) -> str:
+    text = "-".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+    return re.sub(r"[^A-Za-z0-9=.+_-]+", "_", text)[:80]
+
+
+def run_sweep(config: RunConfig, grid: dict[str, list[str]], trials: int | None = None,
+              seed: int = 0, progress: bool = True) -> SweepResult:
+    """Train every grid point (or a sample), skipping trials already finished; write the
+    ranked table. ``config`` is the validated base config; its output_dir holds the sweep."""
+    from peftlab.train.recipe import run_training
+
+    out = Path(config.output_dir)
+    metric = config.train.best_metric
+    lower = metric.split("/")[0].endswith(("loss", "ppl"))
+    base = config.to_dict()
+    results: list[Trial] = []
+    points = combinations(grid, trials, seed)
+    for i, point in enumerate(points):
+        directory = out / "trials" / f"{i:02d}-{_slug(point)}"
+        done = _read_trial(directory / TRIAL_FILE, point)
+        if done is not None:
+            print(f"sweep: trial {i + 1}/{len(points)} {point} already done, skipped")
+            results.append(done)
+            continue
+        print(f"sweep: trial {i + 1}/{len(points)} {point} -> {directory}")
+        trial = Trial(i, point, str(directory), "failed", metric)
+        try:
+            overrides = [f"{k}={v}" for k, v in point.items()] + [f"output_dir={directory}"]
+            cfg = load_config(overrides=overrides, base=base)
+            summary = run_training(cfg, progress=progress)
+        except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+            trial.error = f"{type(exc).__name__}: {exc}"
+            print(f"sweep: trial {i + 1} failed: {trial.error}")
+        else:
+            r = summary.result
+            trial.status = "done"
+            trial.best_value, trial.best_step = r.best_value, r.best_step
+            trial.final_train_loss, trial.seconds = r.final_train_loss, round(r.seconds, 2)
+            trial.trainable_params = summary.trainable_params
+            if r.best_metric != metric:
+                trial.error = f"ranked by {metric} but the run tracked {r.best_metric}"
+            elif r.best_value is None:
+                trial.error = f"no {metric} logged (no validation data?)"
+            _write_json(directory / TRIAL_FILE, asdict(trial))
+            del summary
+        gc.collect()
+        results.append(trial)
+    result = SweepResult(out, metric, lower, results)
+    write_report(result)
+    return result
+
+
+def _read_trial(path: Path, point: dict[str, str]) -> Trial | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        trial = Trial(**data)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path}: unreadable trial record ({exc}); delete it to rerun the "
+                         "trial") from None
+    if trial.overrides != point:
+        raise ValueError(f"{path}: recorded for {trial.overrides}, but this sweep's trial there "
+                         f"is {point}; use a fresh output_dir for a different grid")
+    return trial
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic: a crash never leaves a half-written record that would skip a trial."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def table(result: SweepResult) -> str:
+    """Markdown: trials ranked best first, then the failed ones."""
+    keys = list(dict.fromkeys(k for t in result.trials for k in t.overrides))
+    head = ["rank", "trial", *keys, f"best {result.metric}", "at step", "final train loss",
+            "trainable params", "seconds", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ranked = result.ranked
+    rest = [t for t in result.trials if t not in ranked]
+    for rank, t in enumerate(ranked + rest, start=1):
+        cells = [str(rank) if t in ranked else "-", f"{t.index:02d}",
+                 *(t.overrides.get(k, "") for k in keys),
+                 _num(t.best_value), str(t.best_step or ""), _num(t.final_train_loss),
+                 f"{t.trainable_params:,}" if t.trainable_params else "",
+                 _num(t.seconds, ".1f"), (t.error or "").replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def write_report(result: SweepResult) -> None:
+    out = result.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    best = result.best
+    summary = {"metric": result.metric, "lower_is_better": result.lower_is_better,
+               "best": asdict(best) if best else None,
+               "trials": [asdict(t) for t in result.trials]}
+    _write_json(out / "sweep.json", summary)
+    direction = "lower" if result.lower_is_better else "higher"
+    text = [f"# Sweep: {len(result.trials)} trials ranked by {result.metric} ({direction} is "
+            "better)", ""]
+    if best:
+        text += [f"Best: trial {best.index:02d} {best.overrides} -> {result.metric} "
+                 f"{best.best_value:.4f}; adapter in {best.directory}/adapter.", ""]
+    text += [table(result), ""]
+    if result.ranked:
+        text += ["![trials](sweep.png)", ""]
+        _plot(result, out / "sweep.png")
+    (out / "sweep.md").write_text("\n".join(text))
+
+
+def _plot(result: SweepResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranked = result.ranked
+    labels = [f"{t.index:02d} " + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}"
+                                            for k, v in t.overrides.items()) for t in ranked]
+    fig, ax = plt.subplots(figsize=(7.0, 0.5 + 0.35 * len(ranked)), dpi=110)
+    ax.barh(range(len(ranked)), [t.best_value for t in ranked], color="tab:blue")
+    ax.set_yticks(range(len(ranked)), labels, fontsize=8)
+    ax.invert_yaxis()  # best on top
+    ax.set_xlabel(f"best {result.metric}")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
