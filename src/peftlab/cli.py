@@ -1,4 +1,4 @@
-"""Command line: ``peftlab train|sweep|eval|predict|chat|demo``. Thin: every command calls peftlab.api."""
+"""Command line: ``peftlab train|sweep|eval|predict|chat|serve|demo``. Thin: every command calls peftlab.api."""
 
 from __future__ import annotations
 
@@ -58,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API: one base model, many LoRA "
+                       "adapters chosen by the request's model name")
+    p.add_argument("--model", required=True, help="embedded alias, HF id, directory or .gguf")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter served as model NAME (repeatable)")
+    p.add_argument("--name", default=None, help="model name of the base (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-tokens-limit", type=int, default=2048,
+                   help="largest max_tokens a request may ask for")
 
     p = sub.add_parser("demo", help="LoRA-tune the embedded SmolLM2 on generated facts")
     p.add_argument("--output-dir", default="runs/demo")
@@ -174,6 +185,30 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"bot> {reply(text)}")
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from peftlab.serve.engine import Engine
+    from peftlab.serve.server import make_server
+
+    adapters: dict[str, str] = {}
+    for spec in args.adapter:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=DIR, e.g. support=runs/x/adapter")
+        if name in adapters:
+            raise ValueError(f"--adapter: name {name!r} given twice")
+        adapters[name] = directory
+    engine = Engine(args.model, adapters, base_name=args.name,
+                    max_tokens_limit=args.max_tokens_limit)
+    server = make_server(engine, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {engine.model_ids()} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from peftlab.lab.demo import run_demo
 
@@ -181,7 +216,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "sweep": _sweep, "eval": _eval, "predict": _predict, "chat": _chat, "demo": _demo}
+_COMMANDS = {"train": _train, "sweep": _sweep, "eval": _eval, "predict": _predict,
+             "chat": _chat, "serve": _serve, "demo": _demo}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,7 +25,7 @@ def generate_replies(model: nn.Module, tokenizer, conversations: list[list[dict]
     replies: list[str] = [""] * len(prompts)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     try:
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="generate", disable=not progress):
@@ -47,7 +47,7 @@ def generate_replies(model: nn.Module, tokenizer, conversations: list[list[dict]
     return replies
 
 
-def _stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
         tid = tokenizer.convert_tokens_to_ids(tok)

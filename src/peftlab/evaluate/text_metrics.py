@@ -135,11 +135,11 @@ def generation_report(model: nn.Module, tokenizer: Any, examples: list[dict[str,
     need the model's own earlier answers). Returns the metrics plus ``samples`` (prompt,
     reference, prediction) for the first ``samples`` examples (None: all, in order).
     """
-    from peftlab.evaluate.generate import _stop_token_ids
+    from peftlab.evaluate.generate import stop_token_ids
 
     examples = examples[:max_examples] if max_examples else examples
     pairs = [split_prompt_reference(ex) for ex in examples]
-    stop = set(_stop_token_ids(tokenizer))
+    stop = set(stop_token_ids(tokenizer))
     refs = [tokenizer.decode([t for t in ref if t not in stop], skip_special_tokens=True).strip()
             for _, ref in pairs]
     preds: list[str] = [""] * len(pairs)

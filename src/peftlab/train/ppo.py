@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftlab.config import PPOConfig, RunConfig
-from peftlab.evaluate.generate import _stop_token_ids
+from peftlab.evaluate.generate import stop_token_ids
 from peftlab.evaluate.loss import autocast_for
 from peftlab.tasks.dpo import check_reference_method, reference_policy
 from peftlab.tasks.ppo_rewards import Scorer, reward_source
@@ -198,7 +198,7 @@ def response_forward(model: nn.Module, batch: Rollouts, temperature: float,
 def generate_rollouts(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: PPOConfig,
                       ) -> Rollouts:
     """Sample one answer per prompt (left-padded batch, KV cache); cut after the stop token."""
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

@@ -1,0 +1,1 @@
+"""Serving: one base model and many LoRA adapters behind an OpenAI-compatible HTTP API."""

@@ -1,0 +1,163 @@
+"""OpenAI-compatible serving: one tiny base model and two LoRA adapters behind HTTP. Every
+answer must equal what the same model + adapter generates directly; switching adapters
+between requests must not leak; bad requests get OpenAI-shaped 4xx errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftlab.cli import main
+from peftlab.evaluate.generate import generate_replies
+from peftlab.methods.lora import LoraConfig, apply_lora, load_lora, save_lora
+from peftlab.models import load_model
+from peftlab.serve.engine import Engine
+from peftlab.serve.server import make_server
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "capital of x?"}]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_chat_model_dir, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for seed, name in ((1, "alpha"), (2, "beta")):
+        model, _ = load_model(str(tiny_chat_model_dir))
+        torch.manual_seed(seed)
+        targets = ["q_proj", "v_proj"] if name == "alpha" else ["gate_proj", "down_proj"]
+        apply_lora(model, LoraConfig(r=4, alpha=16, init="random", target_modules=targets))
+        out[name] = tmp_path_factory.mktemp(name)
+        save_lora(model, out[name], base_model_name_or_path=str(tiny_chat_model_dir))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_model_dir, adapters):
+    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", max_tokens_limit=64)
+    srv = make_server(engine, port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def _post(url: str, payload, raw: bytes | None = None) -> tuple[int, dict | str]:
+    data = raw if raw is not None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = r.read().decode()
+            ctype = r.headers["Content-Type"]
+            return r.status, json.loads(body) if ctype == "application/json" else body
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+def _direct(model_dir: Path, adapter: Path | None, max_new: int) -> str:
+    model, tok = load_model(str(model_dir))
+    if adapter is not None:
+        load_lora(model, adapter)
+    return generate_replies(model, tok, [CHAT], max_new_tokens=max_new, batch_size=1)[0]
+
+
+def test_models_lists_base_and_adapters(server):
+    with urllib.request.urlopen(f"{server}/v1/models") as r:
+        data = json.loads(r.read())
+    assert data["object"] == "list" and [m["id"] for m in data["data"]] == ["base", "alpha", "beta"]
+
+
+def test_each_model_name_answers_like_the_model_itself(server, tiny_chat_model_dir, adapters):
+    answers = {}
+    for name in ("alpha", "base", "beta", "alpha"):  # switching back and forth must not leak
+        status, r = _post(f"{server}/v1/chat/completions",
+                          {"model": name, "messages": CHAT, "max_tokens": 8, "temperature": 0})
+        assert status == 200, r
+        assert r["object"] == "chat.completion" and r["model"] == name
+        choice = r["choices"][0]
+        assert choice["message"]["role"] == "assistant"
+        if name in answers:
+            assert choice["message"]["content"] == answers[name]
+        answers[name] = choice["message"]["content"]
+        assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"][
+            "completion_tokens"]
+        if choice["finish_reason"] == "length":
+            assert r["usage"]["completion_tokens"] == 8
+    assert answers["base"] == _direct(tiny_chat_model_dir, None, 8)
+    for name, path in adapters.items():
+        assert answers[name] == _direct(tiny_chat_model_dir, path, 8)
+    assert len(set(answers.values())) == 3  # the adapters really change the model
+
+
+def test_stream_sends_the_same_answer_in_pieces(server):
+    payload = {"model": "beta", "messages": CHAT, "max_tokens": 8}
+    _, whole = _post(f"{server}/v1/chat/completions", payload)
+    status, body = _post(f"{server}/v1/chat/completions", dict(payload, stream=True))
+    assert status == 200
+    events = [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"]
+               for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_text_completions(server, tiny_chat_model_dir):
+    status, r = _post(f"{server}/v1/completions",
+                      {"model": "alpha", "prompt": "The capital of", "max_tokens": 5})
+    assert status == 200 and r["object"] == "text_completion"
+    _, tok = load_model(str(tiny_chat_model_dir))
+    assert r["usage"]["prompt_tokens"] == len(tok("The capital of")["input_ids"])
+    assert isinstance(r["choices"][0]["text"], str)
+    status, streamed = _post(f"{server}/v1/completions",
+                             {"model": "alpha", "prompt": "The capital of", "max_tokens": 5,
+                              "stream": True})
+    pieces = [json.loads(line[6:]) for line in streamed.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(p["choices"][0]["text"] for p in pieces) == r["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(("payload", "status", "param"), [
+    ({"model": "gamma", "messages": CHAT}, 404, "model"),
+    ({"messages": CHAT}, 400, "model"),
+    ({"model": "base"}, 400, "messages"),
+    ({"model": "base", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ({"model": "base", "messages": CHAT, "max_tokens": 65}, 400, "max_tokens"),
+    ({"model": "base", "messages": CHAT, "temperature": 3}, 400, "temperature"),
+    ({"model": "base", "messages": CHAT, "n": 2}, 400, "n"),
+    ({"model": "base", "messages": CHAT, "max_tokens": 999, "stream": True}, 400, "max_tokens"),
+])
+def test_bad_requests_get_openai_errors(server, payload, status, param):
+    got, r = _post(f"{server}/v1/chat/completions", payload)
+    assert got == status and r["error"]["param"] == param and r["error"]["message"]
+
+
+def test_malformed_body_and_unknown_route(server):
+    status, r = _post(f"{server}/v1/chat/completions", None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in r["error"]["message"]
+    status, r = _post(f"{server}/v1/embeddings", {"model": "base"})
+    assert status == 404 and "no route" in r["error"]["message"]
+
+
+def test_engine_refuses_what_it_cannot_switch(tiny_chat_model_dir, adapters, tmp_path):
+    with pytest.raises(ValueError, match="base model's name"):
+        Engine(str(tiny_chat_model_dir), {"base": adapters["alpha"]}, base_name="base")
+    model, _ = load_model(str(tiny_chat_model_dir))
+    apply_lora(model, LoraConfig(r=2, modules_to_save=["lm_head"]))
+    save_lora(model, tmp_path / "with-head")
+    with pytest.raises(ValueError, match="modules_to_save"):
+        Engine(str(tiny_chat_model_dir), {"x": tmp_path / "with-head"})
+
+
+def test_serve_cli_rejects_a_bad_adapter_spec(capsys):
+    assert main(["serve", "--model", "x", "--adapter", "no-equals-sign"]) == 2
+    assert "expected NAME=DIR" in capsys.readouterr().err
