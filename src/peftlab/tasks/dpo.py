@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -203,7 +204,8 @@ class DPOTask:
             if self.ref is None:
                 self.ref = self._compute_reference(model)
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.cache_path.with_name(self.cache_path.name + ".tmp")
+                # per process: torchrun ranks may write the same cache at once
+                tmp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.tmp")
                 save_file({"reference_logps": self.ref}, str(tmp),
                           metadata={"fingerprint": self.fingerprint(), "columns": "chosen,rejected"})
                 tmp.replace(self.cache_path)

@@ -6,6 +6,8 @@ adapter + tokenizer (peft format) -> loss curve, data report, run report.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from peftlab.evaluate.sft_eval import RunEvaluation, check_eval_config, report_l
 from peftlab.methods import get_method
 from peftlab.models import load_model, load_tokenizer
 from peftlab.tasks import build_task
+from peftlab.train.distributed import World, init_world
 from peftlab.train.plots import plot_loss_curve
 from peftlab.train.precision import prepare_precision, resolve_precision
 from peftlab.train.trainer import Trainer, TrainResult
@@ -42,17 +45,33 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = True,
                  model=None, tokenizer=None) -> RunSummary:
-    """Run one fine-tuning job end to end. ``model``/``tokenizer`` may be passed pre-loaded."""
+    """Run one fine-tuning job end to end. ``model``/``tokenizer`` may be passed pre-loaded.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the ranks train data-parallel
+    (peftlab.train.distributed); rank 0 alone writes and prints, and only its summary
+    describes saved files.
+    """
+    world = init_world()
+    if world.main:
+        return _run(cfg, resume, progress, model, tokenizer, world)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return _run(cfg, resume, False, model, tokenizer, world)
+
+
+def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
+         world: World) -> RunSummary:
     started = time.perf_counter()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads:  # before measuring: auto precision times matmuls on these threads
         torch.set_num_threads(cfg.train.num_threads)
-    precision = resolve_precision(cfg.train.precision)
+    precision = world.choose(["fp32", "bf16"], resolve_precision(cfg.train.precision))
     if precision != cfg.train.precision:
         print(f"precision auto -> {precision} (measured matmul rates on this machine)")
         cfg.train.precision = precision
-    cfg.save(out / "config.yaml")
+    if world.main:
+        cfg.save(out / "config.yaml")
     check_eval_config(cfg)  # e.g. a missing eval.forgetting_corpus fails before any work
     torch.manual_seed(cfg.train.seed)
 
@@ -65,13 +84,17 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
     if own_loop is not None and cfg.train.activation_checkpointing:
         raise ConfigError(f"train.activation_checkpointing is not supported by task "
                           f"{cfg.task!r} (it runs its own loop); set it to false")
+    if own_loop is not None and world.size > 1:
+        raise ConfigError(f"task {cfg.task!r} runs its own loop, which does not support "
+                          "torch.distributed yet; run it in one process")
     if model is None:
         model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
-    (out / "data_report.json").write_text(json.dumps(data_report, indent=2))
+    if world.main:
+        (out / "data_report.json").write_text(json.dumps(data_report, indent=2))
     _print_data_report(data_report)
 
     evaluation = RunEvaluation(cfg, tokenizer, val)
-    if evaluation.enabled:  # on the base model, before the method is applied
+    if evaluation.enabled and world.main:  # on the base model, before the method is applied
         evaluation.before(model)
 
     method = get_method(cfg.method_name)
@@ -87,10 +110,13 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
     if own_loop is not None:
         result = own_loop(model, tokenizer, train, val, cfg, out, resume=resume, progress=progress)
     else:
-        trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress)
+        trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress,
+                          world=world)
         result = trainer.fit(resume=resume)
 
     adapter_dir = out / "adapter"
+    if not world.main:  # the same weights as rank 0, which saves them
+        return RunSummary(out, adapter_dir, result, trainable, total, data_report)
     method.save(model, adapter_dir, adapter_name="default", base_model_name_or_path=cfg.model,
                 task_type=getattr(task, "peft_task_type", "CAUSAL_LM"))
     tokenizer.save_pretrained(adapter_dir)

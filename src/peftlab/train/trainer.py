@@ -24,6 +24,7 @@ from peftlab.data.collate import length_grouped_batches
 from peftlab.evaluate.loss import autocast_for, evaluate_loss, perplexity
 from peftlab.tasks.base import Task
 from peftlab.train import checkpoint as ckpt
+from peftlab.train.distributed import World
 from peftlab.train.schedule import lr_multiplier
 
 
@@ -69,7 +70,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, task: Task, train_examples: list[dict],
                  val_examples: list[dict] | None, cfg: TrainConfig, output_dir: str | Path,
-                 progress: bool = True):
+                 progress: bool = True, world: World | None = None):
         if not train_examples:
             raise ValueError("no training examples left after data preparation")
         self.model, self.task, self.cfg = model, task, cfg
@@ -77,7 +78,8 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self.progress = progress
+        self.world = world or World()
+        self.progress = progress and self.world.main
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (did the method apply?)")
@@ -86,7 +88,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lengths = [task.length(e) for e in train_examples]
         self.batches_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
-        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / cfg.grad_accum))
+        # one optimizer step consumes grad_accum micro-batches on every rank
+        self.micro_per_step = cfg.grad_accum * self.world.size
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.micro_per_step))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(
             cfg.warmup_ratio * self.total_steps)
@@ -95,9 +99,10 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------
     def fit(self, resume: bool | str | Path = False) -> TrainResult:
-        cfg = self.cfg
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
+        cfg, world = self.cfg, self.world
+        if world.main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed + world.rank)  # dropout: different masks on each rank
         state = {"step": 0, "micro": 0, "best_value": None, "best_step": None, "tokens": 0,
                  "bad_evals": 0}
         if resume:
@@ -106,10 +111,12 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_dir}")
             loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
             state.update({k: loaded[k] for k in state if k in loaded})
-            self._trim_metrics(state["step"])
-            print(f"resumed from {path} at step {state['step']}")
-        elif self.metrics_path.exists():
+            if world.main:
+                self._trim_metrics(state["step"])
+                print(f"resumed from {path} at step {state['step']}")
+        elif self.metrics_path.exists() and world.main:
             self.metrics_path.unlink()
+        world.broadcast(self.params)  # identical start on every rank, whatever each loaded
 
         self.model.train()
         step, micro = state["step"], state["micro"]
@@ -125,8 +132,9 @@ class Trainer:
             lr = cfg.lr * lr_multiplier(step, self.total_steps, self.warmup_steps, cfg.scheduler)
             for pg in self.optimizer.param_groups:
                 pg["lr"] = lr
-            batches = [self.task.collate([self.train_examples[i] for i in idx]) for idx in group]
-            n_total = sum(self.task.count(b) for b in batches)
+            mine = group[world.rank::world.size]  # this rank's share of the step
+            batches = [self.task.collate([self.train_examples[i] for i in idx]) for idx in mine]
+            n_total = int(world.sum([sum(self.task.count(b) for b in batches)])[0])
             loss_total = 0.0
             for batch in batches:
                 with autocast_for(cfg.precision):
@@ -135,6 +143,10 @@ class Trainer:
                 loss_total += float(loss_sum.detach())
                 if "attention_mask" in batch:
                     window_tokens += int(batch["attention_mask"].sum())
+            if world.size > 1:
+                loss_total, window_tokens = world.sum_gradients(self.params,
+                                                                [loss_total, window_tokens])
+                window_tokens = int(window_tokens)
             grad_norm = None
             if cfg.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
@@ -174,26 +186,25 @@ class Trainer:
                 if state["best_value"] is None or self._better(value, state["best_value"]):
                     state["best_value"], state["best_step"] = value, step
                     state["bad_evals"] = 0
-                    ckpt.save_checkpoint(self.ckpt_dir / "best", self.model, self.optimizer,
-                                         dict(state, step=step, micro=micro))
+                    self._save(self.ckpt_dir / "best", dict(state, step=step, micro=micro))
                 else:
                     state["bad_evals"] += 1
                     patience = cfg.early_stopping_patience
                     stop_early = patience is not None and state["bad_evals"] >= patience
             if step % self.save_every == 0 or step == self.total_steps:
-                ckpt.save_checkpoint(self.ckpt_dir / f"step-{step:07d}", self.model,
-                                     self.optimizer, dict(state, step=step, micro=micro))
-                ckpt.prune_checkpoints(self.ckpt_dir, keep=2)
+                self._save(self.ckpt_dir / f"step-{step:07d}", dict(state, step=step, micro=micro))
+                if world.main:
+                    ckpt.prune_checkpoints(self.ckpt_dir, keep=2)
             if stop_early:
                 bar.write(f"early stopping at step {step}: {self.best_metric} has not improved "
                           f"for {state['bad_evals']} evaluations")
-                ckpt.save_checkpoint(self.ckpt_dir / f"step-{step:07d}", self.model,
-                                     self.optimizer, dict(state, step=step, micro=micro))
+                self._save(self.ckpt_dir / f"step-{step:07d}", dict(state, step=step, micro=micro))
                 break
         bar.close()
         seconds = time.perf_counter() - t0
         best_dir = self.ckpt_dir / "best"
-        if state["best_step"] is not None and state["best_step"] != step and best_dir.exists():
+        if (state["best_step"] is not None and state["best_step"] != step and best_dir.exists()
+                and world.main):  # other ranks' weights are not saved
             ckpt.load_checkpoint(best_dir, self.model)
             print(f"restored best weights from step {state['best_step']} "
                   f"({self.best_metric} {state['best_value']:.4f})")
@@ -233,12 +244,18 @@ class Trainer:
         while True:
             batches = length_grouped_batches(self.lengths, self.cfg.batch_size,
                                              self.cfg.seed, epoch)[skip:]
-            for i in range(0, len(batches), self.cfg.grad_accum):
-                yield batches[i:i + self.cfg.grad_accum]
+            for i in range(0, len(batches), self.micro_per_step):
+                yield batches[i:i + self.micro_per_step]
             epoch, skip = epoch + 1, 0
+
+    def _save(self, path: Path, state: dict[str, Any]) -> None:
+        if self.world.main:  # every rank holds the same weights and optimizer state
+            ckpt.save_checkpoint(path, self.model, self.optimizer, state)
 
     def _log(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
         history.append(record)
+        if not self.world.main:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
