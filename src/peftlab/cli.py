@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from peftlab.config import ConfigError
@@ -90,7 +91,8 @@ def _train(args: argparse.Namespace) -> int:
 
     summary = train(args.config, args.overrides, resume=args.resume,
                     progress=not args.no_progress)
-    print(f"done: {summary.result.steps} steps, adapter in {summary.adapter_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(f"done: {summary.result.steps} steps, adapter in {summary.adapter_dir}")
     return 0
 
 
