@@ -40,6 +40,33 @@ def sweep(config: RunConfig | dict | str | Path, grid: list[str] | dict[str, lis
                      progress=progress)
 
 
+def export(model: str, adapter: str | Path | None = None, gguf: str | Path | None = None,
+           hf: str | Path | None = None, dtype: str = "f16",
+           tokenizer_pre: str = "default") -> dict[str, str]:
+    """Fold ``adapter`` (LoRA/IA3) into ``model`` and write it as a GGUF file (``gguf``; dtype
+    f32|f16|bf16|q8_0) and/or a plain transformers directory (``hf``: safetensors +
+    tokenizer). Returns the paths written."""
+    from peftlab.export.gguf import DTYPES, export_gguf
+
+    if gguf is None and hf is None:
+        raise ValueError("export: give a GGUF file path (--gguf) and/or a directory (--hf)")
+    if dtype not in DTYPES:  # before the model is loaded
+        raise ValueError(f"dtype: {dtype!r} is not one of {list(DTYPES)}")
+    base, tokenizer = load(model, adapter=adapter)
+    if adapter is not None:
+        base = merge(base)
+    written: dict[str, str] = {}
+    if hf is not None:
+        base.save_pretrained(str(hf))
+        tokenizer.save_pretrained(str(hf))
+        written["hf"] = str(hf)
+    if gguf is not None:
+        name = Path(str(adapter)).name if adapter is not None else None
+        written["gguf"] = str(export_gguf(base, tokenizer, gguf, dtype=dtype, name=name,
+                                          tokenizer_pre=tokenizer_pre))
+    return written
+
+
 def load(model: str, adapter: str | Path | None = None, kind: str = "causal_lm"):
     """Load a base model (+ a saved adapter, any registered method) and its tokenizer."""
     from peftlab.methods import method_for_adapter_dir

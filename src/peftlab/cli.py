@@ -1,4 +1,4 @@
-"""Command line: ``peftlab train|sweep|eval|predict|chat|serve|demo``. Thin: every command calls peftlab.api."""
+"""Command line: ``peftlab train|sweep|eval|predict|chat|serve|export|demo``. Thin: every command calls peftlab.api."""
 
 from __future__ import annotations
 
@@ -70,6 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-tokens-limit", type=int, default=2048,
                    help="largest max_tokens a request may ask for")
+
+    p = sub.add_parser("export", help="fold an adapter into the model; write GGUF and/or a "
+                       "plain transformers directory")
+    p.add_argument("--model", required=True, help="embedded alias, HF id, directory or .gguf")
+    p.add_argument("--adapter", default=None, help="LoRA/IA3 adapter dir to fold in")
+    p.add_argument("--gguf", default=None, metavar="FILE", help="write a GGUF file here")
+    p.add_argument("--dtype", default="f16", help="GGUF weights: f32 | f16 | bf16 | q8_0")
+    p.add_argument("--tokenizer-pre", default="default",
+                   help="llama.cpp pre-tokenizer name (e.g. smollm, llama-bpe; default: GPT-2)")
+    p.add_argument("--hf", default=None, metavar="DIR",
+                   help="write a merged transformers model (safetensors + tokenizer) here")
 
     p = sub.add_parser("demo", help="LoRA-tune the embedded SmolLM2 on generated facts")
     p.add_argument("--output-dir", default="runs/demo")
@@ -211,6 +222,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from peftlab.api import export
+
+    written = export(args.model, adapter=args.adapter, gguf=args.gguf, hf=args.hf,
+                     dtype=args.dtype, tokenizer_pre=args.tokenizer_pre)
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from peftlab.lab.demo import run_demo
 
@@ -219,7 +240,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"train": _train, "sweep": _sweep, "eval": _eval, "predict": _predict,
-             "chat": _chat, "serve": _serve, "demo": _demo}
+             "chat": _chat, "serve": _serve, "export": _export, "demo": _demo}
 
 if __name__ == "__main__":
     raise SystemExit(main())

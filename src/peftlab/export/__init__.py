@@ -1,0 +1,1 @@
+"""Export: trained models to files other runtimes load (GGUF for llama.cpp / Ollama)."""
