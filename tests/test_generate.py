@@ -1,0 +1,63 @@
+"""Greedy decoding with finished rows leaving the batch must produce exactly the tokens of
+transformers' generate(do_sample=False), including rows that stop early."""
+
+from __future__ import annotations
+
+import torch
+
+from peftlab.evaluate.generate import _hf_generate, generate_replies, greedy_generate
+from peftlab.models import load_model
+
+CHATS = [[{"role": "user", "content": q}] for q in
+         ("capital of the sea?", "a much longer question about the history of the town",
+          "hi", "what colour is the river in the north of the map")]
+
+
+def _trim(row: list[int], stops: set[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i + 1]
+    return row
+
+
+def _diverse_model(model_dir):
+    """The tiny random model repeats one token; larger weights make replies vary."""
+    model, tok = load_model(str(model_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.5)
+    return model.eval(), tok
+
+
+def test_greedy_generate_equals_transformers_generate(tiny_chat_model_dir):
+    model, tok = _diverse_model(tiny_chat_model_dir)
+    tok.padding_side = "left"
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True) for c in CHATS]
+    prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
+    free = _hf_generate(model, tok, prompts, 12, [tok.eos_token_id], False, 1.0, 1.0)
+    # stop on a token row 0 emits early, so rows really leave the batch at different steps
+    stop = free[0][2]
+    stops = [stop, tok.eos_token_id]
+    expected = [_trim(r, set(stops)) for r in _hf_generate(model, tok, prompts, 12, stops,
+                                                           False, 1.0, 1.0)]
+    got = greedy_generate(model, prompts, 12, stops, tok.pad_token_id)
+    assert got == expected
+    lengths = sorted(len(r) for r in got)
+    assert lengths[0] <= 3 and lengths[-1] == 12  # one row stopped early, one ran to the end
+    assert greedy_generate(model, prompts[:1], 1, stops, tok.pad_token_id) == [expected[0][:1]]
+
+
+def test_generate_replies_uses_the_same_tokens(tiny_chat_model_dir):
+    model, tok = _diverse_model(tiny_chat_model_dir)
+    replies = generate_replies(model, tok, CHATS, max_new_tokens=10, batch_size=3)
+    tok.padding_side = "left"
+    from peftlab.data.sft import encode_prompt
+    from peftlab.evaluate.generate import stop_token_ids
+
+    for chat, reply in zip(CHATS, replies, strict=True):
+        ref = _hf_generate(model, tok, [encode_prompt(chat, tok)], 10, stop_token_ids(tok),
+                           False, 1.0, 1.0)[0]
+        assert reply == tok.decode(ref, skip_special_tokens=True).strip()
+    assert len(set(replies)) == len(replies)  # the check compares real, different replies
