@@ -308,6 +308,9 @@ def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dic
     model, tokenizer = load_model(cfg["model"])
     load_lora(model, cfg["adapter"])
     prepare_precision(model, precision)
+    if cfg.get("compile"):  # train_levers.py: inductor-compiled blocks (not a peftlab default)
+        for block in model.model.layers:
+            block.compile()
     task = FixedBatchTask(SFTTask(pad_id=tokenizer.pad_token_id), batches)
     steps = cfg["steps"]
     tcfg = TrainConfig(max_steps=steps, batch_size=1, grad_accum=1, lr=cfg["lr"],
@@ -486,16 +489,18 @@ WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 # ================================================================== orchestration (the parent)
 
 
-def spawn(kind: str, cfg: dict[str, Any], tmp: Path, tag: str,
-          threads: int | None = None) -> dict[str, Any]:
-    """Run one worker in a fresh interpreter; return its JSON result."""
+def spawn(kind: str, cfg: dict[str, Any], tmp: Path, tag: str, threads: int | None = None,
+          script: Path | None = None) -> dict[str, Any]:
+    """Run one worker (``script --worker kind``, default this file) in a fresh interpreter;
+    return its JSON result."""
     cfg = dict(cfg, out_dir=str(tmp / f"out-{tag}"), threads=threads, spawn_time=time.time())
     cfg_path, res_path, log_path = (tmp / f"{tag}.{ext}" for ext in ("cfg.json", "res.json", "log"))
     cfg_path.write_text(json.dumps(cfg))
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     with log_path.open("w") as log:
-        proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--worker-config",
+        proc = subprocess.run([sys.executable, str(script or __file__), "--worker", kind,
+                               "--worker-config",
                                str(cfg_path), "--worker-result", str(res_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
