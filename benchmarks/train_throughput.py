@@ -308,15 +308,13 @@ def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dic
     model, tokenizer = load_model(cfg["model"])
     load_lora(model, cfg["adapter"])
     prepare_precision(model, precision)
-    if cfg.get("compile"):  # train_levers.py: inductor-compiled blocks (not a peftlab default)
-        for block in model.model.layers:
-            block.compile()
     task = FixedBatchTask(SFTTask(pad_id=tokenizer.pad_token_id), batches)
     steps = cfg["steps"]
     tcfg = TrainConfig(max_steps=steps, batch_size=1, grad_accum=1, lr=cfg["lr"],
                        weight_decay=0.0, scheduler="constant", warmup_steps=0, max_grad_norm=None,
                        precision=precision, log_every=1, save_every=steps, seed=cfg["seed"],
-                       activation_checkpointing=cfg["name"] == CANDIDATE_CKPT)
+                       activation_checkpointing=cfg["name"] == CANDIDATE_CKPT,
+                       compile=bool(cfg.get("compile")))  # train_levers.py
     out_dir = Path(cfg["out_dir"])
     trainer = Trainer(model, task, [{"index": i} for i in range(steps)], None, tcfg, out_dir,
                       progress=False)

@@ -154,3 +154,22 @@ def test_best_metric_and_early_stopping(tiny_chat_model_dir, demo_data_dir, tmp_
             torch.testing.assert_close(p.detach(), best[name])
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_accuracy"] for r in logged if "val_accuracy" in r] == [0.5, 0.6, 0.4, 0.3]
+
+
+def test_compiled_blocks_train_like_eager(tiny_chat_model_dir, demo_data_dir, tmp_path):
+    """train.compile (inductor blocks) on batches of varying length: same losses as eager."""
+    histories = []
+    for compile_ in (False, True):
+        cfg = _cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / f"c{compile_}", max_steps=3,
+                   batch_size=4, compile=compile_)
+        summary = peftlab.train(cfg, progress=False)
+        histories.append([r for r in summary.result.history if "loss" in r or "val_loss" in r])
+    eager, compiled = histories
+    assert len(eager) == len(compiled) >= 3
+    for a, b in zip(eager, compiled, strict=True):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a, b)
+    with pytest.raises(peftlab.ConfigError, match="pick one"):
+        peftlab.train(_cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "both", max_steps=1,
+                           compile=True, activation_checkpointing=True), progress=False)

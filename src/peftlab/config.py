@@ -232,6 +232,9 @@ class TrainConfig:
     best_metric: str = "val_loss"  # any logged val_* metric; *loss/*ppl lower is better
     early_stopping_patience: int | None = None  # evaluations without improvement
     activation_checkpointing: bool = False  # recompute block activations in backward: less RAM
+    # torch.compile (inductor) each transformer block: fused element-wise ops, fewer saved
+    # activations. The first run compiles (~30 s for SmolLM2); later runs reuse the disk cache.
+    compile: bool = False
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.scheduler", self.scheduler, ["cosine", "linear", "constant"])

@@ -81,9 +81,10 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     task, train, val, data_report = (prepared.task, prepared.train, prepared.validation,
                                      prepared.report)
     own_loop = getattr(task, "fit", None)  # tasks with their own loop (task: ppo)
-    if own_loop is not None and cfg.train.activation_checkpointing:
-        raise ConfigError(f"train.activation_checkpointing is not supported by task "
-                          f"{cfg.task!r} (it runs its own loop); set it to false")
+    for key in ("activation_checkpointing", "compile"):
+        if own_loop is not None and getattr(cfg.train, key):
+            raise ConfigError(f"train.{key} is not supported by task {cfg.task!r} (it runs its "
+                              "own loop); set it to false")
     if own_loop is not None and world.size > 1:
         raise ConfigError(f"task {cfg.task!r} runs its own loop, which does not support "
                           "torch.distributed yet; run it in one process")

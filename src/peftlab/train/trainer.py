@@ -65,6 +65,26 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         raise ConfigError(f"{where}: {err}; set it to false") from err
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``train.compile``: ``torch.compile`` every transformer block in place (inductor).
+
+    Blocks, not the whole model: identical blocks share one compiled graph, the embedding
+    and the label-only LM head stay eager, and a graph break costs one block, not the step.
+    Fused element-wise ops keep fewer intermediates for backward (measured on SmolLM2: peak
+    RSS -30%, tokens/s +6%, equal loss; benchmarks/train_levers.py). Returns the count.
+    """
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.ModuleList) and len(module) > 1
+                and name.rsplit(".", 1)[-1] in ("layers", "layer", "h", "blocks")
+                and len({type(m) for m in module}) == 1):
+            for block in module:
+                block.compile()
+            return len(module)
+    raise ConfigError(f"train.compile: cannot find the transformer blocks of "
+                      f"{type(model).__name__} (a ModuleList named layers/layer/h/blocks); "
+                      "set it to false")
+
+
 class Trainer:
     """Fits ``model``'s trainable parameters on ``train_examples`` through ``task``."""
 
@@ -83,8 +103,13 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (did the method apply?)")
+        if cfg.activation_checkpointing and cfg.compile:
+            raise ConfigError("train.compile and train.activation_checkpointing together are "
+                              "not supported (untested); pick one")
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
+        if cfg.compile:
+            compile_blocks(model)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lengths = [task.length(e) for e in train_examples]
         self.batches_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
