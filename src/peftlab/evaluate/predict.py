@@ -64,8 +64,7 @@ def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier
     the saved adapter (any registered method) and the task's saved head, if any."""
     from peftlab.methods import method_for_adapter_dir
     from peftlab.models import load_model
-    from peftlab.tasks.classification import HEAD_FILE, read_meta, task_from_meta
-    from peftlab.tasks.heads import load_head
+    from peftlab.tasks.classification import read_meta, task_from_meta
 
     adapter = Path(adapter)
     meta = read_meta(adapter)
@@ -77,10 +76,10 @@ def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier
         base, tokenizer = load_model(model, kind="sequence_classification",
                                      labels=meta["labels"])
     method_for_adapter_dir(adapter).load(base, adapter, adapter_name="default")
-    if meta.get("head_file"):
-        load_head(base, adapter / HEAD_FILE)
+    task = task_from_meta(meta, tokenizer)
+    task.restore(base, adapter)  # the head, when the task saved it itself
     base.eval()
-    return Classifier(base, tokenizer, task_from_meta(meta, tokenizer), meta)
+    return Classifier(base, tokenizer, task, meta)
 
 
 def _base_model_of(adapter: Path) -> str:
