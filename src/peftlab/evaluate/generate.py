@@ -14,7 +14,19 @@ def generate_replies(model: nn.Module, tokenizer, conversations: list[list[dict]
                      max_new_tokens: int = 64, batch_size: int = 8, do_sample: bool = False,
                      temperature: float = 0.7, top_p: float = 0.9,
                      progress: bool = False) -> list[str]:
-    """The assistant's reply to each conversation (each ends with a user turn).
+    """The assistant's reply to each conversation (each ends with a user turn)."""
+    prompts = [encode_prompt(c, tokenizer) for c in conversations]
+    rows = generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample,
+                           temperature, top_p, progress)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+
+@torch.no_grad()
+def generate_tokens(model: nn.Module, tokenizer, prompts: list[list[int]],
+                    max_new_tokens: int = 64, batch_size: int = 8, do_sample: bool = False,
+                    temperature: float = 0.7, top_p: float = 0.9,
+                    progress: bool = False) -> list[list[int]]:
+    """New token ids for each prompt (token ids), batched by prompt length.
 
     Runs in the dtype the weights are stored in: autocast would re-cast every fp32
     weight at every decoding step, which costs more than it saves on CPU. Greedy decoding
@@ -23,9 +35,8 @@ def generate_replies(model: nn.Module, tokenizer, conversations: list[list[dict]
     """
     was_training = model.training
     model.eval()
-    prompts = [encode_prompt(c, tokenizer) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[str] = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     stop_ids = stop_token_ids(tokenizer)
@@ -41,11 +52,11 @@ def generate_replies(model: nn.Module, tokenizer, conversations: list[list[dict]
                 new = _hf_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens,
                                    stop_ids, do_sample, temperature, top_p)
             for i, row in zip(idx, new, strict=True):
-                replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                out[i] = row
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
-    return replies
+    return out
 
 
 def _hf_generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,

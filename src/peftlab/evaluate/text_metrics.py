@@ -135,31 +135,16 @@ def generation_report(model: nn.Module, tokenizer: Any, examples: list[dict[str,
     need the model's own earlier answers). Returns the metrics plus ``samples`` (prompt,
     reference, prediction) for the first ``samples`` examples (None: all, in order).
     """
-    from peftlab.evaluate.generate import stop_token_ids
+    from peftlab.evaluate.generate import generate_tokens, stop_token_ids
 
     examples = examples[:max_examples] if max_examples else examples
     pairs = [split_prompt_reference(ex) for ex in examples]
     stop = set(stop_token_ids(tokenizer))
     refs = [tokenizer.decode([t for t in ref if t not in stop], skip_special_tokens=True).strip()
             for _, ref in pairs]
-    preds: list[str] = [""] * len(pairs)
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            enc = tokenizer.pad({"input_ids": [pairs[i][0] for i in idx]}, return_tensors="pt")
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
-                                 temperature=None, top_p=None, top_k=None)
-            for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:], strict=True):
-                preds[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
+    rows = generate_tokens(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens,
+                           batch_size)
+    preds = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
     report: dict[str, Any] = {"examples": len(pairs), **text_metrics(preds, refs)}
     report["samples"] = [
         {"prompt": tokenizer.decode(pairs[i][0], skip_special_tokens=False),
