@@ -51,10 +51,10 @@ from transformers import DynamicCache
 from peftlab.config import ConfigError
 from peftlab.methods import peft_format
 from peftlab.methods.registry import Method, register
+from peftlab.methods.virtual_tokens import SAVE_PREFIX, modules_to_save_tensors
 
 PEFT_TYPE = "PREFIX_TUNING"
 WEIGHTS_KEY = "prompt_embeddings"  # peft's tensor for the flattened (projected) prefix
-MODULE_PREFIX = "base_model."  # peft prompt learning: PeftModel.base_model is the HF model
 ATTR = "prefix_encoder"  # the ModuleDict of adapters, attached to the backbone
 
 
@@ -266,15 +266,6 @@ def set_adapter(model: nn.Module, name: str) -> None:
     adapters.active = name
 
 
-def _saved_module_params(model: nn.Module, names: list[str] | None) -> dict[str, nn.Parameter]:
-    """``base_model.<module>.<param>`` (peft's file key) -> parameter, for modules_to_save."""
-    if not names:
-        return {}
-    return {f"{MODULE_PREFIX}{mname}.{pname}": p
-            for mname, module in peft_format.find_modules_to_save(model, names).items()
-            for pname, p in module.named_parameters()}
-
-
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Inside the block the model computes the pure base output (e.g. a frozen reference
@@ -413,7 +404,7 @@ def save_prefix_tuning(
                                 else shape.token_dim),
         "modules_to_save": encoder.modules_to_save,
     }
-    tensors = {WEIGHTS_KEY: flat, **_saved_module_params(model, encoder.modules_to_save)}
+    tensors = {WEIGHTS_KEY: flat, **modules_to_save_tensors(model, encoder.modules_to_save)}
     peft_format.write_adapter(directory, config, tensors)
 
 
@@ -443,21 +434,14 @@ def load_prefix_tuning(model: nn.Module, directory: str | PathLike,
     tensors, weights_path = peft_format.read_weights(directory)
     if WEIGHTS_KEY not in tensors:
         raise ValueError(f"{weights_path}: missing key {WEIGHTS_KEY!r}")
-    try:
-        module_params = _saved_module_params(model, cfg.modules_to_save)
-    except ValueError as exc:
-        raise ValueError(f"{config_path}: key 'modules_to_save': {exc}") from None
-    for key in sorted(set(tensors) - {WEIGHTS_KEY}):
-        if key not in module_params:
-            raise ValueError(f"{weights_path}: unexpected key {key!r} (neither {WEIGHTS_KEY!r} "
-                             "nor a parameter of modules_to_save)")
-    for key, param in module_params.items():
-        if key not in tensors:
-            raise ValueError(f"{weights_path}: missing key {key!r} "
-                             "(a parameter of modules_to_save)")
-        if tensors[key].shape != param.shape:
-            raise ValueError(f"{weights_path}: key {key!r} has shape {tuple(tensors[key].shape)}, "
-                             f"the model expects {tuple(param.shape)}")
+    if cfg.modules_to_save:  # the names must match this model's modules: a config problem
+        try:
+            peft_format.find_modules_to_save(model, cfg.modules_to_save)
+        except ValueError as exc:
+            raise ValueError(f"{config_path}: key 'modules_to_save': {exc}") from None
+    extra = {k: v for k, v in tensors.items() if k != WEIGHTS_KEY}
+    pairs = peft_format.match_modules_to_save(model, cfg.modules_to_save, extra, weights_path,
+                                              repr(WEIGHTS_KEY), SAVE_PREFIX)
     flat = tensors[WEIGHTS_KEY]
     want = (cfg.num_virtual_tokens, shape.num_layers * 2 * shape.token_dim)
     if tuple(flat.shape) != want:
@@ -467,8 +451,8 @@ def load_prefix_tuning(model: nn.Module, directory: str | PathLike,
     apply_prefix_tuning(model, cfg, adapter_name)
     with torch.no_grad():
         prefix_encoder(model, adapter_name).embedding.weight.copy_(flat)
-        for key, param in module_params.items():
-            param.copy_(tensors[key])
+        for param, tensor in pairs:
+            param.copy_(tensor)
     return cfg
 
 
