@@ -27,6 +27,7 @@ from peftlab.data import (
     render_prompt,
     tokenize_conversation,
 )
+from peftlab.models import resolve_embedded
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -538,16 +539,10 @@ def test_minilm_wordpiece_tokenizer_with_fallback_template() -> None:
     assert "assistant" in tok.decode(out["input_ids"][:start])
 
 
-def _cached_smollm2() -> Path | None:
-    for path in sorted((Path.home() / ".cache" / "peftlab").glob("smollm2-135m-instruct-*")):
-        if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
-            return path
-    return None
-
-
-@pytest.mark.skipif(_cached_smollm2() is None, reason="SmolLM2 tokenizer not cached")
+@pytest.mark.integration
 def test_real_smollm2_tokenizer() -> None:
-    tok = AutoTokenizer.from_pretrained(str(_cached_smollm2()))
+    # The embedded model's cache (converted from its GGUF on first use, ~25 s once per machine).
+    tok = AutoTokenizer.from_pretrained(str(resolve_embedded("smollm2-135m-instruct")))
     msgs = [
         {"role": "user", "content": "Name a colour."},
         {"role": "assistant", "content": "Blue."},

@@ -7,6 +7,7 @@ peft is a test-only dependency: the reference our hook-based prefix tuning must 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import warnings
@@ -14,6 +15,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from torch.testing import assert_close
 from transformers import (
     BertConfig,
@@ -40,8 +42,10 @@ from peftlab.methods.prefix_tuning import (
     save_prefix_tuning,
     set_adapter,
 )
+from peftlab.models.kv_cache import cache_kwargs, output_cache
 from peftlab.tasks.sft import SFTTask
 from peftlab.train.precision import prepare_precision
+from tests.peft_reference import peft_generate
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -110,7 +114,30 @@ def batch(left_pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
 
 def logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     with torch.no_grad():
+        if isinstance(model, peft.PeftModel) and peft_refuses(model):
+            return peft_steps(model, ids, mask)
         return model(input_ids=ids, attention_mask=mask).logits
+
+
+def peft_refuses(theirs: torch.nn.Module) -> bool:
+    """peft (0.21) runs a SEQ_CLS prefix only through a forward that declares
+    ``past_key_values``; from transformers 5.24 on it is spelled ``cache`` and peft refuses."""
+    params = inspect.signature(theirs.base_model.forward).parameters
+    return theirs.peft_config["default"].task_type == "SEQ_CLS" and "past_key_values" not in params
+
+
+def peft_steps(theirs: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> Tensor:
+    """The logits of peft's SEQ_CLS prefix forward, step by step (its prompt as the backbone's
+    cache, the mask widened by the virtual tokens, pooled output -> dropout -> classifier),
+    for the transformers where peft itself refuses (see peft_refuses)."""
+    n = theirs.peft_config["default"].num_virtual_tokens
+    if mask is not None:
+        mask = torch.cat([mask.new_ones(ids.shape[0], n), mask], dim=1)
+    base = theirs.base_model
+    backbone = base.get_submodule(theirs.transformer_backbone_name)
+    out = backbone(input_ids=ids, attention_mask=mask,
+                   **cache_kwargs(backbone, theirs.get_prompt(ids.shape[0])))
+    return base.classifier(base.dropout(out.pooler_output))
 
 
 # ----------------------------------------------------------------------------- peft parity
@@ -213,7 +240,7 @@ def test_greedy_generation_matches_peft(arch, padded):
               "pad_token_id": PAD, "eos_token_id": None, "output_scores": True,
               "return_dict_in_generate": True}
     with torch.no_grad():
-        expected = theirs.generate(**kwargs)
+        expected = peft_generate(theirs, **kwargs)
         got = ours.generate(**kwargs)
         no_cache = ours.generate(**kwargs, use_cache=False)
         without = plain.generate(**kwargs)
@@ -352,8 +379,8 @@ def test_disable_remove_and_switch_adapters():
     apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=NVT))
     first = logits(model, ids, mask)
     with torch.no_grad():  # the returned cache holds the prefix, unless no cache was asked for
-        assert model(input_ids=ids).past_key_values.get_seq_length() == NVT + ids.shape[1]
-        assert model(input_ids=ids, use_cache=False).past_key_values is None
+        assert output_cache(model(input_ids=ids)).get_seq_length() == NVT + ids.shape[1]
+        assert output_cache(model(input_ids=ids, use_cache=False)) is None
     with disable_adapters(model):
         assert_close(logits(model, ids, mask), base)
     assert_close(logits(model, ids, mask), first)

@@ -32,6 +32,7 @@ from peftlab.methods.p_tuning import PromptEncoder, PTuningConfig
 from peftlab.methods.prompt_tuning import PromptTuningConfig, apply_prompt_tuning
 from peftlab.tasks.sft import IGNORE, SFTTask, backbone_hidden_states
 from peftlab.train.precision import prepare_precision
+from tests.peft_reference import peft_generate
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -166,6 +167,9 @@ def test_sft_loss_matches_peft_and_labels_untouched(method):
 
 
 def generate(model, ids, mask, use_cache=True):
+    if isinstance(model, peft.PeftModel):
+        return peft_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                             min_new_tokens=8, do_sample=False, pad_token_id=0)
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
                           do_sample=False, pad_token_id=0, use_cache=use_cache)
 

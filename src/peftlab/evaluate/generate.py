@@ -7,6 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftlab.data.sft import encode_prompt
+from peftlab.models.kv_cache import cache_kwargs
 
 
 @torch.no_grad()
@@ -106,7 +107,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
     rows = torch.arange(n)  # which prompt each live batch row belongs to
     out: list[list[int]] = [[] for _ in range(n)]
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                   position_ids=positions.to(device), **cache_kwargs(model, cache), use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     for step in range(max_new_tokens):
         token = logits.argmax(-1).cpu()
@@ -123,7 +124,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         position = mask.sum(-1, keepdim=True) - 1
         logits = model(input_ids=token[:, None].to(device), attention_mask=mask.to(device),
-                       position_ids=position.to(device), past_key_values=cache,
+                       position_ids=position.to(device), **cache_kwargs(model, cache),
                        use_cache=True).logits[:, -1]
     return out
 

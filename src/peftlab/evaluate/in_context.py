@@ -36,6 +36,7 @@ from peftlab.data.classification import LabelledRow, encode_prompt, render_templ
 from peftlab.data.readers import DataError
 from peftlab.evaluate.loss import autocast_for
 from peftlab.evaluate.metrics import classification_report
+from peftlab.models.kv_cache import cache_kwargs, output_cache
 
 SEPARATOR = "\n\n"  # between demonstrations, and before the evaluated row's prompt
 
@@ -140,8 +141,8 @@ def label_logprobs(model: nn.Module, prefix_ids: list[int], query_ids: list[list
     with autocast_for(precision):
         cache, n_prefix = None, len(prefix_ids)
         if prefix_ids:
-            cache = backbone(input_ids=torch.tensor([prefix_ids], device=device),
-                             use_cache=True).past_key_values
+            cache = output_cache(backbone(input_ids=torch.tensor([prefix_ids], device=device),
+                                          use_cache=True))
         order = sorted(range(len(query_ids)), key=lambda i: len(query_ids[i]))  # less padding
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -158,7 +159,7 @@ def label_logprobs(model: nn.Module, prefix_ids: list[int], query_ids: list[list
                 past = copy.deepcopy(cache)
                 past.batch_repeat_interleave(n)
             hidden = backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                              past_key_values=past, use_cache=past is not None)
+                              **cache_kwargs(backbone, past), use_cache=past is not None)
             hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
             last = torch.tensor([len(query_ids[i]) - 1 for i in idx], device=hidden.device)
             h = hidden[torch.arange(n, device=hidden.device), last]

@@ -25,11 +25,12 @@ peft's ``PeftModel.forward`` / ``prepare_inputs_for_generation`` do around the b
   ``_adjust_prompt_learning_kwargs``). Without position ids the model counts from the cache
   length, i.e. real tokens also start at position ``num_virtual_tokens`` -- as in peft.
 
-Works for decoder-only models whose backbone takes ``past_key_values`` and whose attention
+Works for decoder-only models whose backbone takes a KV cache (``cache`` from transformers
+5.24 on, ``past_key_values`` before: :mod:`peftlab.models.kv_cache`) and whose attention
 layers all share one KV shape (Llama/Mistral/Qwen2-style with GQA, GPT-2) and for BERT-style
-encoders (transformers 5 still feeds ``past_key_values`` to BertSelfAttention). Refused with
-an error: encoder-decoder models, per-layer KV shapes (Gemma 4 style), legacy tuple caches and
-non-dynamic caches (StaticCache), and gradient checkpointing (it drops ``past_key_values``).
+encoders (transformers 5 still feeds the cache to BertSelfAttention). Refused with an error:
+encoder-decoder models, per-layer KV shapes (Gemma 4 style), legacy tuple caches and
+non-dynamic caches (StaticCache), and gradient checkpointing (it drops the cache).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from peftlab.config import ConfigError
 from peftlab.methods import peft_format
 from peftlab.methods.registry import Method, register
 from peftlab.methods.virtual_tokens import SAVE_PREFIX, modules_to_save_tensors
+from peftlab.models.kv_cache import cache_keyword, output_cache, output_cache_name, pop_cache
 
 PEFT_TYPE = "PREFIX_TUNING"
 WEIGHTS_KEY = "prompt_embeddings"  # peft's tensor for the flattened (projected) prefix
@@ -145,6 +147,7 @@ class PrefixAdapters(nn.ModuleDict):
         self.active: str | None = None
         self.disabled = False
         self.positional_names = positional_names  # the backbone's forward(), to bind *args
+        self.cache_name = "past_key_values"  # what the backbone's forward calls its KV cache
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.hide_cache = False  # set by the pre-hook for the forward hook of the same call
 
@@ -223,13 +226,14 @@ def apply_prefix_tuning(model: nn.Module, cfg: PrefixTuningConfig,
         raise ValueError(f"adapter name {adapter_name!r} must be letters, digits, '_' or '-'")
     backbone = backbone_of(model)
     params = inspect.signature(backbone.forward).parameters
-    if "past_key_values" not in params or "attention_mask" not in params:
+    cache_name = cache_keyword(backbone)
+    if cache_name is None or "attention_mask" not in params:
         raise NotImplementedError(
-            f"prefix tuning: {type(backbone).__name__}.forward takes no past_key_values/"
-            "attention_mask, so a prefix cannot be injected")
+            f"prefix tuning: {type(backbone).__name__}.forward takes no KV cache "
+            "(cache/past_key_values) or no attention_mask, so a prefix cannot be injected")
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("prefix tuning does not work with gradient checkpointing "
-                         "(transformers drops past_key_values in checkpointed layers)")
+                         "(transformers drops the KV cache in checkpointed layers)")
     shape = kv_shape(model.config)
     if cfg.modules_to_save:
         peft_format.find_modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
@@ -238,6 +242,7 @@ def apply_prefix_tuning(model: nn.Module, cfg: PrefixTuningConfig,
         positional = [p.name for p in params.values()
                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         adapters = PrefixAdapters(positional)
+        adapters.cache_name = cache_name
         setattr(backbone, ATTR, adapters)
         adapters.handles = [
             backbone.register_forward_pre_hook(_inject_prefix, with_kwargs=True),
@@ -322,7 +327,7 @@ def _inject_prefix(backbone: nn.Module, args: tuple, kwargs: dict[str, Any]):
         raise ValueError("prefix tuning needs input_ids or inputs_embeds")
     batch_size, device = tokens.shape[0], tokens.device
 
-    past = kwargs.get("past_key_values")
+    past = pop_cache(kwargs)  # the caller may use either spelling; the backbone gets its own
     if past is not None and not isinstance(past, DynamicCache):
         raise TypeError(f"prefix tuning supports DynamicCache only, got {type(past).__name__}")
     if past is None or past.get_seq_length() == 0:
@@ -331,11 +336,12 @@ def _inject_prefix(backbone: nn.Module, args: tuple, kwargs: dict[str, Any]):
         dtype = _compute_dtype(backbone, device)
         for layer_idx, (key, value) in enumerate(encoder.key_values(batch_size, dtype)):
             cache.update(key.to(device), value.to(device), layer_idx)
-        kwargs["past_key_values"] = cache
         # A caller that asked for no cache must not get ours back: some models (Llama) return
         # any cache they were given, and generate(use_cache=False) would then feed it back.
         adapters.hide_cache = past is None and kwargs.get("use_cache") is False
+        past = cache
     # else: a later decoding step; the cache already starts with the prefix.
+    kwargs[adapters.cache_name] = past
 
     mask = kwargs.get("attention_mask")
     if mask is not None:
@@ -353,8 +359,8 @@ def _inject_prefix(backbone: nn.Module, args: tuple, kwargs: dict[str, Any]):
 def _hide_prefix_cache(backbone: nn.Module, args: tuple, output: Any) -> None:
     """Forward hook: drop the cache the pre-hook created when the call had ``use_cache=False``."""
     adapters: PrefixAdapters = getattr(backbone, ATTR)
-    if adapters.hide_cache and getattr(output, "past_key_values", None) is not None:
-        output.past_key_values = None
+    if adapters.hide_cache and output_cache(output) is not None:
+        setattr(output, output_cache_name(output), None)
     adapters.hide_cache = False
 
 

@@ -18,10 +18,11 @@ LlamaModel / GPT2Model / BertModel):
   the virtual tokens: BERT's pooler reads position 0, which is then the first virtual token,
   exactly as in peft. ``attentions`` (if requested) keep the virtual positions.
 
-KV-cache decoding: when ``past_key_values`` is non-empty, the cache already holds the virtual
-tokens (they went in with the prompt), so nothing is prepended; the attention mask is extended
-by ``n`` ones and positions are shifted by ``n`` so they stay consistent with the cache. A
-non-empty cache passed in from outside is assumed to come from this same prompted model.
+KV-cache decoding: when the cache (``cache``; ``past_key_values`` before transformers 5.24)
+is non-empty, it already holds the virtual tokens (they went in with the prompt), so nothing
+is prepended; the attention mask is extended by ``n`` ones and positions are shifted by ``n``
+so they stay consistent with the cache. A non-empty cache passed in from outside is assumed
+to come from this same prompted model.
 
 Unlike peft, caller ``position_ids`` are shifted rather than dropped: with left padding HF
 ``generate`` passes positions computed from the attention mask, so a padded row produces the
@@ -48,6 +49,7 @@ from torch.utils.hooks import RemovableHandle
 
 from peftlab.config import ConfigError
 from peftlab.methods import peft_format
+from peftlab.models.kv_cache import given_cache
 
 ENCODERS_ATTR = "prompt_encoder"  # model.prompt_encoder: ModuleDict adapter name -> prompt module
 _STATE_ATTR = "_peftlab_virtual_tokens"
@@ -107,7 +109,7 @@ class VirtualTokenHooks:
                              f"{tuple(mask.shape)}; static/compiled caches that pass 4-D masks are "
                              "not supported with prompt tuning / p-tuning")
 
-        if _cache_length(kwargs.get("past_key_values")) > 0:
+        if _cache_length(given_cache(kwargs)) > 0:
             # Decoding: the cache starts with the virtual tokens already.
             batch = (input_ids if input_ids is not None else embeds).shape[0]
             if mask is not None:
