@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import time
@@ -413,7 +414,8 @@ def test_smollm2_second_load_uses_the_cache(smollm2_cache: Path,
         raise AssertionError("GGUF parsed on a cached load")
 
     forbid_conversion(monkeypatch)
-    monkeypatch.setattr("transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint", no_gguf)
+    gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
     model, tok = load_model("smollm2-135m-instruct")
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.tie_word_embeddings
