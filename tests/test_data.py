@@ -124,7 +124,7 @@ def test_jsonl_malformed_line_names_file_and_line(tmp_path: Path) -> None:
     path = _write(tmp_path, "train.jsonl", json.dumps(ROW) + '\n{"a": 1 "b": 2}\n')
     with pytest.raises(DataError) as err:
         read_records(path)
-    assert str(err.value) == f"{path}:2: malformed JSON (Expecting ',' delimiter at column 9)"
+    assert str(err.value) == f"{path}:2: malformed JSON (Expecting ',' delimiter, column 9)"
 
 
 def test_jsonl_non_object_line_is_an_error(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import RunConfig, from_dict, load_config
+from peftlab.files import check_can_write
 
 
 def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | None) -> RunConfig:
@@ -20,11 +21,16 @@ def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | Non
 
 
 def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
-          resume: bool | str = False, progress: bool = True):
-    """Fine-tune as the config says; returns a RunSummary (adapter saved in output_dir)."""
+          resume: bool | str = False, progress: bool = True, overwrite: bool = False):
+    """Fine-tune as the config says; returns a RunSummary (adapter saved in output_dir).
+
+    An earlier run in output_dir is continued with ``resume`` (True: its newest good
+    checkpoint, or a checkpoint path) or replaced with ``overwrite``; otherwise it is an
+    error, raised before anything is written."""
     from peftlab.train.recipe import run_training
 
-    return run_training(_as_config(config, overrides), resume=resume, progress=progress)
+    return run_training(_as_config(config, overrides), resume=resume, progress=progress,
+                        overwrite=overwrite)
 
 
 def sweep(config: RunConfig | dict | str | Path, grid: list[str] | dict[str, list],
@@ -52,6 +58,12 @@ def export(model: str, adapter: str | Path | None = None, gguf: str | Path | Non
         raise ValueError("export: give a GGUF file path (--gguf) and/or a directory (--hf)")
     if dtype not in DTYPES:  # before the model is loaded
         raise ValueError(f"dtype: {dtype!r} is not one of {list(DTYPES)}")
+    if gguf is not None:
+        check_can_write(gguf, "--gguf")
+    if hf is not None:
+        check_can_write(hf, "--hf", directory=True)
+    if adapter is not None and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"--adapter: {adapter}: no such adapter directory")
     base, tokenizer = load(model, adapter=adapter)
     if adapter is not None:
         base = merge(base)
@@ -136,6 +148,8 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
     base_loss = evaluate_loss(model, task, val, bs, prec)
     results["base"] = {"val_loss": base_loss, "perplexity": perplexity(base_loss)}
     adapter_dir = Path(adapter) if adapter else Path(cfg.output_dir) / "adapter"
+    if adapter and not adapter_dir.is_dir():  # not silently the base model's numbers
+        raise FileNotFoundError(f"--adapter: {adapter}: no such adapter directory")
     forgetting = cfg.eval.forgetting_corpus is not None
     gen_examples = sft_eval.generation_examples(val, cfg.eval.generate_max_rows)
     runs: dict[str, Any] = {}

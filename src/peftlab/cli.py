@@ -6,12 +6,13 @@ import argparse
 import json
 import os
 import sys
-
-from peftlab.config import ConfigError
+import traceback
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftlab", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of any error (also: PEFTLAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune as a YAML config says")
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in output_dir (or the one given)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in output_dir (without it, that is an error)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("sweep", help="hyper-parameter search / method comparison: one run per "
@@ -87,21 +90,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("PEFTLAB_DEBUG", "") not in ("", "0")
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"peftlab {args.command}: error: {exc}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:  # bad input, a bad file, the OS: one line, exit 2
+        if debug:
+            traceback.print_exc()
+        print(f"peftlab {args.command}: error: {describe_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    # anything else is a bug in peftlab: Python prints its traceback
+
+
+# Raised for what a user can fix (config, data, files, permissions, ports). ValueError covers
+# ConfigError, DataError and CorruptFileError; everything else propagates with a traceback.
+EXPECTED_ERRORS = (ValueError, KeyError, OSError)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``<what>: <why>`` for one line on stderr."""
+    if isinstance(exc, OSError) and exc.strerror:  # raised by the OS, not by our code
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
 
 
 def _train(args: argparse.Namespace) -> int:
     from peftlab.api import train
 
     summary = train(args.config, args.overrides, resume=args.resume,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         print(f"done: {summary.result.steps} steps, adapter in {summary.adapter_dir}")
     return 0
@@ -210,6 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
         if name in adapters:
             raise ValueError(f"--adapter: name {name!r} given twice")
         adapters[name] = directory
+    _check_port(args.host, args.port)  # before the model loads, not after
     engine = Engine(args.model, adapters, base_name=args.name,
                     max_tokens_limit=args.max_tokens_limit)
     server = make_server(engine, args.host, args.port)
@@ -220,6 +242,18 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"--port {port}: cannot listen on {host}:{port}: "
+                             f"{exc.strerror or exc}") from None
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -22,9 +22,26 @@ class ConfigError(ValueError):
     """A configuration problem, with the offending key in the message."""
 
 
+# Names other tools (transformers' TrainingArguments, peft, TRL) use for our keys: a user
+# who types one of them, or a typo of one, is pointed at ours.
+SYNONYMS = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler",
+    "max_seq_length": "max_length", "max_seq_len": "max_length", "eval_steps": "eval_every",
+    "save_steps": "save_every", "logging_steps": "log_every", "warmup": "warmup_steps",
+    "gradient_checkpointing": "activation_checkpointing", "lora_r": "r", "rank": "r",
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "metric_for_best_model": "best_metric",
+    "per_device_eval_batch_size": "batch_size", "output": "output_dir",
+}
+
+
 def suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """" (did you mean 'x'?)" for the closest valid key, also through :data:`SYNONYMS`."""
+    pool = {c: c for c in choices}
+    pool.update({alias: key for alias, key in SYNONYMS.items() if key in choices})
+    close = difflib.get_close_matches(word, list(pool), n=1, cutoff=0.5)
+    return f" (did you mean {pool[close[0]]!r}?)" if close else ""
 
 
 @dataclass
@@ -246,6 +263,9 @@ class TrainConfig:
             raise ConfigError(f"{where}.epochs must be > 0 (or set {where}.max_steps)")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if self.activation_checkpointing and self.compile:
+            raise ConfigError(f"{where}.compile and {where}.activation_checkpointing together "
+                              "are not supported (untested); pick one")
 
 
 @dataclass
@@ -422,12 +442,18 @@ class RunConfig:
             "ppo": dataclasses.asdict(self.ppo),
         }
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
 
 _TOP_KEYS = ["model", "task", "method", "data", "train", "eval", "output_dir", "classification",
              "reward", "dpo", "ppo"]
+_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+                              "classification": ClassificationConfig, "reward": RewardConfig,
+                              "dpo": DPOConfig, "ppo": PPOConfig}
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
@@ -449,10 +475,10 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     method_raw = raw.get("method", {"name": "lora"})
     if isinstance(method_raw, str):
         method_raw = {"name": method_raw}
-    if not isinstance(method_raw, dict) or "name" not in method_raw:
+    if not isinstance(method_raw, dict):
         raise ConfigError("method: must be a mapping with at least 'name' (e.g. {name: lora, r: 8})")
     method_raw = dict(method_raw)
-    name = method_raw.pop("name")
+    name = method_raw.pop("name", "lora")  # the default method, as when 'method' is absent
     spec = get_method(name)
     method_cfg = _build(spec.config_cls, method_raw, "method")
 
@@ -496,11 +522,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML.
+
+    The key is checked against the schema here, so an unknown one is blamed on ``--set``,
+    not on the YAML file (``method.*`` keys depend on the method and are checked later)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
+    _check_override_key(key.strip(), parts)
     node = raw
     for part in parts[:-1]:
         if isinstance(node.get(part), str) and part == "method":
@@ -509,6 +539,21 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part!r} is not a section")
     node[parts[-1]] = yaml.safe_load(value)
+
+
+def _check_override_key(key: str, parts: list[str]) -> None:
+    if parts[0] not in _TOP_KEYS:
+        raise ConfigError(f"--set {key}: unknown key {parts[0]!r}{suggest(parts[0], _TOP_KEYS)}")
+    cls = _SECTIONS.get(parts[0])
+    for i, part in enumerate(parts[1:], start=1):
+        if cls is None:
+            return  # method.* (depends on the method) or free-form values
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            where = ".".join(parts[:i])
+            raise ConfigError(f"--set {key}: {where} has no key {part!r}{suggest(part, names)}")
+        hint = typing.get_type_hints(cls)[part]
+        cls = hint if dataclasses.is_dataclass(hint) else None
 
 
 def _choice(key: str, value: Any, choices: list[str]) -> None:

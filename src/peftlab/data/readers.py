@@ -116,7 +116,7 @@ def _jsonl_rows(p: Path, name: str) -> Iterator[Row]:
             except json.JSONDecodeError as exc:
                 yield (
                     lineno,
-                    DataError(f"{name}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})"),
+                    DataError(f"{name}:{lineno}: malformed JSON ({exc.msg.removesuffix(' at')}, column {exc.colno})"),
                 )
                 continue
             if not isinstance(obj, dict):
@@ -134,7 +134,7 @@ def _json_rows(p: Path, name: str) -> Iterator[Row]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(
-            f"{name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+            f"{name}:{exc.lineno}: malformed JSON ({exc.msg.removesuffix(' at')}, column {exc.colno})"
         ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]

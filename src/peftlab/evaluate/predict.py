@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from peftlab.evaluate.loss import autocast_for
+from peftlab.files import read_json
 
 
 @torch.no_grad()
@@ -84,10 +85,9 @@ def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier
 
 def _base_model_of(adapter: Path) -> str:
     path = adapter / "adapter_config.json"
-    try:
-        name = json.loads(path.read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the base model name ({exc}); pass --model") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (is {adapter} an adapter directory?)")
+    name = read_json(path).get("base_model_name_or_path")
     if not name:
         raise ValueError(f"{path}: no 'base_model_name_or_path'; pass --model")
     return str(name)

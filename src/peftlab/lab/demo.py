@@ -71,7 +71,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | None =
     task, val = prepared.task, prepared.validation
     print("measuring the base model ...")
     before = _measure(model, tokenizer, task, val, heldout, cfg)
-    summary = run_training(cfg, model=model, tokenizer=tokenizer)
+    summary = run_training(cfg, model=model, tokenizer=tokenizer, overwrite=True)
     print("measuring the tuned model ...")
     after = _measure(model, tokenizer, task, val, heldout, cfg)
     total = time.perf_counter() - started

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import ConfigError, RunConfig, load_config
+from peftlab.files import CorruptFileError, read_json
 
 TRIAL_FILE = "trial.json"
 
@@ -154,7 +155,8 @@ def run_sweep(config: RunConfig, grid: dict[str, list[str]], trials: int | None 
         try:
             overrides = [f"{k}={v}" for k, v in point.items()] + [f"output_dir={directory}"]
             cfg = load_config(overrides=overrides, base=base)
-            summary = run_training(cfg, progress=progress)
+            # a trial without a record did not finish: it starts again from scratch
+            summary = run_training(cfg, progress=progress, overwrite=True)
         except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
             trial.error = f"{type(exc).__name__}: {exc}"
             print(f"sweep: trial {i + 1} failed: {trial.error}")
@@ -181,9 +183,8 @@ def _read_trial(path: Path, point: dict[str, str]) -> Trial | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-        trial = Trial(**data)
-    except (json.JSONDecodeError, TypeError) as exc:
+        trial = Trial(**read_json(path))
+    except (CorruptFileError, TypeError) as exc:
         raise ValueError(f"{path}: unreadable trial record ({exc}); delete it to rerun the "
                          "trial") from None
     if trial.overrides != point:

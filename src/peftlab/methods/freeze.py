@@ -36,21 +36,18 @@ The helpers for peftlab's own formats (config read/write) live here and are reus
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from peftlab.config import ConfigError
+from peftlab.files import read_json, read_safetensors, write_text_atomic
 from peftlab.methods import peft_format
 from peftlab.methods.registry import Method, register
 from peftlab.models.targets import block_index
@@ -219,17 +216,8 @@ def applied_config(model: nn.Module, cls: type, method: str) -> Any:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON under a temporary name and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_method_config(directory: str | PathLike, peft_type: str, cls: type) -> tuple[Any, Path]:
@@ -237,12 +225,7 @@ def read_method_config(directory: str | PathLike, peft_type: str, cls: type) -> 
     path = Path(directory) / peft_format.CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter config found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json(path)
     if raw.get("peft_type") != peft_type:
         raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}, expected {peft_type!r}")
     cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
@@ -286,7 +269,7 @@ def load_freeze(model: nn.Module, directory: str | PathLike,
     path = Path(directory) / peft_format.WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: freeze weights not found")
-    tensors = load_file(str(path), device="cpu")
+    tensors = read_safetensors(path)
     expected = _freeze_selection(model, cfg, "freeze")
     for key in tensors:
         if key not in expected:

@@ -26,16 +26,15 @@ a tied ``lm_head``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from peftlab.config import ConfigError
+from peftlab.files import read_json, read_safetensors
 from peftlab.methods import peft_format
 from peftlab.methods.freeze import (
     CONFIG_ATTR,
@@ -115,7 +114,7 @@ def _read_model_weights(model_dir: Path) -> dict[str, tuple[torch.Tensor, Path]]
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: key 'weight_map' is missing or not a mapping")
         files = [model_dir / f for f in sorted(set(weight_map.values()))]
@@ -127,7 +126,7 @@ def _read_model_weights(model_dir: Path) -> dict[str, tuple[torch.Tensor, Path]]
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: shard listed in {index} not found")
-        out.update({k: (v, f) for k, v in load_file(str(f), device="cpu").items()})
+        out.update({k: (v, f) for k, v in read_safetensors(f).items()})
     return out
 
 

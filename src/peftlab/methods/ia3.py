@@ -243,8 +243,8 @@ def apply_ia3(model: nn.Module, cfg: IA3Config, adapter_name: str = "default") -
 def _inject(model: nn.Module, targets: list[str], feedforward: set[str], cfg: IA3Config,
             adapter_name: str) -> None:
     layers.check_new_adapter_name(ia3_layers(model), adapter_name)
-    if cfg.modules_to_save:
-        peft_format.find_modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
+    # fail before touching the model
+    peft_format.check_targets_outside_saved(model, targets, cfg.modules_to_save)
     for name in targets:
         module = model.get_submodule(name)
         is_ff = name in feedforward

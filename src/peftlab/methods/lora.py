@@ -334,8 +334,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default")
 
 def _inject(model: nn.Module, targets: list[str], cfg: LoraConfig, adapter_name: str) -> None:
     layers.check_new_adapter_name(lora_layers(model), adapter_name)
-    if cfg.modules_to_save:
-        peft_format.find_modules_to_save(model, cfg.modules_to_save)  # fail before touching the model
+    # fail before touching the model
+    peft_format.check_targets_outside_saved(model, targets, cfg.modules_to_save)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLinear):

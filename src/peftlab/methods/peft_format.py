@@ -7,19 +7,17 @@ read with safetensors only, never with torch.load/pickle, so loading cannot exec
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.config import ConfigError
+from peftlab.files import read_json, read_safetensors, write_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -100,21 +98,9 @@ def write_adapter(directory: str | os.PathLike, config: dict[str, Any],
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_raw_config(directory: str | os.PathLike,
@@ -123,12 +109,7 @@ def read_raw_config(directory: str | os.PathLike,
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter config found (expected a peft adapter directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json(path)
     if peft_type is not None and raw.get("peft_type") != peft_type:
         raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}; expected {peft_type!r}")
     return raw, path
@@ -209,7 +190,7 @@ def read_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
                 "load (unsafe). Convert it to safetensors first."
             )
         raise FileNotFoundError(f"{path}: adapter weights not found")
-    return load_file(str(path), device="cpu"), path
+    return read_safetensors(path), path
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -260,6 +241,23 @@ def find_modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Mod
     if not found:
         raise ValueError(f"modules_to_save={names!r} matched no module of {type(model).__name__}")
     return found
+
+
+def check_targets_outside_saved(model: nn.Module, targets: list[str],
+                                names: list[str] | None) -> None:
+    """A target module inside a module that ``modules_to_save`` trains in full would be
+    saved twice, under two keys that share memory (safetensors refuses that at the very end
+    of training); refuse it before the model is touched, naming both."""
+    if not names:
+        return
+    saved = find_modules_to_save(model, names)
+    for target in targets:
+        owner = next((s for s in saved if target == s or target.startswith(s + ".")), None)
+        if owner is not None:
+            raise ConfigError(
+                f"method.target_modules: {target!r} lies inside {owner!r}, which "
+                f"modules_to_save ({names}) trains in full; exclude it from target_modules "
+                "(a list of names, or a regex that does not match it)")
 
 
 def modules_to_save_tensors(model: nn.Module, names: list[str] | None,

@@ -36,7 +36,6 @@ non-dynamic caches (StaticCache), and gradient checkpointing (it drops the cache
 from __future__ import annotations
 
 import inspect
-import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +49,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from peftlab.config import ConfigError
+from peftlab.files import read_json
 from peftlab.methods import peft_format
 from peftlab.methods.registry import Method, register
 from peftlab.methods.virtual_tokens import SAVE_PREFIX, modules_to_save_tensors
@@ -467,12 +467,7 @@ def _read_config(directory: str | PathLike) -> tuple[dict[str, Any], Path]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter config found "
                                 "(expected a peft adapter directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json(path)
     if raw.get("peft_type") != PEFT_TYPE:
         raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}; "
                           f"expected {PEFT_TYPE!r}")

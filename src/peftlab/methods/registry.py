@@ -6,13 +6,14 @@ only its own parameters trainable, and (optionally) maps itself to the peft form
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from peftlab.files import read_json
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,7 @@ def method_for_adapter_dir(directory: str | Path) -> Method:
     config_path = Path(directory) / "adapter_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory}: no adapter_config.json (not an adapter directory)")
-    try:
-        peft_type = json.loads(config_path.read_text()).get("peft_type")
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    peft_type = read_json(config_path).get("peft_type")
     for method in _REGISTRY.values():
         if method.peft_type and method.peft_type == peft_type:
             return method

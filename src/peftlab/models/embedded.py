@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftlab.files import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -173,10 +175,7 @@ def _read_json(path: Path) -> dict:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=1))
     except OSError as err:  # only a speed-up: never fail a load over it
         logger.debug("could not write %s: %s", path, err)
 

@@ -49,6 +49,7 @@ from peftlab.data.classification import (
 )
 from peftlab.data.readers import DataError
 from peftlab.data.splits import sample_k_per_class
+from peftlab.files import read_json
 from peftlab.tasks.heads import load_head, save_head
 from peftlab.tasks.sft import backbone_hidden_states
 
@@ -129,6 +130,12 @@ class ClassificationTask:
         loss = F.cross_entropy(logits, batch["labels"].to(logits.device), weight=weight,
                                reduction="sum")
         return loss, self.count(batch)
+
+    def metric_names(self, examples: list[dict]) -> list[str]:
+        """What :meth:`metrics` returns, known before any model runs."""
+        per_class = ([f"f1_{label}" for label in self.labels]
+                     if len(self.labels) <= MAX_LOGGED_CLASSES else [])
+        return ["accuracy", "macro_f1", *per_class]
 
     def metrics(self, model: nn.Module, examples: list[dict], batch_size: int,
                 precision: str) -> dict[str, float]:
@@ -414,13 +421,12 @@ def _add_head_to_modules_to_save(method_cfg: Any) -> None:
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """labels.json of a saved classifier, checked."""
     path = Path(directory) / LABELS_FILE
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"{directory}: no such adapter directory")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the adapter was not trained with "
                                 "task: classification")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    meta = read_json(path)
     for key in ("labels", "mode", "text_field", "max_length"):
         if key not in meta:
             raise ValueError(f"{path}: missing key {key!r}")

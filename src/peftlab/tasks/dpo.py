@@ -176,6 +176,10 @@ class DPOTask:
             return completion_logps(model, batch["input_ids"], batch["attention_mask"],
                                     batch["labels"])
 
+    def metric_names(self, examples: list[dict[str, Any]]) -> list[str]:
+        """What :meth:`metrics` returns for ``examples``, known before any model runs."""
+        return ["reward_accuracy", "chosen_reward", "rejected_reward", "margin"] if examples else []
+
     @torch.no_grad()
     def metrics(self, model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
                 precision: str) -> dict[str, float]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from peftlab.files import read_safetensors
 
 
 def save_head(params: dict[str, nn.Parameter], path: str | Path) -> None:
@@ -29,7 +31,7 @@ def load_head(model: nn.Module, path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (the adapter's task saved its head there)")
     params = dict(model.named_parameters())
-    tensors = load_file(str(path))
+    tensors = read_safetensors(path)
     with torch.no_grad():
         for key, tensor in tensors.items():
             if key not in params:

@@ -8,7 +8,6 @@ answers. Sources are loaded once, kept in eval mode and never trained.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from peftlab.config import ConfigError, PPOConfig
 from peftlab.data.preference import Messages, encode_exchange
+from peftlab.files import read_json
 
 Scorer = Callable[[list[Messages], list[str]], torch.Tensor]
 
@@ -35,7 +35,7 @@ def adapter_dir_of(path: str | Path) -> Path:
 
 def base_model_of(adapter: Path) -> str:
     path = adapter / "adapter_config.json"
-    name = json.loads(path.read_text()).get("base_model_name_or_path")
+    name = read_json(path).get("base_model_name_or_path")
     if not name:
         raise ValueError(f"{path}: no 'base_model_name_or_path'; cannot tell the base model")
     return str(name)

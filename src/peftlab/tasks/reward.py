@@ -99,6 +99,10 @@ class RewardTask:
         losses = bradley_terry_loss(chosen, rejected, self.margin + batch["margin"])
         return losses.sum(), len(batch["ids"])
 
+    def metric_names(self, examples: list[dict[str, Any]]) -> list[str]:
+        """What :meth:`metrics` returns for ``examples``, known before any model runs."""
+        return ["accuracy", "margin", "chosen_score", "rejected_score"] if examples else []
+
     @torch.no_grad()
     def metrics(self, model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
                 precision: str) -> dict[str, float]:

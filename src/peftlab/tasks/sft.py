@@ -57,6 +57,11 @@ class SFTTask:
         head = model.get_output_embeddings()
         return head_cross_entropy(hidden, head, targets, self.chunk_size), n
 
+    def metric_names(self, examples: list[dict[str, Any]]) -> list[str]:
+        """What :meth:`metrics` returns for ``examples``, known before any model runs."""
+        sources = sorted({ex["source"] for ex in examples if "source" in ex})
+        return [f"{kind}/{name}" for name in sources for kind in ("loss", "ppl")]
+
     def metrics(self, model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
                 precision: str) -> dict[str, float]:
         """Per-source loss and perplexity (``loss/<name>``, ``ppl/<name>``; the Trainer logs

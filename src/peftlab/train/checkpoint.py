@@ -10,14 +10,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from peftlab.files import CorruptFileError, check_safetensors, read_json, read_safetensors
+
 STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -32,9 +37,9 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
     full_state = dict(state, optimizer=opt_meta,
                       torch_rng=torch.get_rng_state().tolist())
     (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
@@ -57,8 +62,8 @@ def load_checkpoint(directory: Path, model: nn.Module,
     state_path = directory / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"{directory}: not a peftlab checkpoint (no {STATE_FILE})")
-    state = json.loads(state_path.read_text())
-    weights = load_file(str(directory / "trainable.safetensors"))
+    state = read_json(state_path)
+    weights = read_safetensors(directory / WEIGHTS_FILE)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     unknown = [n for n in weights if n not in params]
@@ -69,20 +74,60 @@ def load_checkpoint(directory: Path, model: nn.Module,
         for name, tensor in weights.items():
             params[name].copy_(tensor)
     if optimizer is not None:
-        _restore_optimizer(optimizer, load_file(str(directory / "optimizer.safetensors")),
+        _restore_optimizer(optimizer, read_safetensors(directory / OPTIMIZER_FILE),
                            state["optimizer"])
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     return state
 
 
+def check_checkpoint(directory: Path) -> None:
+    """Raise CorruptFileError/FileNotFoundError unless every file of the checkpoint reads."""
+    directory = Path(directory)
+    for name in (STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: not a peftlab checkpoint (no {name})")
+    state = read_json(directory / STATE_FILE)
+    for key in ("optimizer", "torch_rng"):  # what load_checkpoint reads for every task
+        if key not in state:
+            raise CorruptFileError(f"{directory / STATE_FILE}: missing key {key!r}")
+    for name in (WEIGHTS_FILE, OPTIMIZER_FILE):
+        check_safetensors(directory / name)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete ``step-*`` checkpoint under ``root`` (ignores *.tmp leftovers)."""
+    """The newest complete, readable ``step-*`` checkpoint under ``root``.
+
+    ``*.tmp`` (a write that never finished) and ``*.old`` leftovers are never picked; a newest
+    checkpoint that does not read (a disk that filled up, a file damaged later) is skipped
+    with a warning, and the one before it is used.
+    """
     root = Path(root)
     if not root.is_dir():
         return None
-    steps = [p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()
-             and not p.name.endswith((".tmp", ".old"))]
-    return max(steps, key=lambda p: int(p.name.split("-")[1]), default=None)
+    recover_interrupted(root)
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir()
+                    and not p.name.endswith((".tmp", ".old"))),
+                   key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for path in steps:
+        try:
+            check_checkpoint(path)
+        except (CorruptFileError, FileNotFoundError) as exc:
+            print(f"warning: skipping checkpoint {path}: {exc}", file=sys.stderr)
+            continue
+        return path
+    return None
+
+
+def recover_interrupted(root: Path) -> None:
+    """Undo a replacement that a crash cut in half: ``save_checkpoint`` moves the old copy to
+    ``<name>.old`` before renaming the new one into place; if ``<name>`` is missing, the old
+    copy is the last complete one (its trainer state is what the step checkpoints expect)."""
+    for old in Path(root).glob("*.old"):
+        target = old.with_name(old.name.removesuffix(".old"))
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,15 @@ import torch
 
 from peftlab.config import ConfigError, RunConfig
 from peftlab.evaluate.sft_eval import RunEvaluation, check_eval_config, report_lines
-from peftlab.methods import get_method
+from peftlab.files import write_text_atomic
+from peftlab.methods import Method, get_method
 from peftlab.models import load_model, load_tokenizer
 from peftlab.tasks import build_task
 from peftlab.train.distributed import World, init_world
 from peftlab.train.plots import plot_loss_curve
 from peftlab.train.precision import prepare_precision, resolve_precision
-from peftlab.train.trainer import Trainer, TrainResult
+from peftlab.train.run_dir import check_output_dir, clear_earlier_run
+from peftlab.train.trainer import Trainer, TrainResult, check_best_metric
 
 
 @dataclass
@@ -44,8 +48,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = True,
-                 model=None, tokenizer=None) -> RunSummary:
+                 model=None, tokenizer=None, overwrite: bool = False) -> RunSummary:
     """Run one fine-tuning job end to end. ``model``/``tokenizer`` may be passed pre-loaded.
+
+    Everything that can fail on bad input (config, data, model, the adapter's save, the
+    output directory) is checked before ``output_dir`` is touched. An earlier run there is
+    continued only with ``resume`` and replaced only with ``overwrite``.
 
     Under ``torchrun`` (WORLD_SIZE > 1) the ranks train data-parallel
     (peftlab.train.distributed); rank 0 alone writes and prints, and only its summary
@@ -53,26 +61,25 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
     """
     world = init_world()
     if world.main:
-        return _run(cfg, resume, progress, model, tokenizer, world)
+        return _run(cfg, resume, progress, model, tokenizer, world, overwrite)
     with contextlib.redirect_stdout(io.StringIO()):
-        return _run(cfg, resume, False, model, tokenizer, world)
+        return _run(cfg, resume, False, model, tokenizer, world, overwrite)
 
 
 def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
-         world: World) -> RunSummary:
+         world: World, overwrite: bool) -> RunSummary:
     started = time.perf_counter()
     out = Path(cfg.output_dir)
+    # -- 1. check everything; nothing is written until the end of this block ----------
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out, resume, overwrite)
+    check_eval_config(cfg)  # e.g. a missing eval.forgetting_corpus fails before any work
     if cfg.train.num_threads:  # before measuring: auto precision times matmuls on these threads
         torch.set_num_threads(cfg.train.num_threads)
     precision = world.choose(["fp32", "bf16"], resolve_precision(cfg.train.precision))
     if precision != cfg.train.precision:
         print(f"precision auto -> {precision} (measured matmul rates on this machine)")
         cfg.train.precision = precision
-    if world.main:
-        cfg.save(out / "config.yaml")
-    check_eval_config(cfg)  # e.g. a missing eval.forgetting_corpus fails before any work
     torch.manual_seed(cfg.train.seed)
 
     if tokenizer is None:
@@ -88,10 +95,10 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     if own_loop is not None and world.size > 1:
         raise ConfigError(f"task {cfg.task!r} runs its own loop, which does not support "
                           "torch.distributed yet; run it in one process")
+    if own_loop is None:
+        check_best_metric(cfg.train.best_metric, task, val)
     if model is None:
         model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
-    if world.main:
-        (out / "data_report.json").write_text(json.dumps(data_report, indent=2))
     _print_data_report(data_report)
 
     evaluation = RunEvaluation(cfg, tokenizer, val)
@@ -107,23 +114,30 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     print(f"method {cfg.method_name}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.3f}%)")
     prepare_precision(model, cfg.train.precision)
-
-    if own_loop is not None:
-        result = own_loop(model, tokenizer, train, val, cfg, out, resume=resume, progress=progress)
-    else:
+    trainer = None
+    if own_loop is None:
         trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress,
                           world=world)
+    if world.main:  # whatever would make the final save fail must fail now, not after training
+        preflight_save(lambda directory: _save_adapter(cfg, method, task, model, tokenizer,
+                                                       directory), out)
+
+    # -- 2. the run writes from here on ---------------------------------------------------
+    if world.main:
+        if overwrite:
+            clear_earlier_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", cfg.to_yaml())
+        write_text_atomic(out / "data_report.json", json.dumps(data_report, indent=2))
+    if trainer is None:
+        result = own_loop(model, tokenizer, train, val, cfg, out, resume=resume, progress=progress)
+    else:
         result = trainer.fit(resume=resume)
 
     adapter_dir = out / "adapter"
     if not world.main:  # the same weights as rank 0, which saves them
         return RunSummary(out, adapter_dir, result, trainable, total, data_report)
-    method.save(model, adapter_dir, adapter_name="default", base_model_name_or_path=cfg.model,
-                task_type=getattr(task, "peft_task_type", "CAUSAL_LM"))
-    tokenizer.save_pretrained(adapter_dir)
-    save_extras = getattr(task, "save", None)  # e.g. labels.json of a classifier
-    if save_extras is not None:
-        save_extras(model, adapter_dir)
+    _save_adapter(cfg, method, task, model, tokenizer, adapter_dir)
     final_report = getattr(task, "final_report", None)  # e.g. per-class scores, confusion matrix
     if final_report is not None and val:
         report = final_report(model, val, cfg.eval.batch_size, cfg.train.precision)
@@ -135,6 +149,32 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     _write_report(cfg, summary, time.perf_counter() - started)
     print(f"saved adapter to {adapter_dir}")
     return summary
+
+
+def _save_adapter(cfg: RunConfig, method: Method, task: Any, model: torch.nn.Module,
+                  tokenizer: Any, directory: Path) -> None:
+    """The adapter (peft format), the tokenizer and the task's extras (e.g. labels.json)."""
+    method.save(model, directory, adapter_name="default", base_model_name_or_path=cfg.model,
+                task_type=getattr(task, "peft_task_type", "CAUSAL_LM"))
+    tokenizer.save_pretrained(directory)
+    save_extras = getattr(task, "save", None)
+    if save_extras is not None:
+        save_extras(model, directory)
+
+
+def preflight_save(save: Callable[[Path], None], out: Path) -> None:
+    """Run ``save`` once into a throw-away directory beside ``out``: a save that cannot work
+    (tensors that share memory, a target inside a fully trained module, a full disk or a
+    read-only folder) then fails before training, not after hours of it."""
+    parent = next(p for p in (out.parent, *out.parents) if p.exists())
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".peftlab-preflight-") as tmp:
+        try:
+            save(Path(tmp) / "adapter")
+        except (ConfigError, OSError) as exc:
+            raise ConfigError(f"the adapter could not be saved after training: {exc}") from exc
+        except RuntimeError as exc:  # safetensors: "Some tensors share memory ..."
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"the adapter could not be saved after training: {first}") from exc
 
 
 def _print_data_report(report: dict[str, Any]) -> None:

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftlab.config import ConfigError, TrainConfig
+from peftlab.config import ConfigError, TrainConfig, suggest
 from peftlab.data.collate import length_grouped_batches
 from peftlab.evaluate.loss import autocast_for, evaluate_loss, perplexity
+from peftlab.files import write_text_atomic
 from peftlab.tasks.base import Task
 from peftlab.train import checkpoint as ckpt
 from peftlab.train.distributed import World
@@ -85,6 +86,19 @@ def compile_blocks(model: nn.Module) -> int:
                       "set it to false")
 
 
+def check_best_metric(best_metric: str, task: Task, val_examples: list[dict] | None) -> None:
+    """``train.best_metric`` must be one the evaluation logs; checked before training starts,
+    not at the first evaluation (after the run has begun to write)."""
+    if not val_examples:
+        return  # no evaluation runs: best_metric is never read
+    names = getattr(task, "metric_names", None)
+    available = ["val_loss", "val_ppl",
+                 *(f"val_{n}" for n in (names(val_examples) if names is not None else []))]
+    if best_metric not in available:
+        raise ConfigError(f"train.best_metric: {best_metric!r} is not computed by this task"
+                          f"{suggest(best_metric, available)}; available: {', '.join(available)}")
+
+
 class Trainer:
     """Fits ``model``'s trainable parameters on ``train_examples`` through ``task``."""
 
@@ -103,9 +117,6 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (did the method apply?)")
-        if cfg.activation_checkpointing and cfg.compile:
-            raise ConfigError("train.compile and train.activation_checkpointing together are "
-                              "not supported (untested); pick one")
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         if cfg.compile:
@@ -151,81 +162,83 @@ class Trainer:
                    desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
         t0 = time.perf_counter()
         window_tokens, window_start = 0, time.perf_counter()
-        for group in self._step_groups(micro):
-            if step >= self.total_steps:
-                break
-            lr = cfg.lr * lr_multiplier(step, self.total_steps, self.warmup_steps, cfg.scheduler)
-            for pg in self.optimizer.param_groups:
-                pg["lr"] = lr
-            mine = group[world.rank::world.size]  # this rank's share of the step
-            batches = [self.task.collate([self.train_examples[i] for i in idx]) for idx in mine]
-            n_total = int(world.sum([sum(self.task.count(b) for b in batches)])[0])
-            loss_total = 0.0
-            for batch in batches:
-                with autocast_for(cfg.precision):
-                    loss_sum, _n = self.task.loss(self.model, batch)
-                (loss_sum / max(n_total, 1)).backward()
-                loss_total += float(loss_sum.detach())
-                if "attention_mask" in batch:
-                    window_tokens += int(batch["attention_mask"].sum())
-            if world.size > 1:
-                loss_total, window_tokens = world.sum_gradients(self.params,
-                                                                [loss_total, window_tokens])
-                window_tokens = int(window_tokens)
-            grad_norm = None
-            if cfg.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            micro += len(group)
-            last_loss = loss_total / max(n_total, 1)
-            state["tokens"] += window_tokens
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed if elapsed > 0 else 0.0
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
-            if step % cfg.log_every == 0 or step == 1 or step == self.total_steps:
-                rec = {"step": step, "epoch": round(micro / self.batches_per_epoch, 3),
-                       "loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1)}
-                if grad_norm is not None:
-                    rec["grad_norm"] = round(grad_norm, 4)
-                self._log(rec, history)
-            window_tokens, window_start = 0, time.perf_counter()
+        try:  # the bar is closed before any error line is printed
+            for group in self._step_groups(micro):
+                if step >= self.total_steps:
+                    break
+                lr = cfg.lr * lr_multiplier(step, self.total_steps, self.warmup_steps, cfg.scheduler)
+                for pg in self.optimizer.param_groups:
+                    pg["lr"] = lr
+                mine = group[world.rank::world.size]  # this rank's share of the step
+                batches = [self.task.collate([self.train_examples[i] for i in idx]) for idx in mine]
+                n_total = int(world.sum([sum(self.task.count(b) for b in batches)])[0])
+                loss_total = 0.0
+                for batch in batches:
+                    with autocast_for(cfg.precision):
+                        loss_sum, _n = self.task.loss(self.model, batch)
+                    (loss_sum / max(n_total, 1)).backward()
+                    loss_total += float(loss_sum.detach())
+                    if "attention_mask" in batch:
+                        window_tokens += int(batch["attention_mask"].sum())
+                if world.size > 1:
+                    loss_total, window_tokens = world.sum_gradients(self.params,
+                                                                    [loss_total, window_tokens])
+                    window_tokens = int(window_tokens)
+                grad_norm = None
+                if cfg.max_grad_norm:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                micro += len(group)
+                last_loss = loss_total / max(n_total, 1)
+                state["tokens"] += window_tokens
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / elapsed if elapsed > 0 else 0.0
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
+                if step % cfg.log_every == 0 or step == 1 or step == self.total_steps:
+                    rec = {"step": step, "epoch": round(micro / self.batches_per_epoch, 3),
+                           "loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1)}
+                    if grad_norm is not None:
+                        rec["grad_norm"] = round(grad_norm, 4)
+                    self._log(rec, history)
+                window_tokens, window_start = 0, time.perf_counter()
 
-            end_of_epoch = micro % self.batches_per_epoch == 0
-            do_eval = self.val_examples and (
-                (cfg.eval_every and step % cfg.eval_every == 0) or end_of_epoch
-                or step == self.total_steps)
-            stop_early = False
-            if do_eval:
-                rec = {"step": step, "epoch": round(micro / self.batches_per_epoch, 3),
-                       **self.evaluate()}
-                self._log(rec, history)
-                bar.write(f"step {step}: " + "  ".join(
-                    f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val_")))
-                value = rec.get(self.best_metric)
-                if value is None:
-                    raise ValueError(f"train.best_metric: {self.best_metric!r} is not computed by "
-                                     f"this task (available: {sorted(rec)})")
-                if state["best_value"] is None or self._better(value, state["best_value"]):
-                    state["best_value"], state["best_step"] = value, step
-                    state["bad_evals"] = 0
-                    self._save(self.ckpt_dir / "best", dict(state, step=step, micro=micro))
-                else:
-                    state["bad_evals"] += 1
-                    patience = cfg.early_stopping_patience
-                    stop_early = patience is not None and state["bad_evals"] >= patience
-            if step % self.save_every == 0 or step == self.total_steps:
-                self._save(self.ckpt_dir / f"step-{step:07d}", dict(state, step=step, micro=micro))
-                if world.main:
-                    ckpt.prune_checkpoints(self.ckpt_dir, keep=2)
-            if stop_early:
-                bar.write(f"early stopping at step {step}: {self.best_metric} has not improved "
-                          f"for {state['bad_evals']} evaluations")
-                self._save(self.ckpt_dir / f"step-{step:07d}", dict(state, step=step, micro=micro))
-                break
-        bar.close()
+                end_of_epoch = micro % self.batches_per_epoch == 0
+                do_eval = self.val_examples and (
+                    (cfg.eval_every and step % cfg.eval_every == 0) or end_of_epoch
+                    or step == self.total_steps)
+                stop_early = False
+                if do_eval:
+                    rec = {"step": step, "epoch": round(micro / self.batches_per_epoch, 3),
+                           **self.evaluate()}
+                    self._log(rec, history)
+                    bar.write(f"step {step}: " + "  ".join(
+                        f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val_")))
+                    value = rec.get(self.best_metric)
+                    if value is None:
+                        raise ValueError(f"train.best_metric: {self.best_metric!r} is not computed by "
+                                         f"this task (available: {sorted(rec)})")
+                    if state["best_value"] is None or self._better(value, state["best_value"]):
+                        state["best_value"], state["best_step"] = value, step
+                        state["bad_evals"] = 0
+                        self._save(self.ckpt_dir / "best", dict(state, step=step, micro=micro))
+                    else:
+                        state["bad_evals"] += 1
+                        patience = cfg.early_stopping_patience
+                        stop_early = patience is not None and state["bad_evals"] >= patience
+                if step % self.save_every == 0 or step == self.total_steps:
+                    self._save(self.ckpt_dir / f"step-{step:07d}", dict(state, step=step, micro=micro))
+                    if world.main:
+                        ckpt.prune_checkpoints(self.ckpt_dir, keep=2)
+                if stop_early:
+                    bar.write(f"early stopping at step {step}: {self.best_metric} has not improved "
+                              f"for {state['bad_evals']} evaluations")
+                    self._save(self.ckpt_dir / f"step-{step:07d}", dict(state, step=step, micro=micro))
+                    break
+        finally:
+            bar.close()
         seconds = time.perf_counter() - t0
         best_dir = self.ckpt_dir / "best"
         if (state["best_step"] is not None and state["best_step"] != step and best_dir.exists()
@@ -288,6 +301,12 @@ class Trainer:
         """On resume, drop metric lines written after the checkpoint we resume from."""
         if not self.metrics_path.exists():
             return
-        lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed mid-write
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
