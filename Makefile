@@ -67,6 +67,7 @@ lock:
 
 lint: $(BIN)/.test-installed
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 clean-venv:
 	rm -rf $(VENV) $(LATEST)

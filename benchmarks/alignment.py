@@ -72,7 +72,8 @@ def _preference(model, task, examples, batch_size: int) -> dict:
     """log p(chosen) - log p(rejected) of the policy and of the reference, per held-out pair."""
     import torch
 
-    from peftlab.tasks.dpo import completion_logps, reference_policy
+    from peftlab.methods.reference import reference_policy
+    from peftlab.models.lm import completion_logps
 
     def logps(batch):
         n = batch["input_ids"].shape[0] // 2
@@ -100,7 +101,7 @@ def _preference(model, task, examples, batch_size: int) -> dict:
 def run_dpo(work: Path, quick: bool, threads: int | None) -> dict:
     import peftlab
     from peftlab.config import from_dict
-    from peftlab.tasks.dpo import build_dpo_task
+    from peftlab.tasks.dpo.task import build_dpo_task
 
     data = hh_split(work, 64 if quick else 2000, 32 if quick else None)
     cfg = {
@@ -207,7 +208,7 @@ def run_ppo(work: Path, quick: bool, threads: int | None) -> dict:
 def _ppo_samples(run: Path, prompts: list[dict]) -> list[dict]:
     """Greedy continuations of a few held-out prompts by the base model and the tuned policy."""
     import peftlab
-    from peftlab.evaluate.generate import generate_replies
+    from peftlab.evaluation.generate import generate_replies
     from peftlab.methods.lora import disable_adapters
 
     model, tokenizer = peftlab.load("smollm2-135m-instruct", run / "adapter")

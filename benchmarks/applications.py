@@ -162,8 +162,8 @@ def run_fewshot(work: Path, quick: bool, threads: int | None) -> dict:
     import peftlab
     from peftlab.api import predict
     from peftlab.config import from_dict
-    from peftlab.evaluate.in_context import in_context_baseline
-    from peftlab.evaluate.metrics import classification_report
+    from peftlab.evaluation.metrics import classification_report
+    from peftlab.tasks.classification.in_context import in_context_baseline
 
     labels = ["0", "1"]
 

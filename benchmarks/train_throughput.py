@@ -290,7 +290,7 @@ def train_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def best_matmul_gflops(trials: int) -> dict[str, float]:
     """Best of ``trials`` runs of peftlab's own measurement (``measured_matmul_gflops``, uncached:
     one run is only 8 matmuls per dtype, easily disturbed on a shared machine)."""
-    from peftlab.train.precision import measured_matmul_gflops
+    from peftlab.runtime.precision import measured_matmul_gflops
 
     runs = [measured_matmul_gflops.__wrapped__() for _ in range(trials)]
     return {d: max(r[d] for r in runs) for d in ("fp32", "bf16")}
@@ -300,9 +300,9 @@ def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dic
     from peftlab.config import TrainConfig
     from peftlab.methods.lora import load_lora, save_lora
     from peftlab.models import load_model
-    from peftlab.tasks.sft import SFTTask
-    from peftlab.train.precision import prepare_precision, resolve_precision
-    from peftlab.train.trainer import Trainer
+    from peftlab.runtime.precision import prepare_precision, resolve_precision
+    from peftlab.tasks.sft.task import SFTTask
+    from peftlab.training.trainer import Trainer
 
     precision = resolve_precision(cfg.get("precision", "auto"))
     model, tokenizer = load_model(cfg["model"])
@@ -375,10 +375,9 @@ def cls_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_model(cfg["model"], kind="sequence_classification", num_labels=2)
     inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batches]
     if name == CANDIDATE:
-        from peftlab.evaluate.loss import autocast_for
         from peftlab.methods.lora import load_lora
-        from peftlab.tasks.classification import ClassificationTask
-        from peftlab.train.precision import prepare_precision, resolve_precision
+        from peftlab.runtime.precision import autocast_for, prepare_precision, resolve_precision
+        from peftlab.tasks.classification.task import ClassificationTask
 
         precision = resolve_precision(cfg.get("precision", "auto"))
         load_lora(model, cfg["adapter"])
@@ -427,7 +426,7 @@ def gen_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     convs = cfg["conversations"]
     model, tokenizer = load_model(cfg["model"])
     if name == CANDIDATE:
-        from peftlab.evaluate.generate import generate_replies
+        from peftlab.evaluation.generate import generate_replies
         from peftlab.methods.lora import load_lora, merge_and_unload
 
         load_lora(model, cfg["adapter"])

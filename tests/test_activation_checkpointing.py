@@ -10,8 +10,8 @@ from torch.testing import assert_close
 from peftlab.config import ConfigError, TrainConfig, from_dict
 from peftlab.methods.lora import LoraConfig, apply_lora, lora_layers
 from peftlab.models import load_model
-from peftlab.tasks.sft import IGNORE, SFTTask
-from peftlab.train.trainer import Trainer, enable_activation_checkpointing
+from peftlab.tasks.sft.task import IGNORE, SFTTask
+from peftlab.training.trainer import Trainer, enable_activation_checkpointing
 
 
 def lora_model(model_dir):

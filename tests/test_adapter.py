@@ -25,7 +25,7 @@ from peftlab.methods.adapter import (
     set_adapter,
 )
 from peftlab.methods.lora import count_parameters
-from peftlab.train.precision import prepare_precision
+from peftlab.runtime.precision import prepare_precision
 from tests.test_full_freeze import IDS, MODELS, logits, tiny_bert, tiny_llama, train_steps
 
 HIDDEN = 32

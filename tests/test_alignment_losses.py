@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from peftlab.tasks.dpo import dpo_loss
-from peftlab.tasks.reward import bradley_terry_loss
-from peftlab.train.ppo import KLController, gae, kl_penalty, masked_whiten, ppo_losses
+from peftlab.tasks.dpo.task import dpo_loss
+from peftlab.tasks.ppo.loop import KLController, gae, kl_penalty, masked_whiten, ppo_losses
+from peftlab.tasks.reward.task import bradley_terry_loss
 
 
 def t(*values: float) -> torch.Tensor:

@@ -3,6 +3,7 @@ model, and that only training rows are ever augmented."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections import Counter
@@ -24,7 +25,8 @@ from peftlab.data.augment import (
     synonym_replacement,
     whole_word_tokens,
 )
-from peftlab.tasks.sft import prepare_sft_data
+from peftlab.evaluation.generate import generate_replies
+from peftlab.tasks.sft.data import prepare_sft_data
 
 TEXT = "The good movie was very long but the story was simple and funny"
 
@@ -135,16 +137,17 @@ def test_eda_with_embedding_synonyms(tiny):
 
 def test_paraphrase_is_seeded(tiny):
     model, tok = tiny
+    reply = functools.partial(generate_replies, model, tok, max_new_tokens=8, do_sample=True,
+                              temperature=0.9, top_p=0.95)
     texts = ["Name a colour", "Say hello to the user"]
     state = torch.random.get_rng_state()
-    a = paraphrase(texts, model, tok, seed=0, max_new_tokens=8)
+    a = paraphrase(texts, reply, seed=0)
     assert torch.equal(torch.random.get_rng_state(), state)  # caller's RNG untouched
-    assert a == paraphrase(texts, model, tok, seed=0, max_new_tokens=8)
-    assert a != paraphrase(texts, model, tok, seed=1, max_new_tokens=8)
+    assert a == paraphrase(texts, reply, seed=0)
+    assert a != paraphrase(texts, reply, seed=1)
     rows = [{"instruction": t, "output": "ok"} for t in texts]
     cfg = AugmentConfig(method="paraphrase", copies=2, max_new_tokens=8)
-    new, sources, report = augment_rows(rows, cfg, seed=0, fields=["instruction"], model=model,
-                                        tokenizer=tok)
+    new, sources, report = augment_rows(rows, cfg, seed=0, fields=["instruction"], reply=reply)
     assert report["rows_added"] + report["unchanged"] == 4
     assert all(r["output"] == "ok" for r in new)
     assert [rows[i]["instruction"] for i in sources] != [r["instruction"] for r in new]

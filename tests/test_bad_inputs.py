@@ -285,7 +285,7 @@ def test_a_save_that_would_fail_fails_before_training(tmp_path):
     """The preflight save turns the error the final save would raise (here safetensors'
     shared-memory refusal) into a config error, and writes nothing beside the run."""
     from peftlab.config import ConfigError
-    from peftlab.train.recipe import preflight_save
+    from peftlab.training.recipe import preflight_save
 
     def save(directory: Path) -> None:
         directory.mkdir()

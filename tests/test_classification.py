@@ -26,13 +26,13 @@ from peftlab.data.classification import (
     stratified_split,
 )
 from peftlab.data.readers import DataError
-from peftlab.evaluate.predict import load_classifier, predict_logits
 from peftlab.methods import method_names
 from peftlab.methods.lora import LoraConfig, apply_lora, save_lora
 from peftlab.models import load_model
 from peftlab.tasks import build_task
-from peftlab.tasks.classification import HEAD_FILE, ClassificationTask
-from peftlab.train.recipe import run_training
+from peftlab.tasks.classification.predict import load_classifier
+from peftlab.tasks.classification.task import HEAD_FILE, ClassificationTask, predict_logits
+from peftlab.training.recipe import run_training
 from tests.conftest import SHARED_DATA
 
 POS = ["good", "great", "excellent"]
@@ -509,8 +509,8 @@ def test_config_round_trip(tmp_path):
                      "data": {"labels": [0, "1"], "text_pair_field": "hypothesis"},
                      "classification": {"mode": "verbalizer", "verbalizer": {"0": "no"}}})
     again = from_dict(cfg.to_dict())
-    assert again.classification == cfg.classification and again.data == cfg.data
-    assert cfg.classification.class_weights == "none"
+    assert again.task_config == cfg.task_config and again.data == cfg.data
+    assert cfg.task_config.class_weights == "none"
 
 
 # ----------------------------------------------------------------------------- real data
@@ -565,7 +565,7 @@ def test_eval_reloads_the_head_the_task_saved(method, tiny_bert_dir, synthetic_f
                             labels=["neg", "pos"])
     summary = run_training(cfg, progress=False, model=model, tokenizer=tok)
     prepared = build_task(cfg, tok)
-    from peftlab.evaluate.loss import evaluate_loss
+    from peftlab.evaluation.loss import evaluate_loss
 
     expected = evaluate_loss(model, prepared.task, prepared.validation, 16, "fp32")
     results = peftlab.evaluate(cfg, adapter=summary.adapter_dir)

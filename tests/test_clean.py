@@ -25,7 +25,7 @@ from peftlab.data.clean import (
     word_shingles,
 )
 from peftlab.data.splits import grouped_split, split_off, stratified_split
-from peftlab.tasks.sft import prepare_sft_data
+from peftlab.tasks.sft.data import prepare_sft_data
 
 
 def _text(row):

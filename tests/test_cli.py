@@ -37,7 +37,7 @@ def test_train_eval_chat(tiny_chat_model_dir, demo_data_dir, tmp_path, capsys):
                "--prompt", "What is the price?", "--max-new-tokens", "5"])
     assert rc == 0
     from peftlab.api import load
-    from peftlab.evaluate.generate import generate_replies
+    from peftlab.evaluation.generate import generate_replies
 
     model, tok = load(str(tiny_chat_model_dir), adapter=adapter)
     expected = generate_replies(model, tok, [[{"role": "user", "content": "What is the price?"}]],

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 import peftlab
-from peftlab.train import checkpoint as ckpt
+from peftlab.runtime import checkpoint as ckpt
 
 MAX_STEPS = 12
 
@@ -32,7 +32,7 @@ MAX_STEPS = 12
 # writes half the file, then the process kills itself (SIGKILL: no cleanup of any kind).
 KILLING_SAVE = '''
 import os, signal, sys
-import peftlab.train.checkpoint as ckpt
+import peftlab.runtime.checkpoint as ckpt
 from safetensors.torch import save_file as real_save
 
 target = int(os.environ["KILL_AT_SAVE"])

@@ -28,7 +28,7 @@ def _cfg(model_dir: Path, data: dict[str, Path], out: Path, grad_accum: int) -> 
 
 
 def _train(cfg: dict, state_path: Path) -> None:
-    from peftlab.train.recipe import run_training
+    from peftlab.training.recipe import run_training
 
     model, tok = load_model(cfg["model"])
     run_training(from_dict(cfg), progress=False, model=model, tokenizer=tok)

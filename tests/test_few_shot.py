@@ -1,5 +1,5 @@
 """Few-shot classification: k-shot sampling (data.k_shot) and the in-context k-shot baseline
-(peftlab.evaluate.in_context) on a tiny random Llama."""
+(peftlab.tasks.classification.in_context) on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from peftlab.config import ConfigError, from_dict
 from peftlab.data.classification import LabelledRow
 from peftlab.data.readers import DataError
 from peftlab.data.splits import sample_k_per_class
-from peftlab.evaluate.in_context import (
+from peftlab.evaluation.metrics import classification_report
+from peftlab.models import load_model
+from peftlab.tasks import build_task
+from peftlab.tasks.classification.in_context import (
     encode_in_context,
     in_context_baseline,
     in_context_classify,
     label_logprobs,
     order_demonstrations,
 )
-from peftlab.evaluate.metrics import classification_report
-from peftlab.models import load_model
-from peftlab.tasks import build_task
 
 TEMPLATE = "Review: {text}\nAnswer:"
 WORDS = {"pos": "the", "neg": "is"}  # single BPE tokens of the tiny tokenizer
@@ -160,7 +160,7 @@ def tiny(tiny_chat_model_dir):
 
 
 def _meta(tok) -> dict:
-    from peftlab.tasks.classification import label_token_ids
+    from peftlab.tasks.classification.task import label_token_ids
 
     labels = ["neg", "pos"]
     words = [WORDS[label] for label in labels]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from peftlab.evaluate.generate import _hf_generate, generate_replies, greedy_generate
+from peftlab.evaluation.generate import _hf_generate, generate_replies, greedy_generate
 from peftlab.models import load_model
 
 CHATS = [[{"role": "user", "content": q}] for q in
@@ -54,7 +54,7 @@ def test_generate_replies_uses_the_same_tokens(tiny_chat_model_dir):
     replies = generate_replies(model, tok, CHATS, max_new_tokens=10, batch_size=3)
     tok.padding_side = "left"
     from peftlab.data.sft import encode_prompt
-    from peftlab.evaluate.generate import stop_token_ids
+    from peftlab.evaluation.generate import stop_token_ids
 
     for chat, reply in zip(CHATS, replies, strict=True):
         ref = _hf_generate(model, tok, [encode_prompt(chat, tok)], 10, stop_token_ids(tok),

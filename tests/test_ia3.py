@@ -39,7 +39,7 @@ from peftlab.methods.ia3 import (
     set_adapter,
     unmerge,
 )
-from peftlab.train.precision import prepare_precision
+from peftlab.runtime.precision import prepare_precision
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),

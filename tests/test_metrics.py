@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peftlab.evaluate.metrics import (
+from peftlab.evaluation.metrics import (
     accuracy,
     classification_report,
     confusion_matrix,

@@ -22,7 +22,9 @@ from peftlab.data.templates import (
     template_variables,
     tokenize_prompt_answer,
 )
-from peftlab.tasks.sft import SFTTask, build_sft_task, prepare_sft_data
+from peftlab.methods.prompt_tuning import PromptTuningConfig, apply_prompt_tuning
+from peftlab.tasks.sft.data import prepare_sft_data
+from peftlab.tasks.sft.task import SFTTask, build_sft_task
 
 # ----------------------------------------------------------------------------- bin packing
 
@@ -118,7 +120,7 @@ def test_packed_loss_and_grads_equal_unpacked(tiny_chat_model_dir, attn):
 
 def test_sft_task_rejects_packing_with_virtual_tokens(tiny_chat_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
-    model.prompt_encoder = torch.nn.ModuleDict()  # what prompt tuning attaches
+    apply_prompt_tuning(model, PromptTuningConfig(num_virtual_tokens=2))
     batch = SFTTask(0).collate(pack_examples(_examples(), 24)[0])
     with pytest.raises(ValueError, match="can't be used with prompt tuning"):
         SFTTask(0).loss(model, batch)
@@ -153,7 +155,7 @@ def test_prepare_sft_data_packs_train_only(tmp_path, tiny_chat_model_dir):
 
 
 def test_training_run_with_packing(tmp_path, tiny_chat_model_dir):
-    from peftlab.train.recipe import run_training
+    from peftlab.training.recipe import run_training
 
     cfg = from_dict({
         "model": str(tiny_chat_model_dir), "method": {"name": "lora", "r": 2},

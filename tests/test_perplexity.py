@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftlab.evaluate.perplexity import (
+from peftlab.evaluation.perplexity import (
     compare_forgetting,
     corpus_prefix_ids,
     forgetting_report,

@@ -18,14 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftlab.config import ConfigError, PPOConfig, from_dict
+from peftlab.config import ConfigError, from_dict
 from peftlab.data.sft import encode_prompt
 from peftlab.lab.demo_data import generate_demo_data
 from peftlab.models import load_model
 from peftlab.tasks import build_task
-from peftlab.tasks.ppo_rewards import ClassifierScorer, FunctionScorer, check_reward_config
-from peftlab.train.ppo import generate_rollouts
-from peftlab.train.recipe import run_training
+from peftlab.tasks.ppo.config import PPOConfig
+from peftlab.tasks.ppo.loop import generate_rollouts
+from peftlab.tasks.ppo.rewards import ClassifierScorer, FunctionScorer, check_reward_config
+from peftlab.training.recipe import run_training
 
 MAX_NEW = 8
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from peftlab.train import precision
-from peftlab.train.precision import (
+from peftlab.runtime import precision
+from peftlab.runtime.precision import (
     choose_precision,
     matmul_gflops,
     measured_matmul_gflops,

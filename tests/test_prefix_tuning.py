@@ -43,8 +43,8 @@ from peftlab.methods.prefix_tuning import (
     set_adapter,
 )
 from peftlab.models.kv_cache import cache_kwargs, output_cache
-from peftlab.tasks.sft import SFTTask
-from peftlab.train.precision import prepare_precision
+from peftlab.runtime.precision import prepare_precision
+from peftlab.tasks.sft.task import SFTTask
 from tests.peft_reference import peft_generate
 
 peft = pytest.importorskip("peft")

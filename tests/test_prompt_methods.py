@@ -30,8 +30,9 @@ from peftlab.methods import get_method, method_for_adapter_dir
 from peftlab.methods import virtual_tokens as vt
 from peftlab.methods.p_tuning import PromptEncoder, PTuningConfig
 from peftlab.methods.prompt_tuning import PromptTuningConfig, apply_prompt_tuning
-from peftlab.tasks.sft import IGNORE, SFTTask, backbone_hidden_states
-from peftlab.train.precision import prepare_precision
+from peftlab.models.lm import backbone_hidden_states
+from peftlab.runtime.precision import prepare_precision
+from peftlab.tasks.sft.task import IGNORE, SFTTask
 from tests.peft_reference import peft_generate
 
 peft = pytest.importorskip("peft")

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from peftlab.config import from_dict
-from peftlab.evaluate.loss import evaluate_loss
+from peftlab.evaluation.loss import evaluate_loss
 from peftlab.methods import get_method
 from peftlab.models import load_model
+from peftlab.runtime.precision import prepare_precision, resolve_precision
 from peftlab.tasks import build_task
-from peftlab.train.precision import prepare_precision, resolve_precision
-from peftlab.train.trainer import Trainer
+from peftlab.training.trainer import Trainer
 
 from .conftest import SHARED_DATA
 

@@ -27,9 +27,9 @@ from peftlab.data.preference import (
 from peftlab.data.readers import DataError
 from peftlab.lab.demo_data import generate_demo_data
 from peftlab.models import load_model, load_tokenizer
+from peftlab.models.lm import completion_logps
 from peftlab.tasks import build_task
-from peftlab.tasks.dpo import completion_logps
-from peftlab.train.recipe import run_training
+from peftlab.training.recipe import run_training
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +127,7 @@ def _cfg(model_dir: Path, data: Path, out: Path, task: str, **extra) -> dict:
 
 
 def test_reward_model_learns_pairs_and_saves_its_head(tiny_chat_model_dir, tmp_path):
-    from peftlab.tasks.ppo_rewards import RewardModelScorer
+    from peftlab.tasks.ppo.rewards import RewardModelScorer
 
     data = _write_pairs(tmp_path / "pairs.jsonl")
     cfg = from_dict(_cfg(tiny_chat_model_dir, data, tmp_path / "rm", "reward"))

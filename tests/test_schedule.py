@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from peftlab.train.schedule import lr_multiplier
+from peftlab.runtime.schedule import lr_multiplier
 
 
 def test_warmup_then_cosine_to_zero():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from peftlab.cli import main
-from peftlab.evaluate.generate import generate_replies
+from peftlab.evaluation.generate import generate_replies
 from peftlab.methods.lora import LoraConfig, apply_lora, load_lora, save_lora
 from peftlab.models import load_model
 from peftlab.serve.engine import Engine

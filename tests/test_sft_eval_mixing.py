@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import peftlab
 from peftlab.config import ConfigError, from_dict
 from peftlab.data.mixing import mixture_quotas, replay_count
-from peftlab.evaluate.perplexity import forgetting_report
-from peftlab.evaluate.sft_eval import METRICS, generation_examples
-from peftlab.evaluate.text_metrics import generation_report
-from peftlab.tasks.sft import prepare_sft_data
+from peftlab.evaluation.perplexity import forgetting_report
+from peftlab.evaluation.sft_eval import METRICS, generation_examples
+from peftlab.evaluation.text_metrics import generation_report
+from peftlab.tasks.sft.data import prepare_sft_data
 
 WORDS = ["lantern", "pack", "shell", "tent", "stove", "bag", "rope", "map", "boot", "hat"]
 

@@ -10,7 +10,8 @@ from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftlab.methods.lora import LoraConfig, apply_lora
-from peftlab.tasks.sft import IGNORE, SFTTask, head_cross_entropy
+from peftlab.models.lm import head_cross_entropy
+from peftlab.tasks.sft.task import IGNORE, SFTTask
 
 HIDDEN, VOCAB = 16, 50
 

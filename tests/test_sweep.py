@@ -82,7 +82,7 @@ def test_sweep_ranks_by_val_loss_records_failures_and_resumes(tiny_chat_model_di
     def no_training(*args, **kwargs):
         raise AssertionError("a finished trial was trained again")
 
-    monkeypatch.setattr("peftlab.train.recipe.run_training", no_training)
+    monkeypatch.setattr("peftlab.training.recipe.run_training", no_training)
     again = peftlab.sweep(_cfg(tiny_chat_model_dir, demo_data_dir, out), grid, progress=False)
     assert [t.best_value for t in again.ranked] == [t.best_value for t in result.ranked]
 

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftlab.data.sft import tokenize_conversation
-from peftlab.evaluate.text_metrics import (
+from peftlab.evaluation.text_metrics import (
     corpus_bleu,
     exact_match,
     generation_report,

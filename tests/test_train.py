@@ -14,8 +14,8 @@ import peftlab
 from peftlab.config import from_dict
 from peftlab.data.sft import build_sft_examples, ensure_chat_template
 from peftlab.models import load_model
-from peftlab.tasks.sft import SFTTask
-from peftlab.train import checkpoint as ckpt
+from peftlab.runtime import checkpoint as ckpt
+from peftlab.tasks.sft.task import SFTTask
 
 
 def _cfg(model_dir: Path, data: dict[str, Path], out: Path, **train) -> dict:
@@ -135,7 +135,7 @@ class _ScriptedMetricTask(SFTTask):
 
 def test_best_metric_and_early_stopping(tiny_chat_model_dir, demo_data_dir, tmp_path):
     from peftlab.methods import get_method
-    from peftlab.train.trainer import Trainer
+    from peftlab.training.trainer import Trainer
 
     cfg = from_dict(_cfg(tiny_chat_model_dir, demo_data_dir, tmp_path, max_steps=10,
                          eval_every=1, best_metric="val_accuracy", early_stopping_patience=2))

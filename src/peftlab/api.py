@@ -7,7 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import RunConfig, from_dict, load_config
+from peftlab.evaluation import sft_eval
+from peftlab.evaluation.loss import evaluate_loss, perplexity
+from peftlab.export.gguf import DTYPES, export_gguf
 from peftlab.files import check_can_write
+from peftlab.lab.sweep import parse_grid, run_sweep
+from peftlab.methods import get_method, method_for_adapter_dir, method_names, methods_on
+from peftlab.models import load_model, load_tokenizer
+from peftlab.runtime.precision import resolve_precision
+from peftlab.tasks import build_task
+from peftlab.tasks.classification.predict import predict_file
+from peftlab.training.recipe import run_training
 
 
 def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | None) -> RunConfig:
@@ -27,7 +37,6 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     An earlier run in output_dir is continued with ``resume`` (True: its newest good
     checkpoint, or a checkpoint path) or replaced with ``overwrite``; otherwise it is an
     error, raised before anything is written."""
-    from peftlab.train.recipe import run_training
 
     return run_training(_as_config(config, overrides), resume=resume, progress=progress,
                         overwrite=overwrite)
@@ -40,7 +49,6 @@ def sweep(config: RunConfig | dict | str | Path, grid: list[str] | dict[str, lis
     (``{"train.lr": [1e-4, 3e-4]}`` or ``["train.lr=1e-4,3e-4"]``), or a seeded sample of
     ``trials`` points, into OUTPUT_DIR/trials/; returns a SweepResult ranked by
     ``train.best_metric`` (also OUTPUT_DIR/sweep.md, sweep.json, sweep.png)."""
-    from peftlab.lab.sweep import parse_grid, run_sweep
 
     return run_sweep(_as_config(config, overrides), parse_grid(grid), trials=trials, seed=seed,
                      progress=progress)
@@ -52,7 +60,6 @@ def export(model: str, adapter: str | Path | None = None, gguf: str | Path | Non
     """Fold ``adapter`` (LoRA/IA3) into ``model`` and write it as a GGUF file (``gguf``; dtype
     f32|f16|bf16|q8_0) and/or a plain transformers directory (``hf``: safetensors +
     tokenizer). Returns the paths written."""
-    from peftlab.export.gguf import DTYPES, export_gguf
 
     if gguf is None and hf is None:
         raise ValueError("export: give a GGUF file path (--gguf) and/or a directory (--hf)")
@@ -81,8 +88,6 @@ def export(model: str, adapter: str | Path | None = None, gguf: str | Path | Non
 
 def load(model: str, adapter: str | Path | None = None, kind: str = "causal_lm"):
     """Load a base model (+ a saved adapter, any registered method) and its tokenizer."""
-    from peftlab.methods import method_for_adapter_dir
-    from peftlab.models import load_model
 
     base, tokenizer = load_model(model, kind=kind)
     if adapter is not None:
@@ -94,27 +99,25 @@ def load(model: str, adapter: str | Path | None = None, kind: str = "causal_lm")
 def merge(model):
     """Fold the adapter into the base weights and return a plain transformers model.
 
-    Only methods whose update is a change of the base weights can be folded: LoRA and (IA)^3
-    (both may be present). Bottleneck adapters, prompt tuning, p-tuning and prefix tuning add
-    computation no weight can absorb, so they are refused before anything is changed.
+    Only methods whose update is a change of the base weights can be folded (those that
+    declare ``merge``: LoRA and (IA)^3, both may be present). Bottleneck adapters, prompt
+    tuning, p-tuning and prefix tuning add computation no weight can absorb, so they are
+    refused before anything is changed.
     """
-    from peftlab.methods import adapter, ia3, lora, prefix_tuning, virtual_tokens
 
     name = type(model).__name__
-    unmergeable = {"adapter": bool(adapter.adapter_layers(model)),
-                   "prompt_tuning / p_tuning": virtual_tokens.hooks_of(model) is not None,
-                   "prefix_tuning": prefix_tuning.adapters_of(model) is not None}
-    for method, present in unmergeable.items():
-        if present:
-            raise ValueError(f"merge: {name} carries a {method} adapter, which cannot be folded "
-                             "into the base weights (only lora and ia3 can); keep it as an adapter")
-    has_lora, has_ia3 = bool(lora.lora_layers(model)), bool(ia3.ia3_layers(model))
-    if not (has_lora or has_ia3):
-        raise ValueError(f"merge: {name} has no lora or ia3 layers to fold")
-    if has_lora:
-        lora.merge_and_unload(model)
-    if has_ia3:
-        ia3.merge_and_unload(model)
+    mergeable = [n for n in method_names() if get_method(n).merge is not None]
+    present = methods_on(model)
+    for method in present:
+        if method.merge is None:
+            raise ValueError(f"merge: {name} carries a {method.name} adapter, which cannot be "
+                             f"folded into the base weights (only {' and '.join(mergeable)} "
+                             "can); keep it as an adapter")
+    if not present:
+        raise ValueError(f"merge: {name} has no adapter layers to fold (methods that can be "
+                         f"folded: {', '.join(mergeable)})")
+    for method in present:
+        method.merge(model)
     return model
 
 
@@ -127,11 +130,6 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
     plus the base model's with ``eval.compare_base`` or when there is no adapter; written to
     OUTPUT_DIR/eval_predictions.jsonl and eval_generation_metrics.json).
     """
-    from peftlab.evaluate import sft_eval
-    from peftlab.evaluate.loss import evaluate_loss, perplexity
-    from peftlab.methods import method_for_adapter_dir
-    from peftlab.models import load_model, load_tokenizer
-    from peftlab.tasks import build_task
 
     cfg = _as_config(config, overrides)
     sft_eval.check_eval_config(cfg)
@@ -141,7 +139,6 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
     model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
     if not val:
         raise ValueError("eval needs validation data: set data.validation or data.validation_split")
-    from peftlab.train.precision import resolve_precision
 
     bs, prec = cfg.eval.batch_size, resolve_precision(cfg.train.precision)
     results: dict[str, Any] = {"examples": len(val)}
@@ -159,9 +156,7 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
         runs["base"] = sft_eval.generate(model, tokenizer, gen_examples, cfg, prec)
     if adapter_dir.is_dir():
         method_for_adapter_dir(adapter_dir).load(model, adapter_dir, adapter_name="default")
-        restore = getattr(task, "restore", None)  # e.g. a classifier head the task saved
-        if restore is not None:
-            restore(model, adapter_dir)
+        task.restore(model, adapter_dir)  # e.g. a classifier head the task saved
         loss = evaluate_loss(model, task, val, bs, prec)
         results["adapter"] = {"path": str(adapter_dir), "val_loss": loss,
                               "perplexity": perplexity(loss)}
@@ -192,7 +187,6 @@ def predict(adapter: str | Path, input: str | Path | list, model: str | None = N
     "probabilities"[, "gold"]}], "rows", "labelled", "accuracy", "truncated", "output"}``;
     ``output`` also gets one JSON line per input row.
     """
-    from peftlab.evaluate.predict import predict_file
 
     return predict_file(input, adapter, model=model, output=output, text_field=text_field,
                         text_pair_field=text_pair_field, batch_size=batch_size)

@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import traceback
+
+from peftlab.api import evaluate, export, load, predict, sweep, train
+from peftlab.evaluation.generate import generate_replies
+from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
+from peftlab.lab.demo import run_demo
+from peftlab.lab.sweep import table
+from peftlab.serve.engine import Engine
+from peftlab.serve.server import make_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +128,6 @@ def describe_error(exc: BaseException) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from peftlab.api import train
-
     summary = train(args.config, args.overrides, resume=args.resume,
                     progress=not args.no_progress, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
@@ -129,9 +136,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from peftlab.api import sweep
-    from peftlab.lab.sweep import table
-
     result = sweep(args.config, args.grid, overrides=args.overrides, trials=args.trials,
                    seed=args.seed, progress=not args.no_progress)
     print(table(result))
@@ -145,8 +149,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from peftlab.api import evaluate
-
     results = evaluate(args.config, args.overrides, adapter=args.adapter)
     print(f"{'model':<10} {'val_loss':>9} {'perplexity':>11}   ({results['examples']} examples)")
     for name in ("base", "adapter"):
@@ -154,12 +156,8 @@ def _eval(args: argparse.Namespace) -> int:
             r = results[name]
             print(f"{name:<10} {r['val_loss']:>9.4f} {r['perplexity']:>11.2f}")
     if "forgetting" in results:
-        from peftlab.evaluate.sft_eval import describe_forgetting
-
         print(describe_forgetting(results["forgetting"]))
     if "generation" in results:
-        from peftlab.evaluate.sft_eval import generation_table
-
         print(f"generation on {results['generation']['examples']} validation prompts:")
         print("\n".join(generation_table(results["generation"])))
     print(json.dumps(results))
@@ -167,8 +165,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from peftlab.api import predict
-
     result = predict(args.adapter, args.input, model=args.model, output=args.output,
                      text_field=args.text_field, text_pair_field=args.text_pair_field,
                      batch_size=args.batch_size)
@@ -187,9 +183,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from peftlab.api import load
-    from peftlab.evaluate.generate import generate_replies
-
     model, tokenizer = load(args.model, adapter=args.adapter)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -220,9 +213,6 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from peftlab.serve.engine import Engine
-    from peftlab.serve.server import make_server
-
     adapters: dict[str, str] = {}
     for spec in args.adapter:
         name, sep, directory = spec.partition("=")
@@ -245,8 +235,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_port(host: str, port: int) -> None:
-    import socket
-
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
         try:
@@ -257,8 +245,6 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from peftlab.api import export
-
     written = export(args.model, adapter=args.adapter, gguf=args.gguf, hf=args.hf,
                      dtype=args.dtype, tokenizer_pre=args.tokenizer_pre)
     for kind, path in written.items():
@@ -267,8 +253,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from peftlab.lab.demo import run_demo
-
     run_demo(args.output_dir, overrides=args.overrides)
     return 0
 

@@ -8,7 +8,6 @@ is an error that names it and suggests the closest valid one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,31 +16,8 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key in the message."""
-
-
-# Names other tools (transformers' TrainingArguments, peft, TRL) use for our keys: a user
-# who types one of them, or a typo of one, is pointed at ours.
-SYNONYMS = {
-    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler",
-    "max_seq_length": "max_length", "max_seq_len": "max_length", "eval_steps": "eval_every",
-    "save_steps": "save_every", "logging_steps": "log_every", "warmup": "warmup_steps",
-    "gradient_checkpointing": "activation_checkpointing", "lora_r": "r", "rank": "r",
-    "lora_alpha": "alpha", "lora_dropout": "dropout", "metric_for_best_model": "best_metric",
-    "per_device_eval_batch_size": "batch_size", "output": "output_dir",
-}
-
-
-def suggest(word: str, choices: list[str]) -> str:
-    """" (did you mean 'x'?)" for the closest valid key, also through :data:`SYNONYMS`."""
-    pool = {c: c for c in choices}
-    pool.update({alias: key for alias, key in SYNONYMS.items() if key in choices})
-    close = difflib.get_close_matches(word, list(pool), n=1, cutoff=0.5)
-    return f" (did you mean {pool[close[0]]!r}?)" if close else ""
+from peftlab.errors import ConfigError, suggest
+from peftlab.plugins import METHODS, TASKS
 
 
 @dataclass
@@ -92,8 +68,8 @@ class AugmentConfig:
     max_new_tokens: int = 96
 
     def validate(self, where: str) -> None:
-        _choice(f"{where}.method", self.method, ["none", "eda", "paraphrase"])
-        _choice(f"{where}.synonyms", self.synonyms, ["builtin", "embedding"])
+        choice(f"{where}.method", self.method, ["none", "eda", "paraphrase"])
+        choice(f"{where}.synonyms", self.synonyms, ["builtin", "embedding"])
         if self.copies < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"{where}: copies and max_new_tokens must be >= 1")
         if not 0.0 < self.alpha <= 0.5:
@@ -145,8 +121,8 @@ class DataConfig:
     mixture_size: int | None = None
 
     def validate(self, where: str) -> None:
-        _choice(f"{where}.format", self.format, ["auto", "alpaca", "chat"])
-        _choice(f"{where}.on_error", self.on_error, ["raise", "skip"])
+        choice(f"{where}.format", self.format, ["auto", "alpaca", "chat"])
+        choice(f"{where}.on_error", self.on_error, ["raise", "skip"])
         if not 0.0 <= self.validation_split < 1.0:
             raise ConfigError(f"{where}.validation_split must be in [0, 1), got {self.validation_split}")
         if self.validation and self.validation_split:
@@ -218,7 +194,7 @@ def _validate_mixture(data: DataConfig, where: str) -> None:
         if entry["weight"] < 0:
             raise ConfigError(f"{at}.weight must be >= 0, got {entry['weight']}")
         if "format" in entry:
-            _choice(f"{at}.format", entry["format"], ["auto", "alpaca", "chat"])
+            choice(f"{at}.format", entry["format"], ["auto", "alpaca", "chat"])
         if entry.get("max_rows") is not None and entry["max_rows"] < 1:
             raise ConfigError(f"{at}.max_rows must be >= 1, got {entry['max_rows']}")
     if sum(e["weight"] for e in data.mixture) <= 0:
@@ -227,7 +203,7 @@ def _validate_mixture(data: DataConfig, where: str) -> None:
 
 @dataclass
 class TrainConfig:
-    """The optimisation loop's knobs; all consumed by peftlab.train.Trainer."""
+    """The optimisation loop's knobs; consumed by peftlab.training.trainer.Trainer (and a task's own loop)."""
 
     epochs: float = 1.0
     max_steps: int | None = None
@@ -254,8 +230,8 @@ class TrainConfig:
     compile: bool = False
 
     def validate(self, where: str) -> None:
-        _choice(f"{where}.scheduler", self.scheduler, ["cosine", "linear", "constant"])
-        _choice(f"{where}.precision", self.precision, ["auto", "bf16", "fp32"])
+        choice(f"{where}.scheduler", self.scheduler, ["cosine", "linear", "constant"])
+        choice(f"{where}.precision", self.precision, ["auto", "bf16", "fp32"])
         for key in ("batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
@@ -270,7 +246,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation around training (task: sft; peftlab.evaluate.sft_eval).
+    """Evaluation around training (task: sft; peftlab.evaluation.sft_eval).
 
     ``forgetting_corpus``: perplexity on the first ``forgetting_max_tokens`` tokens of a text
     file, measured on the base model before training and on the tuned model after it.
@@ -306,112 +282,10 @@ class EvalConfig:
 
 
 @dataclass
-class ClassificationConfig:
-    """``task: classification``: a new head on the model, or label words scored by a causal LM."""
-
-    mode: str = "head"  # head | verbalizer
-    verbalizer: dict[str, str] | None = None  # label -> word (verbalizer mode; default: the label)
-    class_weights: str = "none"  # none | balanced (n_samples / (n_classes * count_c))
-    prompt_template: str | None = None  # verbalizer mode, e.g. "Review: {text}\nSentiment:"
-
-    def validate(self, where: str) -> None:
-        _choice(f"{where}.mode", self.mode, ["head", "verbalizer"])
-        _choice(f"{where}.class_weights", self.class_weights, ["none", "balanced"])
-        if self.verbalizer is not None:
-            for label, word in self.verbalizer.items():
-                if not isinstance(word, str) or not word.strip():
-                    raise ConfigError(f"{where}.verbalizer.{label}: expected a non-empty word, "
-                                      f"got {word!r}")
-        if self.prompt_template is not None and "{text}" not in self.prompt_template:
-            raise ConfigError(f"{where}.prompt_template must contain {{text}}, "
-                              f"got {self.prompt_template!r}")
-
-
-@dataclass
-class RewardConfig:
-    """``task: reward``: Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin)."""
-
-    margin: float = 0.0
-    margin_field: str | None = None  # a per-row margin column (added to ``margin``)
-
-
-@dataclass
-class DPOConfig:
-    """``task: dpo``. reference: the base model with the adapter switched off at every step
-    (``disabled_adapter``), or the initial policy's log-probs computed once and cached in
-    OUTPUT_DIR/reference_logps.safetensors (``precomputed``; any method)."""
-
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # conservative DPO (sigmoid loss only)
-    loss_type: str = "sigmoid"  # sigmoid | ipo
-    reference: str = "disabled_adapter"  # disabled_adapter | precomputed
-
-    def validate(self, where: str) -> None:
-        _choice(f"{where}.loss_type", self.loss_type, ["sigmoid", "ipo"])
-        _choice(f"{where}.reference", self.reference, ["disabled_adapter", "precomputed"])
-        if self.beta <= 0:
-            raise ConfigError(f"{where}.beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"{where}.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError(f"{where}.label_smoothing only applies to loss_type 'sigmoid'")
-
-
-@dataclass
-class PPOConfig:
-    """``task: ppo``: rollouts -> rewards -> GAE -> clipped PPO epochs (peftlab.train.ppo).
-
-    Exactly one reward source: ``reward_model`` (a ``task: reward`` run or its adapter dir),
-    ``reward_classifier`` + ``reward_label`` (a classifier adapter dir; reward = P(label)),
-    or ``reward_function`` ("module:function" taking (prompts, responses) -> list[float]).
-    The learning rate, seed, precision and grad clipping come from ``train``.
-    """
-
-    reward_model: str | None = None
-    reward_classifier: str | None = None
-    reward_label: str | None = None
-    reward_function: str | None = None
-    iterations: int = 100
-    rollout_batch_size: int = 16  # prompts per iteration
-    minibatch_size: int = 8  # rollouts per optimizer step
-    ppo_epochs: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off; top_k/top_p make the sampler differ from the trained policy
-    top_p: float = 1.0
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"  # k1: log(pi/ref) | k3: (ref/pi - 1) - log(ref/pi)
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False  # normalise scores over each rollout batch
-
-    def validate(self, where: str) -> None:
-        _choice(f"{where}.kl_estimator", self.kl_estimator, ["k1", "k3"])
-        for key in ("iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs",
-                    "max_new_tokens", "kl_horizon"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("temperature", "target_kl", "clip_range", "clip_range_value"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{where}.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("gamma", "lam", "top_p"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"{where}.{key} must be in [0, 1], got {getattr(self, key)}")
-        if self.kl_coef < 0 or self.vf_coef < 0 or self.top_k < 0:
-            raise ConfigError(f"{where}: kl_coef, vf_coef and top_k must be >= 0")
-        if self.reward_label is not None and self.reward_classifier is None:
-            raise ConfigError(f"{where}.reward_label needs {where}.reward_classifier")
-
-
-@dataclass
 class RunConfig:
-    """One fine-tuning run. ``method`` holds the registered method's own config dataclass."""
+    """One fine-tuning run. ``method`` holds the registered method's own config dataclass;
+    ``sections`` the config dataclass of every registered task that has one (by task name),
+    so a YAML file may carry sections for tasks other than the one it runs."""
 
     model: str
     task: str = "sft"
@@ -421,10 +295,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/latest"
-    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_config(self) -> Any:
+        """The running task's own section (None for a task without one, e.g. sft)."""
+        return self.sections.get(self.task)
 
     def to_dict(self) -> dict[str, Any]:
         method = {"name": self.method_name, **dataclasses.asdict(self.method)}
@@ -436,10 +312,7 @@ class RunConfig:
             "train": dataclasses.asdict(self.train),
             "eval": dataclasses.asdict(self.eval),
             "output_dir": self.output_dir,
-            "classification": dataclasses.asdict(self.classification),
-            "reward": dataclasses.asdict(self.reward),
-            "dpo": dataclasses.asdict(self.dpo),
-            "ppo": dataclasses.asdict(self.ppo),
+            **{name: dataclasses.asdict(section) for name, section in self.sections.items()},
         }
 
     def to_yaml(self) -> str:
@@ -449,28 +322,30 @@ class RunConfig:
         Path(path).write_text(self.to_yaml())
 
 
-_TOP_KEYS = ["model", "task", "method", "data", "train", "eval", "output_dir", "classification",
-             "reward", "dpo", "ppo"]
-_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
-                              "classification": ClassificationConfig, "reward": RewardConfig,
-                              "dpo": DPOConfig, "ppo": PPOConfig}
+_CORE_KEYS = ["model", "task", "method", "data", "train", "eval", "output_dir"]
+_CORE_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+def task_sections() -> dict[str, type]:
+    """Config section name -> dataclass, for every registered task that has one."""
+    return {spec.name: spec.config_cls for spec in TASKS if spec.config_cls is not None}
+
+
+def top_keys() -> list[str]:
+    return _CORE_KEYS + sorted(task_sections())
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a plain dict (parsed YAML) into a RunConfig."""
-    from peftlab.methods import get_method
-
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    keys = top_keys()
     for key in raw:
-        if key not in _TOP_KEYS:
-            raise ConfigError(f"{source}: unknown key {key!r}{suggest(key, _TOP_KEYS)}")
+        if key not in keys:
+            raise ConfigError(f"{source}: unknown key {key!r}{suggest(key, keys)}")
     if "model" not in raw or not raw["model"]:
         raise ConfigError(f"{source}: 'model' is required (an HF id, a local directory, a .gguf file or an embedded alias)")
-    from peftlab.tasks import task_names
-
     task = raw.get("task", "sft")
-    _choice("task", task, task_names())
+    TASKS.get(task)  # an unknown task names the key and the known ones
 
     method_raw = raw.get("method", {"name": "lora"})
     if isinstance(method_raw, str):
@@ -479,8 +354,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError("method: must be a mapping with at least 'name' (e.g. {name: lora, r: 8})")
     method_raw = dict(method_raw)
     name = method_raw.pop("name", "lora")  # the default method, as when 'method' is absent
-    spec = get_method(name)
-    method_cfg = _build(spec.config_cls, method_raw, "method")
+    method_cfg = _build(METHODS.get(name).config_cls, method_raw, "method")
 
     cfg = RunConfig(
         model=str(raw["model"]),
@@ -491,11 +365,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         train=_build(TrainConfig, raw.get("train") or {}, "train"),
         eval=_build(EvalConfig, raw.get("eval") or {}, "eval"),
         output_dir=str(raw.get("output_dir", "runs/latest")),
-        classification=_build(ClassificationConfig, raw.get("classification") or {},
-                              "classification"),
-        reward=_build(RewardConfig, raw.get("reward") or {}, "reward"),
-        dpo=_build(DPOConfig, raw.get("dpo") or {}, "dpo"),
-        ppo=_build(PPOConfig, raw.get("ppo") or {}, "ppo"),
+        sections={section: _build(cls, raw.get(section) or {}, section)
+                  for section, cls in task_sections().items()},
     )
     if cfg.data.k_shot is not None and cfg.task != "classification":
         raise ConfigError(f"data.k_shot only applies to task: classification (task is {task!r})")
@@ -542,9 +413,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _check_override_key(key: str, parts: list[str]) -> None:
-    if parts[0] not in _TOP_KEYS:
-        raise ConfigError(f"--set {key}: unknown key {parts[0]!r}{suggest(parts[0], _TOP_KEYS)}")
-    cls = _SECTIONS.get(parts[0])
+    keys = top_keys()
+    if parts[0] not in keys:
+        raise ConfigError(f"--set {key}: unknown key {parts[0]!r}{suggest(parts[0], keys)}")
+    cls = {**_CORE_SECTIONS, **task_sections()}.get(parts[0])
     for i, part in enumerate(parts[1:], start=1):
         if cls is None:
             return  # method.* (depends on the method) or free-form values
@@ -556,7 +428,7 @@ def _check_override_key(key: str, parts: list[str]) -> None:
         cls = hint if dataclasses.is_dataclass(hint) else None
 
 
-def _choice(key: str, value: Any, choices: list[str]) -> None:
+def choice(key: str, value: Any, choices: list[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {choices}{suggest(str(value), choices)}")
 

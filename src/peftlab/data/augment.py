@@ -361,22 +361,22 @@ def embedding_synonyms(model: torch.nn.Module, tokenizer: Any, words: Iterable[s
 # ----------------------------------------------------------------------------- paraphrase
 
 
-def paraphrase(texts: list[str], model: torch.nn.Module, tokenizer: Any, seed: int,
-               temperature: float = 0.9, top_p: float = 0.95, max_new_tokens: int = 96,
-               batch_size: int = 8) -> list[str]:
-    """The model's sampled reply to "Paraphrase: <text>" for each text ("" if it failed).
+# Sampled chat replies to a list of conversations. The caller binds the model and sampling
+# settings (peftlab.evaluation.generate.generate_replies): data preparation sits below the
+# generation code and never imports it.
+Replier = Callable[[list[list[dict[str, str]]]], list[str]]
+
+
+def paraphrase(texts: list[str], reply: Replier, seed: int) -> list[str]:
+    """The sampled reply to "Paraphrase: <text>" for each text ("" if it failed).
 
     Sampling runs under a forked torch RNG seeded with ``seed``: same inputs, same seed,
     same paraphrases, and the caller's RNG state is left alone.
     """
-    from peftlab.evaluate.generate import generate_replies
-
     conversations = [[{"role": "user", "content": f"Paraphrase: {t}"}] for t in texts]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        replies = generate_replies(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, do_sample=True,
-                                   temperature=temperature, top_p=top_p)
+        replies = reply(conversations)
     return [_clean_reply(r) for r in replies]
 
 
@@ -399,6 +399,7 @@ def augment_rows(
     fields: list[str],
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
+    reply: Replier | None = None,
 ) -> tuple[list[dict[str, Any]], list[int], dict[str, Any]]:
     """New rows made from the *training* rows: ``cfg.copies`` per row, changed in ``fields``.
 
@@ -411,9 +412,10 @@ def augment_rows(
     if cfg.method == "none":
         return [], [], {"method": "none", "rows_in": len(train_rows), "rows_added": 0}
     if cfg.method == "paraphrase":
-        if model is None or tokenizer is None:
-            raise ValueError("data.augment.method 'paraphrase' needs the model and tokenizer")
-        rewrite = _paraphraser(train_rows, fields, cfg, seed, model, tokenizer)
+        if reply is None:
+            raise ValueError("data.augment.method 'paraphrase' needs a replier (the model's "
+                             "sampled replies)")
+        rewrite = _paraphraser(train_rows, fields, cfg, seed, reply)
     elif cfg.method == "eda":
         synonyms = SYNONYMS
         if cfg.synonyms == "embedding":
@@ -447,12 +449,11 @@ def augment_rows(
 
 
 def _paraphraser(rows: list[dict[str, Any]], fields: list[str], cfg: AugmentConfig, seed: int,
-                 model: torch.nn.Module, tokenizer: Any) -> Callable[[str], str]:
+                 reply: Replier) -> Callable[[str], str]:
     """Paraphrase every text (for every copy) in one batched, seeded generation call;
     the returned function hands them out in the order :func:`augment_rows` asks for them."""
     texts = [t for _ in range(cfg.copies) for t in _texts(rows, fields)]
-    replies = iter(paraphrase(texts, model, tokenizer, seed, cfg.temperature, cfg.top_p,
-                              cfg.max_new_tokens))
+    replies = iter(paraphrase(texts, reply, seed))
 
     def rewrite(text: str) -> str:
         reply = next(replies)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from peftlab.data.readers import MAX_REPORTED_ERRORS, DataError, read_records
+from peftlab.data.readers import DataError, read_records, skip_or_raise
 
 T = TypeVar("T")
 
@@ -155,11 +155,8 @@ def read_labelled(path: str, text_field: str, text_pair_field: str | None, label
             rows.append(labelled_row(rec, str(path), row, text_field, text_pair_field,
                                       label_field, require_label))
         except DataError as err:
-            if on_error == "raise":
-                raise
+            skip_or_raise(err, on_error, report["skipped"])
             report["rows_skipped"] += 1
-            if len(report["skipped"]) < MAX_REPORTED_ERRORS:
-                report["skipped"].append(str(err))
     if not rows:
         raise DataError(f"{path}: no usable rows; first problem: "
                         f"{report['skipped'][0] if report['skipped'] else 'none'}")

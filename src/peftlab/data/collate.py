@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from peftlab.models.lm import IGNORE_INDEX
 
 
 def pad_collate(

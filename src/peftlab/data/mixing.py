@@ -158,13 +158,8 @@ def build_text_examples(rows: Rows, tokenizer: Any, data: DataConfig, max_length
     for row, record in rows:
         text = record.get(data.text_field)
         if not isinstance(text, str) or not text.strip():
-            error = DataError(f"{source}:{row}: field {data.text_field!r} must be a non-empty "
-                              f"string, got {text!r:.40}")
-            if data.on_error != "skip":
-                raise error
-            stats.dropped_invalid += 1
-            if len(stats.errors) < MAX_REPORTED_ERRORS:
-                stats.errors.append(str(error))
+            stats.invalid(DataError(f"{source}:{row}: field {data.text_field!r} must be a "
+                                    f"non-empty string, got {text!r:.40}"), data.on_error)
             continue
         ids = list(tokenizer(text)["input_ids"])
         if len(ids) > max_length:

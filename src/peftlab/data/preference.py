@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from peftlab.config import DataConfig
 from peftlab.data.collate import IGNORE_INDEX
-from peftlab.data.readers import MAX_REPORTED_ERRORS, DataError
+from peftlab.data.readers import DataError, RowStats, read_records
 from peftlab.data.sft import ROLES, ensure_chat_template, tokenize_conversation
+from peftlab.data.splits import split_off
 
 Messages = list[dict[str, str]]
 
@@ -252,21 +253,10 @@ def encode_exchange(prompt: Messages, response: str, tokenizer: Any) -> dict[str
 
 
 @dataclass
-class PreferenceStats:
-    """What happened to the rows of one source on their way to training pairs."""
+class PreferenceStats(RowStats):
+    """RowStats plus pairs dropped because both answers are the same."""
 
-    source: str = ""
-    max_length: int | None = None
-    rows: int = 0
-    kept: int = 0
-    dropped_invalid: int = 0
-    dropped_too_long: int = 0
-    dropped_no_target: int = 0
     dropped_identical: int = 0
-    tokens: int = 0
-    max_len: int = 0
-    mean_len: float = 0.0
-    errors: list[str] = field(default_factory=list, repr=False)
 
 
 def build_preference_examples(records: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig,
@@ -287,11 +277,7 @@ def build_preference_examples(records: list[dict[str, Any]], tokenizer: Any, cfg
         try:
             pair = record_to_pair(record, cfg, where, margin_field)
         except DataError as exc:
-            if cfg.on_error != "skip":
-                raise
-            stats.dropped_invalid += 1
-            if len(stats.errors) < MAX_REPORTED_ERRORS:
-                stats.errors.append(str(exc))
+            stats.invalid(exc, cfg.on_error)
             continue
         if pair.chosen.strip() == pair.rejected.strip():
             stats.dropped_identical += 1
@@ -347,9 +333,6 @@ def pad_pairs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 def prepare_preference_data(cfg, tokenizer, margin_field: str | None = None,
                             ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Read, split and tokenize the run's preference data; return examples and a report."""
-    from peftlab.data.readers import read_records
-    from peftlab.data.splits import split_off
-
     data = cfg.data
     if not data.train:
         raise DataError("data.train: no training file given")

@@ -12,12 +12,12 @@ without template-specific token surgery.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from peftlab.config import DataConfig
 from peftlab.data.collate import IGNORE_INDEX
-from peftlab.data.readers import MAX_REPORTED_ERRORS, DataError
+from peftlab.data.readers import DataError, RowStats
 
 ROLES = ("system", "user", "assistant")
 
@@ -296,21 +296,10 @@ def _bos_to_prepend(tokenizer: Any, text: str) -> int | None:
 
 
 @dataclass
-class SFTStats:
-    """What happened to the rows of one source on their way to training examples."""
+class SFTStats(RowStats):
+    """RowStats plus the tokens that carry the loss."""
 
-    source: str = ""
-    max_length: int | None = None
-    rows: int = 0
-    kept: int = 0
-    dropped_invalid: int = 0
-    dropped_too_long: int = 0
-    dropped_no_target: int = 0
-    tokens: int = 0
     target_tokens: int = 0
-    max_len: int = 0
-    mean_len: float = 0.0
-    errors: list[str] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         drops = [
@@ -353,11 +342,7 @@ def build_sft_examples(
         try:
             messages = record_to_messages(record, cfg, where)
         except DataError as exc:
-            if cfg.on_error != "skip":
-                raise
-            stats.dropped_invalid += 1
-            if len(stats.errors) < MAX_REPORTED_ERRORS:
-                stats.errors.append(str(exc))
+            stats.invalid(exc, cfg.on_error)
             continue
         ex = tokenize_conversation(messages, tokenizer)
         n = len(ex["input_ids"])

@@ -9,6 +9,8 @@ import random
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from peftlab.data.classification import stratified_split as split_by_labels
+
 T = TypeVar("T")
 
 
@@ -69,8 +71,6 @@ def stratified_split(rows: list[dict[str, Any]], label_key: str, fraction: float
 
     A thin wrapper over :func:`peftlab.data.classification.stratified_split`.
     """
-    from peftlab.data.classification import stratified_split as split_by_labels
-
     labels = []
     for i, row in enumerate(rows):
         if row.get(label_key) is None:

@@ -23,7 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from peftlab.config import ConfigError, DataConfig
 from peftlab.data.collate import IGNORE_INDEX
-from peftlab.data.readers import MAX_REPORTED_ERRORS, DataError
+from peftlab.data.readers import DataError
 from peftlab.data.sft import (
     SFTStats,
     _bos_to_prepend,
@@ -104,13 +104,6 @@ def template_variables(record: dict[str, Any], cfg: DataConfig,
     return variables, answer
 
 
-def encode_template_prompt(prompt: str, tokenizer: Any) -> list[int]:
-    """Token ids of a rendered template prompt for generation, BOS handled as in training."""
-    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    bos = _bos_to_prepend(tokenizer, prompt)
-    return ([bos] if bos is not None else []) + ids
-
-
 def tokenize_prompt_answer(prompt: str, answer: str, tokenizer: Any) -> dict[str, list[int]]:
     """``prompt + answer + eos`` tokenized once; labels only on the answer and eos."""
     text = prompt + answer
@@ -146,11 +139,7 @@ def build_template_examples(
             variables, answer = template_variables(record, cfg, where)
             prompt = template.render(variables, where)
         except DataError as exc:
-            if cfg.on_error != "skip":
-                raise
-            stats.dropped_invalid += 1
-            if len(stats.errors) < MAX_REPORTED_ERRORS:
-                stats.errors.append(str(exc))
+            stats.invalid(exc, cfg.on_error)
             continue
         ex = tokenize_prompt_answer(prompt, answer, tokenizer)
         n = len(ex["input_ids"])

@@ -14,9 +14,12 @@ import json
 import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
+
+from peftlab.methods import has_virtual_tokens, layers
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -29,7 +32,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16
     ``tokenizer_pre`` names llama.cpp's pre-tokenizer regex set ("default" is GPT-2's; e.g.
     "smollm" or "llama-bpe" for models llama.cpp knows). The file is written atomically.
     """
-    import gguf
+
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: {dtype!r} is not one of {list(DTYPES)}")
@@ -81,14 +84,12 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16
 
 
 def _check_exportable(model: nn.Module) -> None:
-    from peftlab.methods import layers
-
     kind = type(model).__name__
     if getattr(model.config, "model_type", None) != "llama" or kind != "LlamaForCausalLM":
         raise ValueError(f"GGUF export supports LlamaForCausalLM (SmolLM2, TinyLlama, Llama "
                          f"2/3 ...); this model is {kind} ({model.config.model_type})")
     wrapped = [n for n, m in model.named_modules() if isinstance(m, layers.Wrapper)]
-    virtual = hasattr(model, "prompt_encoder") or hasattr(model.model, "prefix_encoder")
+    virtual = has_virtual_tokens(model)
     if wrapped or virtual:
         raise ValueError("the model still carries adapter layers (e.g. "
                          f"{wrapped[:1] or ['a prompt encoder']}); fold them first with "
@@ -139,7 +140,7 @@ def _gguf_tensors(model: nn.Module):
 
 
 def _add_tokenizer(w, tokenizer, vocab_size: int, pre: str) -> None:
-    import gguf
+
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}

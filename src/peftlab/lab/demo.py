@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import RunConfig, load_config
-from peftlab.evaluate.generate import generate_replies
-from peftlab.evaluate.loss import evaluate_loss
+from peftlab.evaluation.generate import generate_replies
+from peftlab.evaluation.loss import evaluate_loss
 from peftlab.lab.demo_data import keyword_match, write_demo_data
+from peftlab.models import load_model
+from peftlab.runtime.precision import resolve_precision
+from peftlab.tasks import build_task
+from peftlab.training.recipe import run_training
 
 DEMO_MODEL = "smollm2-135m-instruct"
 
@@ -52,11 +56,6 @@ def _measure(model, tokenizer, task, val, heldout, cfg: RunConfig) -> dict[str, 
 
 
 def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | None = None) -> dict:
-    from peftlab.models import load_model
-    from peftlab.tasks import build_task
-    from peftlab.train.precision import resolve_precision
-    from peftlab.train.recipe import run_training
-
     started = time.perf_counter()
     out = Path(output_dir)
     data = write_demo_data(out / "data")

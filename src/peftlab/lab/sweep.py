@@ -22,8 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# The object-oriented API draws without pyplot, so no global backend is chosen (a user's
+# notebook keeps its own) and no figure has to be closed.
+from matplotlib.figure import Figure
+
 from peftlab.config import ConfigError, RunConfig, load_config
 from peftlab.files import CorruptFileError, read_json
+from peftlab.training.recipe import run_training
 
 TRIAL_FILE = "trial.json"
 
@@ -135,8 +140,6 @@ def run_sweep(config: RunConfig, grid: dict[str, list[str]], trials: int | None 
               seed: int = 0, progress: bool = True) -> SweepResult:
     """Train every grid point (or a sample), skipping trials already finished; write the
     ranked table. ``config`` is the validated base config; its output_dir holds the sweep."""
-    from peftlab.train.recipe import run_training
-
     out = Path(config.output_dir)
     metric = config.train.best_metric
     lower = metric.split("/")[0].endswith(("loss", "ppl"))
@@ -245,15 +248,11 @@ def write_report(result: SweepResult) -> None:
 
 
 def _plot(result: SweepResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ranked = result.ranked
     labels = [f"{t.index:02d} " + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}"
                                             for k, v in t.overrides.items()) for t in ranked]
-    fig, ax = plt.subplots(figsize=(7.0, 0.5 + 0.35 * len(ranked)), dpi=110)
+    fig = Figure(figsize=(7.0, 0.5 + 0.35 * len(ranked)), dpi=110)
+    ax = fig.subplots()
     ax.barh(range(len(ranked)), [t.best_value for t in ranked], color="tab:blue")
     ax.set_yticks(range(len(ranked)), labels, fontsize=8)
     ax.invert_yaxis()  # best on top
@@ -261,4 +260,3 @@ def _plot(result: SweepResult, path: Path) -> None:
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -11,9 +11,12 @@ from peftlab.methods import prompt_tuning as _prompt_tuning  # noqa: F401  (regi
 from peftlab.methods.registry import (
     Method,
     get_method,
+    has_virtual_tokens,
     method_for_adapter_dir,
     method_names,
+    methods_on,
     register,
 )
 
-__all__ = ["Method", "get_method", "method_for_adapter_dir", "method_names", "register"]
+__all__ = ["Method", "get_method", "has_virtual_tokens", "method_for_adapter_dir", "method_names",
+           "methods_on", "register"]

@@ -48,7 +48,6 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.config import ConfigError, suggest
 from peftlab.methods import layers, peft_format
-from peftlab.methods.freeze import copy_tensor, read_method_config
 from peftlab.methods.registry import Method, register
 from peftlab.models.targets import block_index
 
@@ -292,7 +291,7 @@ def save_adapter(
 def load_adapter(model: nn.Module, directory: str | PathLike,
                  adapter_name: str = "default") -> AdapterConfig:
     """Load a peftlab adapter into ``model`` and make it active; returns its config."""
-    cfg, config_path = read_method_config(directory, PEFT_TYPE, AdapterConfig)
+    cfg, config_path = peft_format.read_method_config(directory, PEFT_TYPE, AdapterConfig)
     tensors, weights_path = peft_format.read_weights(directory)
     targets = find_adapter_targets(model, cfg)
     # Check every key and shape before touching the model.
@@ -318,10 +317,11 @@ def load_adapter(model: nn.Module, directory: str | PathLike,
         down, up = layer.adapter_down[adapter_name], layer.adapter_up[adapter_name]
         for kind, param in zip(_KINDS, (down.weight, down.bias, up.weight, up.bias), strict=True):
             key = f"{peft_format.PREFIX}{t}.{kind}"
-            copy_tensor(param, tensors[key], key, weights_path)
+            peft_format.copy_tensor(param, tensors[key], key, weights_path)
     set_adapter(model, adapter_name)
     return cfg
 
 
 register(Method(name="adapter", config_cls=AdapterConfig, apply=apply_adapter, save=save_adapter,
-                load=load_adapter, peft_type=PEFT_TYPE))
+                load=load_adapter, peft_type=PEFT_TYPE,
+                present=lambda m: bool(adapter_layers(m)), disable=disable_adapters))

@@ -36,18 +36,16 @@ The helpers for peftlab's own formats (config read/write) live here and are reus
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from peftlab.config import ConfigError
-from peftlab.files import read_json, read_safetensors, write_text_atomic
+from peftlab.files import read_safetensors
 from peftlab.methods import peft_format
 from peftlab.methods.registry import Method, register
 from peftlab.models.targets import block_index
@@ -215,32 +213,6 @@ def applied_config(model: nn.Module, cls: type, method: str) -> Any:
 # ----------------------------------------------------------------------------- own formats
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_method_config(directory: str | PathLike, peft_type: str, cls: type) -> tuple[Any, Path]:
-    """Read a peftlab-format adapter_config.json into ``cls`` (its known keys; others ignored)."""
-    path = Path(directory) / peft_format.CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter config found")
-    raw = read_json(path)
-    if raw.get("peft_type") != peft_type:
-        raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}, expected {peft_type!r}")
-    cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
-    cfg.validate(str(path))  # errors read "<path>.<key> ...", as LoRA's
-    return cfg, path
-
-
-def copy_tensor(param: torch.Tensor, tensor: torch.Tensor, key: str, path: PathLike) -> None:
-    if param.shape != tensor.shape:
-        raise ValueError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, "
-                         f"the model expects {tuple(param.shape)}")
-    with torch.no_grad():
-        param.copy_(tensor)
-
-
 def save_freeze(
     model: nn.Module,
     directory: str | PathLike,
@@ -265,7 +237,7 @@ def save_freeze(
 def load_freeze(model: nn.Module, directory: str | PathLike,
                 adapter_name: str = "default") -> FreezeConfig:
     """Apply the saved config to ``model`` (a fresh base) and load the trained tensors."""
-    cfg, config_path = read_method_config(directory, PEFT_TYPE, FreezeConfig)
+    cfg, config_path = peft_format.read_method_config(directory, PEFT_TYPE, FreezeConfig)
     path = Path(directory) / peft_format.WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: freeze weights not found")
@@ -279,7 +251,7 @@ def load_freeze(model: nn.Module, directory: str | PathLike,
         if key not in tensors:
             raise ValueError(f"{path}: missing key {key!r} (a parameter {config_path} makes trainable)")
     for key, param in expected.items():
-        copy_tensor(param, tensors[key], key, path)
+        peft_format.copy_tensor(param, tensors[key], key, path)
     _apply(model, cfg, "freeze")
     return cfg
 

@@ -36,13 +36,7 @@ from torch import nn
 from peftlab.config import ConfigError
 from peftlab.files import read_json, read_safetensors
 from peftlab.methods import peft_format
-from peftlab.methods.freeze import (
-    CONFIG_ATTR,
-    copy_tensor,
-    read_method_config,
-    select_parameters,
-    write_json_atomic,
-)
+from peftlab.methods.freeze import CONFIG_ATTR, select_parameters
 from peftlab.methods.registry import Method, register
 
 PEFT_TYPE = "PEFTLAB_FULL"
@@ -99,7 +93,7 @@ def save_full(
     save_pretrained(out / MODEL_DIR)
     if not ((out / MODEL_DIR / _WEIGHTS).is_file() or (out / MODEL_DIR / _INDEX).is_file()):
         raise RuntimeError(f"{out / MODEL_DIR}: save_pretrained wrote no {_WEIGHTS}")
-    write_json_atomic(out / peft_format.CONFIG_NAME, {
+    peft_format.write_json_atomic(out / peft_format.CONFIG_NAME, {
         "peft_type": PEFT_TYPE,
         "method": "full",
         "exclude": cfg.exclude,
@@ -132,7 +126,7 @@ def _read_model_weights(model_dir: Path) -> dict[str, tuple[torch.Tensor, Path]]
 
 def load_full(model: nn.Module, directory: str | PathLike, adapter_name: str = "default") -> FullConfig:
     """Copy the saved weights into ``model`` in place and re-apply ``exclude``."""
-    cfg, config_path = read_method_config(directory, PEFT_TYPE, FullConfig)
+    cfg, config_path = peft_format.read_method_config(directory, PEFT_TYPE, FullConfig)
     model_dir = Path(directory) / MODEL_DIR
     tensors = _read_model_weights(model_dir)
     state = model.state_dict(keep_vars=True)
@@ -145,7 +139,7 @@ def load_full(model: nn.Module, directory: str | PathLike, adapter_name: str = "
         if key not in tensors and id(value) not in loaded:  # tied copies are not saved
             raise ValueError(f"{model_dir}: missing key {key!r} (saved from another architecture?)")
     for key, (tensor, path) in tensors.items():
-        copy_tensor(state[key], tensor, key, path)
+        peft_format.copy_tensor(state[key], tensor, key, path)
     apply_full(model, cfg)
     return cfg
 

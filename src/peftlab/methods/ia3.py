@@ -396,4 +396,6 @@ def load_ia3(model: nn.Module, directory: str | PathLike, adapter_name: str = "d
 
 
 register(Method(name="ia3", config_cls=IA3Config, apply=apply_ia3, save=save_ia3,
-                load=load_ia3, peft_type="IA3"))
+                load=load_ia3, peft_type="IA3",
+                present=lambda m: bool(ia3_layers(m)), merge=merge_and_unload,
+                disable=disable_adapters))

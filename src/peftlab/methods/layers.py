@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
+from peftlab.methods.peft_format import find_modules_to_save
+
 L = TypeVar("L", bound=nn.Module)
 
 
@@ -70,8 +72,6 @@ def check_new_adapter_name(layers: dict[str, nn.Module], adapter_name: str) -> N
 def set_active(model: nn.Module, layers: dict[str, nn.Module], name: str) -> None:
     """Make ``name`` active on ``layers``; only its parameters (and the config's
     ``modules_to_save``, if it has any) stay trainable."""
-    from peftlab.methods.peft_format import find_modules_to_save
-
     if name not in adapter_names(layers):
         raise ValueError(f"unknown adapter {name!r}; the model has {adapter_names(layers)}")
     if any(getattr(layer, "merged_adapter", None) is not None for layer in layers.values()):

@@ -26,7 +26,6 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.config import ConfigError
 from peftlab.methods import layers, peft_format
-from peftlab.methods.freeze import copy_tensor
 from peftlab.methods.registry import Method, register
 from peftlab.models.targets import find_target_modules
 
@@ -473,7 +472,7 @@ def load_lora(model: nn.Module, directory: str | PathLike, adapter_name: str = "
             if cfg.use_dora:
                 targets["magnitude"] = layer.lora_magnitude_vector[adapter_name]
             for kind, param in targets.items():
-                copy_tensor(param, kinds[kind], _key(name, kind), weights_path)
+                peft_format.copy_tensor(param, kinds[kind], _key(name, kind), weights_path)
         for param, tensor in pairs:
             param.copy_(tensor)
     set_adapter(model, adapter_name)
@@ -486,4 +485,6 @@ def _key(module: str, kind: str) -> str:
 
 
 register(Method(name="lora", config_cls=LoraConfig, apply=apply_lora, save=save_lora,
-                load=load_lora, peft_type="LORA"))
+                load=load_lora, peft_type="LORA",
+                present=lambda m: bool(lora_layers(m)), merge=merge_and_unload,
+                disable=disable_adapters))

@@ -172,4 +172,6 @@ def _config_from_peft(raw: dict[str, Any]) -> PTuningConfig:
 
 
 register(Method(name="p_tuning", config_cls=PTuningConfig, apply=apply_p_tuning,
-                save=save_p_tuning, load=load_p_tuning, peft_type="P_TUNING"))
+                save=save_p_tuning, load=load_p_tuning, peft_type="P_TUNING",
+                present=lambda m: isinstance(vt.active_prompts(m), PromptEncoder),
+                virtual_tokens=True))

@@ -1,7 +1,9 @@
 """The peft on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 This module knows files, JSON keys and tensor names (and which modules those names point
-at); it never changes a model, so peft compatibility rules live in one place. Weights are
+at); it changes a model only by copying a checked tensor into its parameter, so peft
+compatibility rules live in one place. Methods peft does not have (freeze, full, adapter)
+write the same two files with their own ``peft_type``. Weights are
 read with safetensors only, never with torch.load/pickle, so loading cannot execute code.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.config import ConfigError
-from peftlab.files import read_json, read_safetensors, write_atomic
+from peftlab.files import read_json, read_safetensors, write_atomic, write_text_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -289,3 +292,32 @@ def match_modules_to_save(model: nn.Module, names: list[str] | None, extra: dict
         if key not in extra:
             raise ValueError(f"{path}: missing key {key!r} (a parameter of modules_to_save)")
     return pairs
+
+
+# ----------------------------------------------------------------------------- peftlab's own adapter formats
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_method_config(directory: str | os.PathLike, peft_type: str, cls: type) -> tuple[Any, Path]:
+    """Read a peftlab-format adapter_config.json into ``cls`` (its known keys; others ignored)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter config found")
+    raw = read_json(path)
+    if raw.get("peft_type") != peft_type:
+        raise ConfigError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}, expected {peft_type!r}")
+    cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+    cfg.validate(str(path))  # errors read "<path>.<key> ...", as LoRA's
+    return cfg, path
+
+
+def copy_tensor(param: torch.Tensor, tensor: torch.Tensor, key: str, path: os.PathLike) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, "
+                         f"the model expects {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)

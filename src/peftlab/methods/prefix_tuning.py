@@ -482,4 +482,5 @@ def _read_config(directory: str | PathLike) -> tuple[dict[str, Any], Path]:
 
 
 register(Method(name="prefix_tuning", config_cls=PrefixTuningConfig, apply=apply_prefix_tuning,
-                save=save_prefix_tuning, load=load_prefix_tuning, peft_type=PEFT_TYPE))
+                save=save_prefix_tuning, load=load_prefix_tuning, peft_type=PEFT_TYPE,
+                present=lambda m: adapters_of(m) is not None, virtual_tokens=True))

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from peftlab.config import ConfigError
 from peftlab.methods import virtual_tokens as vt
 from peftlab.methods.registry import Method, register
+from peftlab.models import load_tokenizer
 
 INITS = ("random", "text")
 
@@ -79,8 +80,6 @@ def text_init_ids(tokenizer: Any, text: str, num_virtual_tokens: int) -> list[in
 def _resolve_tokenizer(model: nn.Module, cfg: PromptTuningConfig, tokenizer: Any) -> Any:
     if tokenizer is not None:
         return tokenizer
-    from peftlab.models import load_tokenizer
-
     spec = cfg.tokenizer_name_or_path or getattr(model, "name_or_path", None)
     if not spec:
         raise ValueError("prompt tuning init 'text' needs a tokenizer: set "
@@ -149,4 +148,6 @@ def _config_from_peft(raw: dict[str, Any]) -> PromptTuningConfig:
 
 
 register(Method(name="prompt_tuning", config_cls=PromptTuningConfig, apply=apply_prompt_tuning,
-                save=save_prompt_tuning, load=load_prompt_tuning, peft_type="PROMPT_TUNING"))
+                save=save_prompt_tuning, load=load_prompt_tuning, peft_type="PROMPT_TUNING",
+                present=lambda m: isinstance(vt.active_prompts(m), PromptEmbedding),
+                virtual_tokens=True))

@@ -7,6 +7,7 @@ only its own parameters trainable, and (optionally) maps itself to the peft form
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,23 @@ from typing import Any
 from torch import nn
 
 from peftlab.files import read_json
+from peftlab.plugins import METHODS
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered fine-tuning method.
+    """A registered fine-tuning method and what it can do.
 
     apply(model, config, adapter_name) injects the method into ``model`` in place.
     save/load, when present, write and read the on-disk adapter format.
+
+    Capabilities, declared here so callers never probe a model's attributes:
+    ``present(model)``: the method's layers/hooks are on ``model``;
+    ``merge(model)``: fold them into the base weights and remove them (export, api.merge);
+    ``disable(model)``: a context in which the model computes its base output in place --
+    the frozen reference of DPO and PPO without a second copy (declared where that use is
+    tested); ``virtual_tokens``: the method puts extra positions in front of the input, so
+    packed rows and our own KV-cache decoding loop cannot be used with it.
     """
 
     name: str
@@ -30,34 +40,34 @@ class Method:
     save: Callable[..., None] | None = None
     load: Callable[..., Any] | None = None
     peft_type: str | None = None  # the ``peft_type`` written in adapter_config.json
+    present: Callable[[nn.Module], bool] | None = None
+    merge: Callable[[nn.Module], Any] | None = None
+    disable: Callable[[nn.Module], AbstractContextManager[None]] | None = None
+    virtual_tokens: bool = False
 
     def option_names(self) -> list[str]:
         return [f.name for f in fields(self.config_cls)]
 
 
-_REGISTRY: dict[str, Method] = {}
-
-
 def register(method: Method) -> Method:
-    if method.name in _REGISTRY:
-        raise ValueError(f"method {method.name!r} is registered twice")
-    _REGISTRY[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def get_method(name: str) -> Method:
-    from peftlab.config import ConfigError, suggest
-
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"method.name: unknown method {name!r}{suggest(name, list(_REGISTRY))}; "
-            f"known methods: {', '.join(sorted(_REGISTRY))}"
-        )
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def method_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return METHODS.names()
+
+
+def methods_on(model: nn.Module) -> list[Method]:
+    """The registered methods whose layers or hooks are on ``model``."""
+    return [m for m in METHODS if m.present is not None and m.present(model)]
+
+
+def has_virtual_tokens(model: nn.Module) -> bool:
+    return any(m.virtual_tokens for m in methods_on(model))
 
 
 def method_for_adapter_dir(directory: str | Path) -> Method:
@@ -66,8 +76,8 @@ def method_for_adapter_dir(directory: str | Path) -> Method:
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory}: no adapter_config.json (not an adapter directory)")
     peft_type = read_json(config_path).get("peft_type")
-    for method in _REGISTRY.values():
+    for method in METHODS:
         if method.peft_type and method.peft_type == peft_type:
             return method
-    known = sorted(m.peft_type for m in _REGISTRY.values() if m.peft_type)
+    known = sorted(m.peft_type for m in METHODS if m.peft_type)
     raise ValueError(f"{config_path}: peft_type {peft_type!r} is not supported (known: {known})")

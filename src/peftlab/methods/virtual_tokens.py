@@ -211,6 +211,12 @@ def hooks_of(model: nn.Module) -> VirtualTokenHooks | None:
     return getattr(model, _STATE_ATTR, None)
 
 
+def active_prompts(model: nn.Module) -> nn.Module | None:
+    """The active prompt module (None without virtual tokens): which method put it there."""
+    state = hooks_of(model)
+    return None if state is None else state.encoder
+
+
 def remove_hooks(model: nn.Module) -> nn.ModuleDict | None:
     """Remove the hooks and the prompt modules: the model computes its base outputs again.
 

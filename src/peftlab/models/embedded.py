@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from peftlab.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -186,9 +189,6 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the weights move into
     a fresh model built from the same config, minus ``quantization_config``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, file = gguf_path.parent, gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
@@ -210,7 +210,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 def _no_init_weights() -> contextlib.AbstractContextManager:
     """Skip random init of the throw-away weights (saves ~3 s); harmless if unavailable."""
     try:
-        from transformers.initialization import no_init_weights
+        from transformers.initialization import no_init_weights  # not in every release
     except ImportError:
         return contextlib.nullcontext()
     return no_init_weights()

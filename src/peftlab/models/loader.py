@@ -14,6 +14,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -135,8 +137,6 @@ def _tokenizer_from(source: Path | str, spec: str) -> PreTrainedTokenizerBase:
 
 
 def _looks_like_hub_id(spec: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if spec.startswith((".", "~", "/")) or spec.lower().endswith(".gguf"):
         return False
     try:
@@ -152,8 +152,6 @@ def _hub_snapshot(repo_id: str) -> Path | None:
     (transformers 5 probes the hub for adapter_config.json even with local_files_only=True,
     retrying for ~25 s when offline; a local directory avoids that.)
     """
-    from huggingface_hub import snapshot_download
-
     try:
         path = Path(snapshot_download(repo_id, local_files_only=True))
     except (OSError, ValueError):
@@ -163,8 +161,6 @@ def _hub_snapshot(repo_id: str) -> Path | None:
 
 def _hub_reachable() -> bool:
     """Cheap offline check, so a missing model fails now instead of after ~45 s of retries."""
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
         return False
     host = urlparse(constants.ENDPOINT).hostname

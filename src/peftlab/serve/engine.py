@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from peftlab.data.sft import encode_prompt
-from peftlab.evaluate.generate import stop_token_ids
+from peftlab.evaluation.generate import stop_token_ids
+from peftlab.methods import lora, method_for_adapter_dir
+from peftlab.models import load_model
 
 
 class RequestError(ValueError):
@@ -49,9 +53,6 @@ class Engine:
 
     def __init__(self, model: str, adapters: dict[str, str | Path] | None = None,
                  base_name: str | None = None, max_tokens_limit: int = 2048):
-        from peftlab.methods import lora, method_for_adapter_dir
-        from peftlab.models import load_model
-
         self.model, self.tokenizer = load_model(model)
         self.model.eval()
         self.base_name = base_name or str(model)
@@ -78,10 +79,6 @@ class Engine:
 
     def _activate(self, model_id: str):
         """Context in which ``model_id`` (the base or an adapter) computes."""
-        from contextlib import nullcontext
-
-        from peftlab.methods import lora
-
         if model_id == self.base_name:
             return lora.disable_adapters(self.model) if self.adapters else nullcontext()
         if model_id not in self.adapters:
@@ -128,8 +125,6 @@ class Engine:
         Closing the iterator early (the client went away) stops generation at the next
         token, so the lock is never released while the model is still busy.
         """
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
         kwargs = self._generate_kwargs(ids, sampling)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True)

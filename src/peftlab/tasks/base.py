@@ -1,34 +1,118 @@
-"""The Task protocol: what a batch looks like and how its loss is computed.
+"""The task contract: what a batch is, how its loss is computed, and what else a task may do.
 
-The Trainer only ever calls these methods; it never branches on the task's name.
+A task is a plug-in like a method: a :class:`TaskSpec` (name, config section, builder)
+registered in :data:`peftlab.plugins.TASKS`. The builder runs before the model is loaded,
+so it can choose the model kind and head from the data (e.g. a classifier's label count).
+The Trainer only calls :class:`Task` methods and never branches on a task's name; the
+recipe calls the optional hooks, whose defaults do nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from peftlab.config import RunConfig
+from peftlab.plugins import TASKS
+from peftlab.runtime.result import TrainResult
 
-class Task(Protocol):
+
+class Task:
+    """Base class of every task.
+
+    The training contract (``length``, ``collate``, ``count``, ``loss``) is what the Trainer
+    calls; a task with its own loop (``own_loop = True``, e.g. PPO) implements ``fit``
+    instead. ``loss`` returns a *sum* and the number of items summed over, so the Trainer can
+    normalise exactly across gradient-accumulation micro-batches of unequal sizes.
+    """
+
+    peft_task_type: str = "CAUSAL_LM"  # written into adapter_config.json
+    own_loop: bool = False  # True: the recipe calls fit() instead of running the Trainer
+
+    # -- the training contract ---------------------------------------------------------
     def length(self, example: dict[str, Any]) -> int:
         """Tokens in one example (for length-grouped batching and throughput)."""
+        raise NotImplementedError
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """Turn a list of examples into one batch of tensors."""
+        raise NotImplementedError
 
     def count(self, batch: dict[str, Any]) -> int:
         """How many items ``loss`` will sum over for this batch (known before the forward)."""
+        raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """Summed loss over the batch and the number of items it is summed over.
+        """Summed loss over the batch and the number of items it is summed over."""
+        raise NotImplementedError
 
-        Returning a sum (not a mean) lets the Trainer normalise exactly across
-        gradient-accumulation micro-batches of unequal sizes.
-        """
+    # -- optional hooks ------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> None:
+        """After the method is applied, before training (e.g. make a new head trainable)."""
 
-    # Optional: tasks may also define
-    #   metrics(model, examples, batch_size, precision) -> dict[str, float]
-    # whose values the Trainer logs as val_<name> at every evaluation and can select on
-    # (train.best_metric) and stop early on (train.early_stopping_patience).
+    def metric_names(self, examples: list[dict[str, Any]]) -> list[str]:
+        """What :meth:`metrics` returns for ``examples``, known before any model runs (so
+        ``train.best_metric`` is checked before training starts)."""
+        return []
+
+    def metrics(self, model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
+                precision: str) -> dict[str, float]:
+        """Validation metrics beyond the loss; the Trainer logs them as ``val_<name>``."""
+        return {}
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write what the task owns next to the adapter (e.g. a head, labels.json)."""
+
+    def restore(self, model: nn.Module, directory: Path) -> None:
+        """Read back what :meth:`save` wrote into a model that has the adapter loaded."""
+
+    def final_report(self, model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
+                     precision: str) -> dict[str, Any] | None:
+        """A report on the validation set after training (written to eval_<task>.json)."""
+        return None
+
+    def fit(self, model: nn.Module, tokenizer: Any, train: list[dict[str, Any]],
+            validation: list[dict[str, Any]], cfg: RunConfig, output_dir: Path,
+            resume: bool | str = False, progress: bool = True) -> TrainResult:
+        """The task's own training loop (only when ``own_loop`` is True)."""
+        raise NotImplementedError(f"{type(self).__name__} has no training loop of its own")
+
+
+@dataclass
+class PreparedTask:
+    """A built task with its prepared examples, data report and the model it needs."""
+
+    task: Task
+    train: list[dict]
+    validation: list[dict]
+    report: dict[str, Any]
+    model_kind: str = "causal_lm"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: ``build(cfg, tokenizer)`` prepares it; ``config_cls`` (optional)
+    is the dataclass of its own config section, named after the task."""
+
+    name: str
+    build: Callable[[RunConfig, Any], PreparedTask]
+    config_cls: type | None = None
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    return TASKS.register(spec.name, spec)
+
+
+def task_names() -> list[str]:
+    return TASKS.names()
+
+
+def build_task(cfg: RunConfig, tokenizer: Any) -> PreparedTask:
+    """The run's task object plus its prepared train/validation examples and data report."""
+    return TASKS.get(cfg.task).build(cfg, tokenizer)

@@ -1,0 +1,124 @@
+"""Language-model maths shared by every task and evaluation: hidden states without the LM
+head, a memory-bounded cross-entropy through a frozen head, and completion log-probs.
+
+The LM head runs only on positions whose next token carries a label, so prompt and
+padding positions never materialise full-vocabulary logits -- a large saving on a CPU,
+where the 49k-vocabulary projection is a big share of a training step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding)
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                       chunk_size: int) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` (fp32 logits) against ``targets``, in chunks.
+
+    With a frozen ``nn.Linear`` head (LoRA and friends; also a tied embedding that is not
+    trained) the gradient goes through :class:`_FrozenHeadCrossEntropy`, which keeps at most
+    one chunk of logits alive. Otherwise (a trained head, or no gradient needed) each chunk
+    runs through ``head`` as usual; with a gradient, autograd then keeps every chunk's logits
+    until backward.
+    """
+    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+    device = hidden.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
+    fused = (type(head) is nn.Linear and torch.is_grad_enabled() and hidden.requires_grad
+             and not weight.requires_grad and (bias is None or not bias.requires_grad)
+             and not (head._forward_hooks or head._forward_pre_hooks)
+             and (autocast or weight.dtype == hidden.dtype))
+    if fused:
+        b = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return _FrozenHeadCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), b, targets,
+                                                 chunk_size)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = head(hidden[start:start + chunk_size]).float()
+        total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+    return total
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed CE over chunks of hidden states for a frozen head (W, b), memory-bounded.
+
+    The gradient of the summed CE w.r.t. a chunk's logits is softmax - onehot, so the forward
+    turns each chunk's fp32 logits into that in place and multiplies by W right away: only
+    the (tokens, hidden) input gradient is kept (the same size as the hidden states autograd
+    would otherwise save), never the (tokens, vocab) logits, and backward does no head
+    matmul at all. Inputs arrive in one dtype; the caller disables autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        grad_hidden = torch.empty_like(hidden)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            t = targets[rows]
+            logits = F.linear(hidden[rows], weight, bias).float()
+            target_logits = logits.gather(1, t[:, None]).squeeze(1)
+            # Softmax and log-sum-exp in place: torch.logsumexp would allocate another
+            # (tokens, vocab) buffer, and on CPU the page faults of a fresh 200 MB buffer
+            # cost more than the arithmetic.
+            peak = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+            total += (peak + sums.log()).squeeze(1).sub_(target_logits).sum()
+            probs = logits.div_(sums)
+            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad_hidden[rows] = probs.to(weight.dtype) @ weight
+            del logits, probs
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        # Scale in fp32 (grad_total is e.g. 1/n, which bf16 would round).
+        return (grad_hidden.float() * grad_total).to(grad_hidden.dtype), None, None, None, None
+
+
+def backbone_hidden_states(model: nn.Module, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor | None,
+                           position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states of a transformers causal LM without running its LM head.
+
+    Packed rows (peftlab.data.packing) pass ``position_ids`` that restart at every example
+    and ``attention_mask=None``: transformers then masks attention block-diagonally.
+    """
+    backbone = model.base_model if model.base_model is not model else None
+    if backbone is None:
+        raise TypeError(f"{type(model).__name__}: cannot find the transformer backbone "
+                        "(expected a transformers *ForCausalLM model)")
+    kwargs: dict[str, Any] = {}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Summed log-prob of each row's labelled tokens, ``[batch]`` in fp32."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden = backbone_hidden_states(model, input_ids, attention_mask)[:, :-1][keep]
+    rows = keep.nonzero()[:, 0]
+    targets = targets[keep]
+    head = model.get_output_embeddings()
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = head(hidden[start:start + chunk_size]).float()
+        pieces.append(-F.cross_entropy(logits, targets[start:start + chunk_size], reduction="none"))
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return out.index_add(0, rows, token_logps)

@@ -1,0 +1,49 @@
+"""Where methods and tasks register themselves: one named registry per kind of plug-in.
+
+The config layer looks plug-ins up here by name (their config dataclasses, a task's config
+section) without importing them; ``peftlab.methods`` and ``peftlab.tasks`` fill the
+registries when they are imported, which ``import peftlab`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+from peftlab.errors import ConfigError, suggest
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Plug-ins of one kind by name; an unknown name is a ConfigError naming ``key``."""
+
+    def __init__(self, kind: str, key: str) -> None:
+        self.kind, self.key = kind, key
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, item: T) -> T:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._items[name] = item
+        return item
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            raise ConfigError(f"{self.key}: unknown {self.kind} {name!r}"
+                              f"{suggest(str(name), self.names())}; known {self.kind}s: "
+                              f"{', '.join(self.names())}")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items.values())
+
+
+METHODS: Registry = Registry("method", "method.name")  # peftlab.methods.registry.Method
+TASKS: Registry = Registry("task", "task")  # peftlab.tasks.base.TaskSpec

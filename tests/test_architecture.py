@@ -1,0 +1,52 @@
+"""The layering stays as docs/ARCHITECTURE.md draws it: import-linter's contracts (pyproject)
+hold, imports sit at the top of modules unless a comment says why, and nothing probes a
+task or a model for optional behaviour -- tasks and methods declare it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "peftlab"
+
+
+def _sources() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def test_import_contracts_hold():
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if lint is None:
+        pytest.fail("lint-imports (import-linter, a test dependency) is not installed")
+    done = subprocess.run([lint, "--config", str(ROOT / "pyproject.toml")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 broken" in done.stdout
+
+
+def test_function_level_imports_say_why():
+    """A function-level import is the exception (a heavy optional dependency, an API not in
+    every release); it carries a comment saying why."""
+    unexplained = []
+    for path in _sources():
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"^\s+(from \S+ )?import \S", line) and "#" not in line:
+                previous = lines[i - 1] if i else ""
+                if not re.match(r"^\s+(from \S+ )?import \S.*#", previous):  # a continued block
+                    unexplained.append(f"{path.relative_to(ROOT)}:{i + 1}: {line.strip()}")
+    assert not unexplained, "\n".join(unexplained)
+
+
+def test_no_probing_for_optional_behaviour():
+    pattern = re.compile(r"getattr\(task\b|hasattr\(task\b|hasattr\(\w+, \"(prompt_encoder|"
+                         r"prefix_encoder)\"\)|importlib\.import_module\(\"peftlab")
+    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in _sources()
+             for n, line in enumerate(p.read_text().splitlines(), start=1) if pattern.search(line)]
+    assert not found, "\n".join(found)
