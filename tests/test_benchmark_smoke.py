@@ -21,8 +21,9 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedTo
 
 from peftlab.lab.demo_data import generate_demo_data
 from peftlab.models import load_tokenizer
+from tests.deps import import_test_dep
 
-pytest.importorskip("peft")
+import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 

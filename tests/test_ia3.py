@@ -40,8 +40,9 @@ from peftlab.methods.ia3 import (
     unmerge,
 )
 from peftlab.train.precision import prepare_precision
+from tests.deps import import_test_dep
 
-peft = pytest.importorskip("peft")
+peft = import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 

@@ -26,8 +26,9 @@ from transformers import (
 from peftlab.config import ConfigError
 from peftlab.methods import get_method
 from peftlab.methods.lora import LoraConfig, apply_lora, load_lora, lora_layers, save_lora
+from tests.deps import import_test_dep
 
-peft = pytest.importorskip("peft")
+peft = import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 

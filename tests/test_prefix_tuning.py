@@ -45,9 +45,10 @@ from peftlab.methods.prefix_tuning import (
 from peftlab.models.kv_cache import cache_kwargs, output_cache
 from peftlab.tasks.sft import SFTTask
 from peftlab.train.precision import prepare_precision
+from tests.deps import import_test_dep
 from tests.peft_reference import peft_generate
 
-peft = pytest.importorskip("peft")
+peft = import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 

@@ -32,9 +32,10 @@ from peftlab.methods.p_tuning import PromptEncoder, PTuningConfig
 from peftlab.methods.prompt_tuning import PromptTuningConfig, apply_prompt_tuning
 from peftlab.tasks.sft import IGNORE, SFTTask, backbone_hidden_states
 from peftlab.train.precision import prepare_precision
+from tests.deps import import_test_dep
 from tests.peft_reference import peft_generate
 
-peft = pytest.importorskip("peft")
+peft = import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
