@@ -116,10 +116,24 @@ def select(session: Path, target: Target, source: str, sample: int, seed: int) -
     return len(eligible), len(chosen)
 
 
-def summarize(session: Path) -> dict:
+def annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Where the type annotations are: with ``from __future__ import annotations`` they are
+    never evaluated, so a mutant there (``Tensor | None`` -> ``Tensor / None``) is equivalent."""
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        for ann in (getattr(node, "annotation", None), getattr(node, "returns", None)):
+            if isinstance(ann, ast.expr):
+                spans.append(((ann.lineno, ann.col_offset), (ann.end_lineno, ann.end_col_offset)))
+    return spans
+
+
+def summarize(session: Path, source: str | None = None) -> dict:
+    """Killed/survived counts; ``score`` = killed / (killed + survived), and ``score_real``
+    the same without survivors inside annotations (equivalent mutants, see above)."""
     from cosmic_ray.work_db import use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
+    spans = annotation_spans(source) if source else []
     killed, survived, incompetent = 0, [], 0
     with use_db(str(session)) as db:
         for item, result in db.completed_work_items:
@@ -127,7 +141,9 @@ def summarize(session: Path) -> dict:
                 continue
             if result.test_outcome == TestOutcome.SURVIVED:
                 m = item.mutations[0]
+                pos = tuple(m.start_pos)
                 survived.append({"line": m.start_pos[0], "operator": m.operator_name,
+                                 "annotation": any(a <= pos <= b for a, b in spans),
                                  "diff": "\n".join(ln for ln in (result.diff or "").splitlines()
                                                    if re.match(r"^[-+][^-+]", ln))})
             elif result.test_outcome == TestOutcome.INCOMPETENT:
@@ -135,8 +151,10 @@ def summarize(session: Path) -> dict:
             else:
                 killed += 1
     ran = killed + len(survived)
+    real = ran - sum(s["annotation"] for s in survived)
     return {"killed": killed, "survived": sorted(survived, key=lambda s: s["line"]),
-            "incompetent": incompetent, "score": round(100 * killed / ran, 1) if ran else None}
+            "incompetent": incompetent, "score": round(100 * killed / ran, 1) if ran else None,
+            "score_real": round(100 * killed / real, 1) if real else None}
 
 
 def run_module(name: str, args: argparse.Namespace) -> dict:
@@ -160,7 +178,7 @@ def run_module(name: str, args: argparse.Namespace) -> dict:
     print(f"[{name}] {sampled} of {eligible} eligible mutants of {target.path}", flush=True)
     t0 = time.time()
     subprocess.run([cosmic, "exec", str(config), str(session)], cwd=work, env=env, check=True)
-    out = summarize(session)
+    out = summarize(session, (work / target.path).read_text())
     out.update(module=target.path, eligible=eligible, sampled=sampled,
                minutes=round((time.time() - t0) / 60, 1))
     print(f"[{name}] score {out['score']}% ({out['killed']} killed, {len(out['survived'])} "
@@ -184,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     report = Path(args.report or Path(args.workdir) / "report.json")
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(results, indent=1))
-    print("\n| module | sampled / eligible | killed | survived | score |\n|---|---|---|---|---|")
+    print("\n| module | sampled / eligible | killed | survived | score | without "
+          "annotation mutants |\n|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['module']} | {r['sampled']} / {r['eligible']} | {r['killed']} | "
-              f"{len(r['survived'])} | {r['score']}% |")
+              f"{len(r['survived'])} | {r['score']}% | {r['score_real']}% |")
     for r in results:
         for s in r["survived"]:
-            print(f"SURVIVED {r['module']}:{s['line']} {s['operator']}\n{s['diff']}")
+            where = " (annotation: equivalent)" if s["annotation"] else ""
+            print(f"SURVIVED {r['module']}:{s['line']} {s['operator']}{where}\n{s['diff']}")
     print(f"report: {report}")
     return 0
 
