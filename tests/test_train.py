@@ -241,6 +241,61 @@ def test_validation_ignores_dropout_and_keeps_train_mode(tiny_chat_model_dir, de
     assert first["val_loss"] == pytest.approx(float(loss_sum / n), abs=1e-5)
 
 
+def test_logging_evaluation_and_throughput_schedule(tiny_chat_model_dir, demo_data_dir, tmp_path,
+                                                    monkeypatch):
+    """log_every, eval_every and the end of each epoch decide which steps are logged and
+    evaluated; tokens_per_s is the step's tokens over the step's time (a fake clock that
+    ticks 0.5 s per reading makes it exact)."""
+    import peftlab.train.trainer as trainer_module
+
+    # 8 rows in micro-batches of 4: an epoch is 2 steps
+    trainer, examples = _trainer(tiny_chat_model_dir, demo_data_dir, tmp_path, val_rows=4,
+                                 batch_size=4, max_steps=7, log_every=3, eval_every=5)
+    assert not getattr(trainer.model, "is_gradient_checkpointing", False)  # off unless asked
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(trainer_module, "time",
+                        type("Clock", (), {"perf_counter": lambda: 0.5 * next(ticks)}))
+    result = trainer.fit()
+    logged = [r for r in result.history if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 3, 6, 7]  # step 1, every 3rd, the last
+    evaluated = [r["step"] for r in result.history if "val_loss" in r]
+    assert evaluated == [2, 4, 5, 6, 7]  # ends of epochs, every 5th, the last
+    assert [r["epoch"] for r in logged] == [0.5, 1.5, 3.0, 3.5]
+
+    tokens = {}  # attention-mask tokens of each step's micro-batch
+    for step, group in zip(range(1, 8), trainer._step_groups(0), strict=False):
+        tokens[step] = sum(len(examples[i]["input_ids"]) for idx in group for i in idx)
+    assert result.tokens == sum(tokens.values())
+    for r in logged:  # one 0.5 s tick between the start and the end of each step
+        assert r["tokens_per_s"] == pytest.approx(tokens[r["step"]] / 0.5, abs=0.05)
+
+
+def test_each_epoch_reshuffles_and_resume_continues_the_order(tiny_chat_model_dir,
+                                                              demo_data_dir, tmp_path):
+    trainer, _ = _trainer(tiny_chat_model_dir, demo_data_dir, tmp_path, batch_size=2,
+                          max_steps=1)
+    groups = trainer._step_groups(0)
+    epochs = [[tuple(i for idx in next(groups) for i in idx) for _ in range(4)]
+              for _ in range(4)]  # 4 epochs of 4 micro-batches of 2 rows
+    for epoch in epochs:
+        assert sorted(i for batch in epoch for i in batch) == list(range(8))
+    assert len({tuple(e) for e in epochs}) > 1  # a new order per epoch (seeded by epoch)
+    flat = [b for e in epochs for b in e]
+    resumed = trainer._step_groups(6)  # after 6 micro-batches: mid-epoch 2
+    assert [tuple(i for idx in next(resumed) for i in idx) for _ in range(10)] == flat[6:]
+
+
+def test_compile_blocks_finds_the_transformer_blocks(tiny_chat_model_dir):
+    from peftlab.train.trainer import compile_blocks
+
+    model, _ = load_model(str(tiny_chat_model_dir))
+    assert compile_blocks(model) == 2  # the two decoder layers, nothing else
+    assert all(hasattr(block, "_compiled_call_impl") and block._compiled_call_impl is not None
+               for block in model.model.layers)
+    with pytest.raises(peftlab.ConfigError, match="cannot find the transformer blocks"):
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_label_only_head_equals_full_forward_loss(tiny_chat_model_dir, demo_data_dir):
     model, tok = load_model(str(tiny_chat_model_dir))
     ensure_chat_template(tok)
