@@ -38,6 +38,7 @@ def test_linear_and_constant():
     ("linear", 1, 0, [1]),
 ])
 def test_schedule_shapes_by_hand(kind, total, warm, expected):
+    kind = "".join(list(kind))  # made at run time, as read from a config file: not interned
     values = [lr_multiplier(s, total, warm, kind) for s in range(total)]
     assert values == pytest.approx(expected, rel=1e-12, abs=1e-15)
 

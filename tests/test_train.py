@@ -130,6 +130,41 @@ def test_resume_continues_to_the_same_result(tiny_chat_model_dir, demo_data_dir,
         assert diff > 1e-4, what
 
 
+def test_checkpoint_pruning_and_latest_for_resume(tmp_path):
+    """resume=True takes the newest *complete* step-N checkpoint; pruning keeps the newest
+    ``keep`` and never touches half-written (.tmp) or best checkpoints."""
+    for n in (1, 2, 10, 3):
+        (tmp_path / f"step-{n:07d}").mkdir()
+        (tmp_path / f"step-{n:07d}" / ckpt.STATE_FILE).write_text("{}")
+    (tmp_path / "step-0000011.tmp").mkdir()  # a crash while writing step 11
+    (tmp_path / "step-0000012").mkdir()  # no state file: not complete
+    (tmp_path / "best").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000010"  # by number, not by name
+    assert ckpt.latest_checkpoint(tmp_path / "missing") is None
+    ckpt.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best", "step-0000010", "step-0000011.tmp", "step-0000012"]
+    ckpt.prune_checkpoints(tmp_path, keep=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step-0000011.tmp"]
+    assert ckpt.latest_checkpoint(tmp_path) is None
+
+
+def test_resume_into_a_different_model_names_the_mismatch(tiny_chat_model_dir, tmp_path):
+    from peftlab.methods.lora import LoraConfig, apply_lora
+
+    model, _ = load_model(str(tiny_chat_model_dir))
+    apply_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ckpt.save_checkpoint(tmp_path / "c", model, opt, {"step": 1})
+    other, _ = load_model(str(tiny_chat_model_dir))
+    apply_lora(other, LoraConfig(r=2, target_modules=["v_proj"]))
+    with pytest.raises(ValueError, match="does not match the model") as err:
+        ckpt.load_checkpoint(tmp_path / "c", other)
+    # the first three names of each side (of 4), not all of them
+    missing, unexpected = str(err.value).split("missing ")[1].split(", unexpected ")
+    assert missing.count("v_proj.lora_") == 3 and unexpected.count("q_proj.lora_") == 3
+
+
 def _trainer(model_dir: Path, data: dict[str, Path], out: Path, rows: int = 8,
              val_rows: int = 0, **train) -> tuple[Trainer, list[dict]]:
     """A Trainer on ``rows`` demo examples (LoRA with random A and B: every weight gets a
