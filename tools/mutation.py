@@ -69,9 +69,17 @@ TARGETS = {
 
 
 def definition_lines(source: str, names: tuple[str, ...]) -> list[tuple[int, int]]:
-    tree = ast.parse(source)
-    return [(node.lineno, node.end_lineno) for node in tree.body
-            if getattr(node, "name", None) in names]
+    """Line ranges of top-level defs/classes named in ``names``, or of methods as
+    ``Class.method``."""
+    spans = []
+    for node in ast.parse(source).body:
+        name = getattr(node, "name", None)
+        if name in names:
+            spans.append((node.lineno, node.end_lineno))
+        elif isinstance(node, ast.ClassDef):
+            spans += [(m.lineno, m.end_lineno) for m in node.body
+                      if f"{name}.{getattr(m, 'name', '')}" in names]
+    return spans
 
 
 def write_config(work: Path, target: Target, python: str, timeout: float) -> Path:
@@ -159,6 +167,8 @@ def summarize(session: Path, source: str | None = None) -> dict:
 
 def run_module(name: str, args: argparse.Namespace) -> dict:
     target = TARGETS[name]
+    if args.only:  # e.g. --only LoraLinear.merge LoraLinear.unmerge: a closer look at a part
+        target = Target(target.path, target.tests, tuple(args.only))
     work = Path(args.workdir) / name
     if work.exists():
         shutil.rmtree(work)
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", nargs="+", choices=sorted(TARGETS), default=list(TARGETS))
     parser.add_argument("--sample", type=int, default=20, help="mutants per module (0: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="mutate only these defs (NAME or Class.method) of the module")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
     parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"),
                         help="interpreter that runs the tests (has torch, peft, pytest)")
