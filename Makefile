@@ -18,7 +18,7 @@ TORCH_WHEELS ?= /opt/wheels
 UV      := uv==0.13.9
 LATEST  := .venv-latest
 
-.PHONY: demo test test-latest lock lint clean-venv
+.PHONY: demo test test-latest lock lint clean-venv mutation
 
 $(BIN)/.base-installed: $(TORCH) $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -64,6 +64,21 @@ lock:
 	$(BIN)/uv pip compile pyproject.toml --quiet --upgrade --extra test \
 		--find-links $(TORCH_WHEELS) -c $(TORCH) -c $(LOCK) --no-emit-package torch \
 		-o $(LOCK_T)
+
+# Mutation testing of the core modules (tools/mutation.py): can the tests fail? Slow (about an
+# hour for the default 20 mutants per module), so not part of `make test` or CI. cosmic-ray
+# lives in its own venv; the tests run on .venv. MUTATION_ARGS="--modules lora --sample 0"
+# runs every mutant of one module.
+MUT     := .venv-mut
+MUTATION_ARGS ?= --sample 20
+
+$(MUT)/.installed:
+	test -x $(MUT)/bin/python || $(PY) -m venv $(MUT)
+	$(MUT)/bin/pip install --quiet --disable-pip-version-check cosmic-ray==8.7.0
+	touch $@
+
+mutation: $(BIN)/.test-installed $(MUT)/.installed
+	$(MUT)/bin/python tools/mutation.py --python $(BIN)/python $(MUTATION_ARGS)
 
 lint: $(BIN)/.test-installed
 	$(BIN)/ruff check src tests benchmarks

@@ -2,6 +2,11 @@
 
 Built offline in well under a second, so trainer and CLI tests can run the real
 code paths (load_model from a directory, chat template, LoRA, checkpoints).
+
+The tiny model's 0.02-scale weights make it greedily repeat one token that decodes to ``''``,
+so a generation test on it compares empty strings. ``diverse_chat_model_dir`` is the same
+model with larger weights: its greedy replies are non-empty, differ between prompts, and a
+few LoRA steps change them.
 """
 
 from __future__ import annotations
@@ -55,9 +60,27 @@ def build_tiny_chat_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def build_diverse_chat_model(directory: Path, seed: int = 0, std: float = 0.1) -> Path:
+    """The tiny chat model with every matrix drawn from N(0, std): varied, non-empty replies."""
+    build_tiny_chat_model(directory, seed)
+    model = LlamaForCausalLM.from_pretrained(directory)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, std)
+    model.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_model_dir(tmp_path_factory) -> Path:
     return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def diverse_chat_model_dir(tmp_path_factory) -> Path:
+    return build_diverse_chat_model(tmp_path_factory.mktemp("diverse-llama"))
 
 
 @pytest.fixture(scope="session")

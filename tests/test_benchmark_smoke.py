@@ -21,8 +21,9 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedTo
 
 from peftlab.lab.demo_data import generate_demo_data
 from peftlab.models import load_tokenizer
+from tests.deps import import_test_dep
 
-pytest.importorskip("peft")
+import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -113,11 +114,12 @@ def test_bf16_reference_and_summary(bench, sft_setup, tiny_chat_model_dir):
     assert rows["train_vs_bf16"]["status"] in ("MET", "MISSED")
 
 
-def test_generation_worker_matches_transformers(bench, sft_setup, tiny_chat_model_dir):
+def test_generation_worker_matches_transformers(bench, sft_setup, diverse_chat_model_dir):
     tmp, _ = sft_setup
     convs = [[{"role": "user", "content": r["instruction"]}]
              for r in generate_demo_data(seed=0)["heldout"][:8]]
-    cfg = {"model": str(tiny_chat_model_dir), "adapter": str(tmp / "adapter"),
+    # the diverse tiny model (same shapes as the adapter's): real, different replies to compare
+    cfg = {"model": str(diverse_chat_model_dir), "adapter": str(tmp / "adapter"),
            "max_new_tokens": 5, "conversations": convs, "b1_prompts": 2}
     ours = bench.gen_worker(dict(cfg, name=bench.CANDIDATE))
     ref = bench.gen_worker(dict(cfg, name="ref"))
@@ -125,6 +127,7 @@ def test_generation_worker_matches_transformers(bench, sft_setup, tiny_chat_mode
         assert ours[label]["replies"] == ref[label]["replies"]
         assert len(ref[label]["new_tokens"]) == n
         assert all(1 <= c <= 5 for c in ref[label]["new_tokens"])
+        assert all(ref[label]["replies"]) and len(set(ref[label]["replies"])) > 1
 
 
 def _tiny_bert_dir(directory: Path) -> Path:

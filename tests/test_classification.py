@@ -34,6 +34,7 @@ from peftlab.tasks.classification.predict import load_classifier
 from peftlab.tasks.classification.task import HEAD_FILE, ClassificationTask, predict_logits
 from peftlab.training.recipe import run_training
 from tests.conftest import SHARED_DATA
+from tests.deps import import_test_dep
 
 POS = ["good", "great", "excellent"]
 NEG = ["bad", "awful", "terrible"]
@@ -289,7 +290,7 @@ def test_reloaded_classifier_predicts_identically(trained_bert, synthetic_files,
 
 
 def test_peft_loads_the_saved_classifier(trained_bert, tiny_bert_dir, synthetic_files):
-    peft = pytest.importorskip("peft")
+    peft = import_test_dep("peft")
     from transformers import AutoModelForSequenceClassification
 
     summary, model, tok = trained_bert

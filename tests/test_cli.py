@@ -21,8 +21,10 @@ def _write_config(path, model_dir, data, out, **train):
     return path
 
 
-def test_train_eval_chat(tiny_chat_model_dir, demo_data_dir, tmp_path, capsys):
-    cfg = _write_config(tmp_path / "run.yaml", tiny_chat_model_dir, demo_data_dir, tmp_path / "o")
+def test_train_eval_chat(diverse_chat_model_dir, demo_data_dir, tmp_path, capsys):
+    # the diverse tiny model: its replies are non-empty and training changes them
+    model_dir = diverse_chat_model_dir
+    cfg = _write_config(tmp_path / "run.yaml", model_dir, demo_data_dir, tmp_path / "o")
     assert main(["train", str(cfg), "--no-progress", "--set", "train.lr=0.01"]) == 0
     assert yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())["train"]["lr"] == 0.01
     capsys.readouterr()
@@ -33,16 +35,18 @@ def test_train_eval_chat(tiny_chat_model_dir, demo_data_dir, tmp_path, capsys):
     assert results["adapter"]["val_loss"] < results["base"]["val_loss"]
 
     adapter = tmp_path / "o" / "adapter"
-    rc = main(["chat", "--model", str(tiny_chat_model_dir), "--adapter", str(adapter),
+    rc = main(["chat", "--model", str(model_dir), "--adapter", str(adapter),
                "--prompt", "What is the price?", "--max-new-tokens", "5"])
     assert rc == 0
     from peftlab.api import load
     from peftlab.evaluation.generate import generate_replies
 
-    model, tok = load(str(tiny_chat_model_dir), adapter=adapter)
-    expected = generate_replies(model, tok, [[{"role": "user", "content": "What is the price?"}]],
-                                max_new_tokens=5)[0]
+    chat = [[{"role": "user", "content": "What is the price?"}]]
+    model, tok = load(str(model_dir), adapter=adapter)
+    expected = generate_replies(model, tok, chat, max_new_tokens=5)[0]
     assert capsys.readouterr().out == expected + "\n"
+    base, _ = load(str(model_dir))
+    assert expected and expected != generate_replies(base, tok, chat, max_new_tokens=5)[0]
 
 
 def test_interactive_chat_reads_until_eof(tiny_chat_model_dir, monkeypatch, capsys):

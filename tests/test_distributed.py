@@ -1,5 +1,6 @@
 """Data parallelism (torch.distributed, gloo): 2 ranks x grad_accum 1 must train exactly what
-one process trains with grad_accum 2; ranks end identical; only rank 0 writes."""
+one process trains with grad_accum 2 (same gradient norms at every step, on micro-batches of
+unequal token counts); ranks end identical; only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -55,9 +56,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _micro_batch_tokens(cfg: dict, out: Path) -> list[list[int]]:
+    """Target tokens of each micro-batch of each step, as the single process groups them
+    (with 2 ranks, rank r takes micro-batch r of each step)."""
+    from peftlab.methods import get_method
+    from peftlab.tasks import build_task
+    from peftlab.training.trainer import Trainer
+
+    run = from_dict(cfg)
+    model, tok = load_model(cfg["model"])
+    prepared = build_task(run, tok)
+    get_method("lora").apply(model, run.method, "default")
+    trainer = Trainer(model, prepared.task, prepared.train, None, run.train, out, progress=False)
+    groups = trainer._step_groups(0)
+    return [[prepared.task.count(prepared.task.collate([prepared.train[i] for i in idx]))
+             for idx in next(groups)] for _ in range(run.train.max_steps)]
+
+
 def test_two_ranks_equal_one_process_with_doubled_accumulation(tiny_chat_model_dir,
                                                                 demo_data_dir, tmp_path):
     single = _cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "single", grad_accum=2)
+    # The ranks' micro-batches hold different numbers of target tokens, so the right gradient
+    # (the token mean over both ranks) differs from the mean of the two ranks' own means.
+    tokens = _micro_batch_tokens(single, tmp_path / "count")
+    assert all(len(step) == 2 for step in tokens)
+    assert all(a != b for a, b in tokens), tokens
     _train(single, tmp_path / "single.safetensors")
 
     ddp = _cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "ddp", grad_accum=1)
@@ -77,8 +100,11 @@ def test_two_ranks_equal_one_process_with_doubled_accumulation(tiny_chat_model_d
 
     one, two = history("single"), history("ddp")  # written once (rank 0), same numbers
     assert [r["step"] for r in one] == [r["step"] for r in two]
+    # grad_norm is logged before clipping: the summed gradient itself, not just its direction
+    # (clipping to max_grad_norm 1.0 would hide a gradient scaled by the number of ranks)
+    assert sum("grad_norm" in r for r in one) == 4
     for a, b in zip(one, two, strict=True):
-        for key in ("loss", "val_loss", "epoch"):
+        for key in ("loss", "val_loss", "epoch", "grad_norm"):
             if key in a:
-                assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
+                assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a, b)
     assert (tmp_path / "ddp" / "report.md").is_file()

@@ -61,3 +61,23 @@ def test_generate_replies_uses_the_same_tokens(tiny_chat_model_dir):
                            False, 1.0, 1.0)[0]
         assert reply == tok.decode(ref, skip_special_tokens=True).strip()
     assert len(set(replies)) == len(replies)  # the check compares real, different replies
+
+
+def test_sampling_parameters_are_applied_and_reproducible(tiny_chat_model_dir):
+    """generate_replies(do_sample=True): the torch seed reproduces the replies, and
+    temperature/top_p reach the sampler (at their limits it must return the greedy replies:
+    top_p -> 0 keeps only the most likely token, temperature -> 0 puts all the mass on it)."""
+    model, tok = _diverse_model(tiny_chat_model_dir)
+    greedy = generate_replies(model, tok, CHATS, max_new_tokens=6)
+
+    def sampled(seed: int, temperature: float, top_p: float) -> list[str]:
+        torch.manual_seed(seed)
+        return generate_replies(model, tok, CHATS, max_new_tokens=6, do_sample=True,
+                                temperature=temperature, top_p=top_p)
+
+    free = sampled(0, 1.0, 1.0)
+    assert free == sampled(0, 1.0, 1.0) and free != sampled(1, 1.0, 1.0)
+    assert free != greedy
+    for seed in (0, 1):
+        assert sampled(seed, 1.0, 1e-6) == greedy
+        assert sampled(seed, 1e-4, 1.0) == greedy

@@ -40,8 +40,9 @@ from peftlab.methods.ia3 import (
     unmerge,
 )
 from peftlab.runtime.precision import prepare_precision
+from tests.deps import import_test_dep
 
-peft = pytest.importorskip("peft")
+peft = import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -203,9 +204,14 @@ def test_only_ia3_trainable_and_loss_falls():
 
 def test_bf16_base_under_autocast():
     model = base_model("llama")
+    base = logits(model)
     apply_ia3(model, IA3Config())
     randomize(model)
     expected = logits(model)
+    # The tolerance comes from what IA3 does here (logits move by up to ~0.19); bf16 moves
+    # them by ~0.002. Dropping the vectors on the bf16 path (or in the bf16 merge) would be
+    # off by the whole effect; a tenth of it is allowed.
+    tol = 0.1 * (expected - base).abs().max()
     prepare_precision(model, "bf16")  # frozen weights to bf16, ia3 vectors stay fp32
     layer = model.model.layers[0].mlp.down_proj
     assert layer.weight.dtype == torch.bfloat16 and layer.ia3_l["default"].dtype == torch.float32
@@ -213,7 +219,7 @@ def test_bf16_base_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
-    assert_close(out.logits.float(), expected, atol=0.1, rtol=0.05)
+    assert (out.logits.float() - expected).abs().max() < tol
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -221,7 +227,7 @@ def test_bf16_base_under_autocast():
         merge(model)
         merged = model(input_ids=ids).logits.float()
     assert layer.weight.dtype == torch.bfloat16
-    assert_close(merged, unmerged, atol=0.1, rtol=0.05)
+    assert (merged - expected).abs().max() < tol and (unmerged - expected).abs().max() < tol
 
 
 # ----------------------------------------------------------------------------- peft parity

@@ -26,8 +26,9 @@ from transformers import (
 from peftlab.config import ConfigError
 from peftlab.methods import get_method
 from peftlab.methods.lora import LoraConfig, apply_lora, load_lora, lora_layers, save_lora
+from tests.deps import import_test_dep
 
-peft = pytest.importorskip("peft")
+peft = import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -74,6 +75,18 @@ def peft_model(base: torch.nn.Module, **kwargs) -> torch.nn.Module:
         return peft.get_peft_model(base, cfg).eval()
 
 
+def perturb_magnitudes(model: torch.nn.Module, seed: int = 4) -> None:
+    """Scale every DoRA magnitude (ours or peft's) by a factor in [0.5, 1.5).
+
+    Both start m at ||W + sBA||, where DoRA's output equals LoRA's: parity there cannot
+    tell DoRA from LoRA. The factors follow the parameters' order, the same in both."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.5 + torch.rand(p.shape, generator=g))
+
+
 def _peft_to_our_name(name: str) -> str:
     """peft keeps DoRA's magnitude one module deeper (lora_magnitude_vector.<name>.weight)."""
     name = name.removeprefix("base_model.model.")
@@ -86,6 +99,7 @@ def test_ours_to_peft(arch, variant, tmp_path):
     base = base_model(arch)
     fresh = copy.deepcopy(base)
     apply_lora(base, LoraConfig(r=4, alpha=8, init="random", **VARIANTS[variant]))
+    perturb_magnitudes(base)
     ours = logits(base)
     assert not torch.allclose(ours, logits(fresh), atol=1e-3)  # the adapter does something
 
@@ -101,6 +115,7 @@ def test_peft_to_ours(arch, variant, tmp_path):
     base = base_model(arch)
     fresh = copy.deepcopy(base)
     theirs = peft_model(base, **VARIANTS[variant])
+    perturb_magnitudes(theirs)
     expected = logits(theirs)
     theirs.save_pretrained(tmp_path)
 
@@ -124,6 +139,7 @@ def test_train_mode_outputs_and_gradients_match_peft(variant):
     base = base_model("llama")
     ours = copy.deepcopy(base)
     theirs = peft_model(base, lora_dropout=0.3, **VARIANTS[variant]).train()
+    perturb_magnitudes(theirs)  # copied into ours below
     apply_lora(ours, LoraConfig(r=4, alpha=8, dropout=0.3, **VARIANTS[variant]))
     ours.train().load_state_dict({_peft_to_our_name(k): v for k, v in theirs.state_dict().items()})
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -147,6 +163,7 @@ def test_file_keys_match_peft(tmp_path):
     base = base_model("gpt2")
     ours = copy.deepcopy(base)
     theirs = peft_model(base, use_dora=True)
+    perturb_magnitudes(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     load_lora(ours, tmp_path / "peft")
     save_lora(ours, tmp_path / "ours")
@@ -228,8 +245,18 @@ def test_bad_config_key_names_file_and_key(saved, changes, key):
 
 
 def test_unknown_config_keys_are_ignored(saved):
+    saved_model = base_model("llama")
+    load_lora(saved_model, saved)
+    expected = logits(saved_model)
     _edit_config(saved, some_future_peft_option={"x": 1}, exclude_modules=None)
-    load_lora(base_model("llama"), saved)
+    model = base_model("llama")
+    cfg = load_lora(model, saved)
+    assert (cfg.r, cfg.target_modules) == (2, ["model.layers.0.self_attn.q_proj",
+                                               "model.layers.0.self_attn.v_proj",
+                                               "model.layers.1.self_attn.q_proj",
+                                               "model.layers.1.self_attn.v_proj"])
+    assert_close(logits(model), expected)
+    assert not torch.allclose(expected, logits(base_model("llama")), atol=1e-3)
 
 
 def _edit_weights(directory, edit):

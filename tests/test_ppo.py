@@ -12,11 +12,12 @@ import collections
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peftlab.config import ConfigError, from_dict
 from peftlab.data.sft import encode_prompt
@@ -156,7 +157,8 @@ def test_ppo_with_a_classifier_reward(tiny_chat_model_dir, tmp_path):
     assert 0.0 < summary.result.history[0]["reward_mean"] < 1.0
 
 
-def test_resume_continues_to_the_same_result(tiny_chat_model_dir, tmp_path, monkeypatch):
+def test_resume_continues_to_the_same_result(tiny_chat_model_dir, tmp_path, monkeypatch,
+                                             capsys):
     """4 iterations straight == 2 iterations, a crash, and a resume from the step-2 checkpoint.
 
     Sampling at temperature 1 (torch RNG), an adaptive KL coefficient, validation rollouts and
@@ -164,8 +166,10 @@ def test_resume_continues_to_the_same_result(tiny_chat_model_dir, tmp_path, monk
     depend on every piece of restored state.
     """
     data = _prompts(tmp_path / "prompts.jsonl", n=8)
-    (tmp_path / "ppo_resume_reward.py").write_text(
+    (tmp_path / "ppo_resume_reward.py").write_text(  # CALLS: how many answers each call scored
+        "CALLS = []\n"
         "def longer(prompts, responses):\n"
+        "    CALLS.append(len(responses))\n"
         "    return [len(r) / 40 for r in responses]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
@@ -203,7 +207,27 @@ def test_resume_continues_to_the_same_result(tiny_chat_model_dir, tmp_path, monk
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "rew')
 
+    # copies of the crashed run with one part of the checkpoint perturbed (see the end)
+    for what in ("weights", "kl_coef"):
+        shutil.copytree(out, tmp_path / f"run-{what}")
+        step2_copy = tmp_path / f"run-{what}" / "checkpoints" / "step-0000002"
+        if what == "weights":
+            path = step2_copy / "trainable.safetensors"
+            save_file({k: v * 1.5 if "lora_B" in k else v
+                       for k, v in load_file(str(path)).items()}, str(path))
+        else:
+            path = step2_copy / "trainer_state.json"
+            path.write_text(json.dumps(dict(json.loads(path.read_text()), kl_coef=1.0)))
+
+    calls = sys.modules["ppo_resume_reward"].CALLS
+    calls.clear()
+    capsys.readouterr()
     resumed = run_training(from_dict(cfg), resume=True, progress=False).result.history
+    assert f"resumed from {step2} at iteration 2" in capsys.readouterr().out
+    # the resumed run rolled out iterations 3 and 4 only (4 answers each), plus the
+    # validation rollouts at iterations 3 and 4 (2 answers each); from scratch it would be
+    # 4 training rollouts and 3 validations
+    assert calls == [4, 2, 4, 2]
     assert _without_time(resumed) == _without_time(straight)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     adapter2 = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -218,6 +242,15 @@ def test_resume_continues_to_the_same_result(tiny_chat_model_dir, tmp_path, monk
     assert [x["step"] for x in lines] == [0, 1, 2, 3, 4]  # step 0: the initial validation
     assert _without_time(lines[1:]) == _without_time(straight)
     assert (out / "reward.png").is_file()
+
+    # The checkpoint is really used: resuming from a perturbed one ends elsewhere. Two Adam
+    # steps at lr 2e-3 move each weight by up to ~4e-3, 4000 x the tolerance above.
+    for what in ("weights", "kl_coef"):
+        cfg_other = dict(cfg, output_dir=str(tmp_path / f"run-{what}"))
+        run_training(from_dict(cfg_other), resume=True, progress=False)
+        other = load_file(str(tmp_path / f"run-{what}" / "adapter" / "adapter_model.safetensors"))
+        diff = max(float((other[k] - adapter[k]).abs().max()) for k in adapter)
+        assert diff > 1e-4, what
 
 
 def _without_time(history: list[dict]) -> list[dict]:

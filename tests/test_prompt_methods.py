@@ -33,9 +33,10 @@ from peftlab.methods.prompt_tuning import PromptTuningConfig, apply_prompt_tunin
 from peftlab.models.lm import backbone_hidden_states
 from peftlab.runtime.precision import prepare_precision
 from peftlab.tasks.sft.task import IGNORE, SFTTask
+from tests.deps import import_test_dep
 from tests.peft_reference import peft_generate
 
-peft = pytest.importorskip("peft")
+peft = import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -331,12 +332,17 @@ def test_bf16_base_under_autocast():
     ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     total, n = SFTTask(pad_id=0).loss(model, batch)
+    with vt.disable_adapters(model):
+        plain, n_plain = SFTTask(pad_id=0).loss(model, batch)
+    # The tolerance comes from what the prompt does to the loss here (~0.005 nats); bf16
+    # moves it by ~2e-5. A bf16 path that lost the virtual tokens would be off by the effect.
+    tol = 0.1 * abs(float(total / n - plain / n_plain))
     prepare_precision(model, "bf16")
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         total16, n16 = SFTTask(pad_id=0).loss(model, batch)
     total16.backward()
-    assert_close(total16 / n16, total / n, atol=0.05, rtol=0.02)
+    assert abs(float(total16 / n16 - total / n)) < tol
     for p in vt.prompt_module(model).parameters():
         assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
 

@@ -1,6 +1,9 @@
 """OpenAI-compatible serving: one tiny base model and two LoRA adapters behind HTTP. Every
 answer must equal what the same model + adapter generates directly; switching adapters
-between requests must not leak; bad requests get OpenAI-shaped 4xx errors."""
+between requests must not leak; sampling parameters are applied and a seed reproduces an
+answer; bad requests get OpenAI-shaped 4xx errors.
+
+The model is conftest's diverse tiny model: the plain tiny one answers ``''`` to everything."""
 
 from __future__ import annotations
 
@@ -14,13 +17,19 @@ import pytest
 import torch
 
 from peftlab.cli import main
-from peftlab.evaluation.generate import generate_replies
+from peftlab.evaluation.generate import generate_replies, greedy_generate, stop_token_ids
 from peftlab.methods.lora import LoraConfig, apply_lora, load_lora, save_lora
 from peftlab.models import load_model
-from peftlab.serve.engine import Engine
+from peftlab.serve.engine import Engine, Sampling
 from peftlab.serve.server import make_server
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "capital of x?"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model_dir(diverse_chat_model_dir) -> Path:
+    """Every test here runs on the diverse tiny model (varied, non-empty answers)."""
+    return diverse_chat_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -106,24 +115,61 @@ def test_stream_sends_the_same_answer_in_pieces(server):
                for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text == whole["choices"][0]["message"]["content"]
+    # A non-streamed chat answer is stripped at both ends, a streamed one only at the start
+    # (a stream cannot know which whitespace is trailing): here the answer ends in '\x1c'.
+    assert text and text.rstrip() == whole["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
     assert chunks[-1]["usage"] == whole["usage"]
 
 
-def test_text_completions(server, tiny_chat_model_dir):
+def test_text_completions(server, tiny_chat_model_dir, adapters):
     status, r = _post(f"{server}/v1/completions",
                       {"model": "alpha", "prompt": "The capital of", "max_tokens": 5})
     assert status == 200 and r["object"] == "text_completion"
-    _, tok = load_model(str(tiny_chat_model_dir))
-    assert r["usage"]["prompt_tokens"] == len(tok("The capital of")["input_ids"])
-    assert isinstance(r["choices"][0]["text"], str)
+    model, tok = load_model(str(tiny_chat_model_dir))
+    ids = tok("The capital of")["input_ids"]
+    assert r["usage"]["prompt_tokens"] == len(ids)
+    # the same continuation, computed directly: the alpha adapter, greedy, cut at a stop token
+    load_lora(model, adapters["alpha"])
+    stops = stop_token_ids(tok)
+    new_ids = greedy_generate(model.eval(), [ids], 5, stops, tok.pad_token_id)[0]
+    expected = tok.decode([t for t in new_ids if t not in stops], skip_special_tokens=True)
+    assert expected and r["choices"][0]["text"] == expected
     status, streamed = _post(f"{server}/v1/completions",
                              {"model": "alpha", "prompt": "The capital of", "max_tokens": 5,
                               "stream": True})
     pieces = [json.loads(line[6:]) for line in streamed.splitlines()
               if line.startswith("data: {")]
     assert "".join(p["choices"][0]["text"] for p in pieces) == r["choices"][0]["text"]
+
+
+def test_sampling_parameters_are_applied_and_seeded(server, tiny_chat_model_dir, adapters):
+    """temperature/top_p change what is sampled, and a seed makes it reproducible. Each
+    assertion is deterministic (fixed seeds on CPU); the limits are exact: top_p -> 0 keeps
+    only the most likely token, temperature -> 0 puts all the mass on it (= greedy)."""
+    engine = Engine(str(tiny_chat_model_dir), {"alpha": adapters["alpha"]}, base_name="base")
+    ids = engine.encode_chat(CHAT)
+
+    def text(**kw) -> str:
+        return engine.complete("alpha", ids, Sampling(max_tokens=8, **kw)).text
+
+    greedy = text()
+    assert greedy
+    free = {seed: text(temperature=1.0, top_p=1.0, seed=seed) for seed in range(4)}
+    assert free[0] == text(temperature=1.0, top_p=1.0, seed=0)  # the seed reproduces it
+    assert len(set(free.values())) > 1 and greedy not in free.values()  # really sampled
+    for seed in range(4):  # the same seeds, with the distribution squeezed onto the argmax
+        assert text(temperature=1.0, top_p=1e-6, seed=seed) == greedy
+        assert text(temperature=1e-4, top_p=1.0, seed=seed) == greedy
+
+    # over HTTP the request's own seed/temperature/top_p reach the engine
+    payload = {"model": "alpha", "messages": CHAT, "max_tokens": 8, "temperature": 1.0,
+               "top_p": 1.0, "seed": 2}
+    answers = [_post(f"{server}/v1/chat/completions", payload)[1]["choices"][0]["message"]
+               ["content"] for _ in range(2)]
+    assert answers == [free[2], free[2]]
+    _, squeezed = _post(f"{server}/v1/chat/completions", dict(payload, top_p=1e-6))
+    assert squeezed["choices"][0]["message"]["content"] == greedy
 
 
 @pytest.mark.parametrize(("payload", "status", "param"), [

@@ -283,8 +283,15 @@ def test_mixture_training_logs_per_source_validation(tiny_chat_model_dir, tmp_pa
 # ----------------------------------------------------------------------------- evaluation
 
 
-def test_forgetting_and_generation_before_equal_after_with_no_learning(tiny_chat_model_dir,
+def _metrics_from_predictions(preds: list[dict], column: str) -> dict[str, float]:
+    from peftlab.evaluation.text_metrics import text_metrics
+
+    return text_metrics([p[column] for p in preds], [p["reference"] for p in preds])
+
+
+def test_forgetting_and_generation_before_equal_after_with_no_learning(diverse_chat_model_dir,
                                                                       tmp_path):
+    tiny_chat_model_dir = diverse_chat_model_dir  # non-empty, varied answers to compare
     train = _write_jsonl(tmp_path / "t.jsonl", _alpaca_rows(16, "t"))
     val_rows = _alpaca_rows(7, "v")
     val = _write_jsonl(tmp_path / "v.jsonl", val_rows)
@@ -326,21 +333,24 @@ def test_forgetting_and_generation_before_equal_after_with_no_learning(tiny_chat
     direct = generation_report(base, tok, examples, max_new_tokens=4, batch_size=3, samples=None)
     assert [p["base_prediction"] for p in preds] == [s["prediction"] for s in direct["samples"]]
     assert [p["prediction"] for p in preds] == [p["base_prediction"] for p in preds]
+    assert all(p["prediction"] for p in preds) and len({p["prediction"] for p in preds}) > 1
     assert metrics["base"] == metrics["tuned"] == {k: direct[k] for k in METRICS}
+    assert metrics["tuned"] == _metrics_from_predictions(preds, "prediction")
     report = (out / "report.md").read_text()
     assert "## forgetting" in report and "| metric | base | tuned |" in report
     assert "| rougeL |" in report
 
 
-def test_forgetting_after_reflects_training(tiny_chat_model_dir, tmp_path):
+def test_forgetting_after_reflects_training(diverse_chat_model_dir, tmp_path):
+    tiny_chat_model_dir = diverse_chat_model_dir  # non-empty answers that training changes
     train = _write_jsonl(tmp_path / "t.jsonl", _alpaca_rows(16, "t"))
     corpus = _corpus(tmp_path)
     out = tmp_path / "run"
     eval_ = {"forgetting_corpus": str(corpus), "forgetting_max_tokens": 150,
              "forgetting_window": 64, "generate": True, "generate_max_rows": None,
-             "max_new_tokens": 3}
+             "max_new_tokens": 3, "compare_base": True}
     cfg = _run_cfg(tiny_chat_model_dir, out, {"train": str(train), "validation_split": 0.25},
-                   eval_, max_steps=4, lr=2e-2)
+                   eval_, max_steps=4, lr=1e-2)  # 2e-2 teaches it to stop at once: ''
     summary = peftlab.train(cfg, progress=False)
     f = summary.evaluation["forgetting"]
     assert f["stride"] == 32 and f["tokens"] == 149  # default stride: window // 2
@@ -350,9 +360,15 @@ def test_forgetting_after_reflects_training(tiny_chat_model_dir, tmp_path):
     after = forgetting_report(model, tok, corpus, max_tokens=150, window=64, stride=32)
     assert_close(f["perplexity_after"], after["perplexity"], rtol=1e-5, atol=0)
     metrics = json.loads((out / "generation_metrics.json").read_text())
-    assert set(metrics) == {"examples", "tuned"} and metrics["examples"] == 4  # all 4 val rows
-    preds = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(preds) == 4 and set(json.loads(preds[0])) == {"prompt", "reference", "prediction"}
+    assert set(metrics) == {"examples", "base", "tuned"} and metrics["examples"] == 4  # all 4
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4
+    assert set(preds[0]) == {"prompt", "reference", "prediction", "base_prediction"}
+    assert all(p["prediction"] and p["base_prediction"] for p in preds)
+    assert any(p["prediction"] != p["base_prediction"] for p in preds)  # training shows
+    # the saved scores are those of the saved answers
+    assert metrics["tuned"] == _metrics_from_predictions(preds, "prediction")
+    assert metrics["base"] == _metrics_from_predictions(preds, "base_prediction")
 
 
 def test_peftlab_eval_reports_forgetting_and_generation(tiny_chat_model_dir, tmp_path, capsys):

@@ -29,8 +29,9 @@ def reference(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, scal
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("n, chunk", [(10, 64), (12, 4), (10, 4), (1, 1)],
-                         ids=["one-chunk", "exact-boundary", "remainder", "single-row"])
+@pytest.mark.parametrize("n, chunk", [(10, 64), (12, 4), (10, 4), (1, 1), (40, 8)],
+                         ids=["one-chunk", "exact-boundary", "remainder", "single-row",
+                              "more-rows-than-hidden"])  # rows > HIDDEN: no axis mix-up
 def test_matches_full_logits_cross_entropy(n, chunk, bias):
     head = frozen_head(bias)
     gen = torch.Generator().manual_seed(1)

@@ -67,9 +67,9 @@ def test_text_metrics_keys():
     assert m == {"rouge1": 1.0, "rouge2": 0.0, "rougeL": 1.0, "exact_match": 1.0, "bleu": 0.0}
 
 
-def test_generation_report_on_tiny_model(tiny_chat_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+def test_generation_report_on_tiny_model(diverse_chat_model_dir):
+    tok = AutoTokenizer.from_pretrained(diverse_chat_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(diverse_chat_model_dir)
     convs = [[{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]
              for w in ("hello", "the answer", "ok")]
     examples = [tokenize_conversation(c, tok) for c in convs]
@@ -80,5 +80,21 @@ def test_generation_report_on_tiny_model(tiny_chat_model_dir):
     assert report["examples"] == 3
     assert [s["reference"] for s in report["samples"]] == ["hello", "the answer", "ok"]
     assert all(0.0 <= report[k] <= 1.0 for k in ("rouge1", "rougeL", "exact_match", "bleu"))
+    preds = [s["prediction"] for s in report["samples"]]
+    assert all(preds) and len(set(preds)) == 3  # real, different replies are scored
+    recomputed = text_metrics(preds, [s["reference"] for s in report["samples"]])
+    assert {k: report[k] for k in recomputed} == recomputed
     again = generation_report(model, tok, examples, max_new_tokens=6, batch_size=3)
     assert again["samples"] == report["samples"]  # greedy, independent of batching
+
+    # Scores that are not all 0: references that are the model's own answer (example 0) or
+    # share a word with it (example 1); each score must belong to its own example's answer.
+    first_word = preds[1].split()[0]
+    refs = [preds[0], f"{first_word} zebra", "nothing alike"]
+    convs = [[c[0], {"role": "assistant", "content": r}] for c, r in zip(convs, refs, strict=True)]
+    scored = generation_report(model, tok, [tokenize_conversation(c, tok) for c in convs],
+                               max_new_tokens=6, batch_size=2)
+    assert [s["prediction"] for s in scored["samples"]] == preds
+    assert [s["reference"] for s in scored["samples"]] == refs
+    assert scored["exact_match"] == pytest.approx(1 / 3) and 0 < scored["rouge1"] < 1
+    assert {k: scored[k] for k in recomputed} == text_metrics(preds, refs)
