@@ -99,6 +99,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0  # decode steps run (for tests and stats)
+        self.mixed_steps = 0  # ... of which served more than one model (adapters / base)
         self.max_rows_seen = 0
 
     # -- life cycle ------------------------------------------------------------------
@@ -133,7 +134,8 @@ class Scheduler:
         return job
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.batch), "waiting": len(self.waiting), "steps": self.steps}
+        return {"running": len(self.batch), "waiting": len(self.waiting), "steps": self.steps,
+                "mixed_steps": self.mixed_steps, "max_rows_seen": self.max_rows_seen}
 
     # -- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -206,6 +208,7 @@ class Scheduler:
         tokens = self._next_tokens(logits, rows)
         self.batch.last = torch.tensor(tokens, dtype=torch.long)
         self.steps += 1
+        self.mixed_steps += len({job.adapter for job in rows}) > 1
         keep = [i for i, (job, token) in enumerate(zip(rows, tokens, strict=True))
                 if self._deliver(job, token) is None]
         self.batch.keep(keep)
