@@ -194,9 +194,37 @@ def test_a_request_joining_a_running_batch_matches_alone(tiny_chat_model_dir, ad
     assert head + first_tokens == _alone_tokens(reference, engine, "alpha", short, 40)
 
 
+def test_shared_prompt_prefixes_are_reused_with_the_same_tokens(tiny_chat_model_dir, adapters,
+                                                                  reference):
+    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", prefill_chunk=5)
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly."}
+    asks = [("alpha", "capital of the sea?"), ("alpha", "capital of the sky?"),
+            ("beta", "capital of the sea?"), ("beta", "name a colour"), ("alpha", "a colour?")]
+    prompts = [engine.encode_chat([system, {"role": "user", "content": q}]) for _, q in asks]
+    with engine:
+        got = [_drain(_collect(engine, name, p, Sampling(max_tokens=10))[1])[0]
+               for (name, _), p in zip(asks, prompts, strict=True)]
+        stats = engine.scheduler.stats()
+    # the 2nd alpha prompt stores what it shares with the 1st, the 3rd reuses the system part
+    # of it; beta's 2nd prompt stores beta's own (adapters change the KV: never shared)
+    assert stats["prefix_hits"] == 1 and stats["prefix_tokens_reused"] >= 10
+    for (name, _), prompt, tokens in zip(asks, prompts, got, strict=True):
+        assert tokens == _alone_tokens(reference, engine, name, prompt, 10)
+
+
 def _slow(engine: Engine, seconds: float):
     """Every forward of the engine's model takes at least ``seconds`` (a busy machine)."""
     return engine.model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+
+
+def _settles(engine: Engine, **expected: int) -> bool:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = engine.scheduler.stats()
+        if all(stats[k] == v for k, v in expected.items()):
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def test_cancel_timeout_and_queue_limit(tiny_chat_model_dir):
@@ -213,16 +241,13 @@ def test_cancel_timeout_and_queue_limit(tiny_chat_model_dir):
         assert full.value.status == 429
         job.cancel()
         waiting[1].get(timeout=60)  # the cancelled row left; the waiting one runs
-        assert len(engine.scheduler.batch) == 1
+        assert _settles(engine, running=1, waiting=0)
         waiting[0].cancel()
         engine.request_timeout = 0.1
         _, late = _collect(engine, "base", ids, Sampling(max_tokens=64))
         with pytest.raises(JobTimeout):
             _drain(late)
-        deadline = time.monotonic() + 10
-        while engine.scheduler.stats()["running"] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.scheduler.stats()["running"] == 0
+        assert _settles(engine, running=0, waiting=0)
     with pytest.raises(RequestError) as stopped:
         _collect(engine, "base", ids, Sampling(max_tokens=4))
     assert stopped.value.status == 503

@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="embedded alias, HF id, directory or .gguf")
     p.add_argument("--adapter", default=None, help="LoRA/IA3 adapter dir to fold in")
     p.add_argument("--gguf", default=None, metavar="FILE", help="write a GGUF file here")
-    p.add_argument("--dtype", default="f16", help="GGUF weights: f32 | f16 | bf16 | q8_0")
+    p.add_argument("--gguf-adapter", default=None, metavar="FILE",
+                   help="write the LoRA --adapter alone as a llama.cpp GGUF adapter (--lora)")
+    p.add_argument("--dtype", default="f16",
+                   help="GGUF weights: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0")
     p.add_argument("--tokenizer-pre", default="default",
                    help="llama.cpp pre-tokenizer name (e.g. smollm, llama-bpe; default: GPT-2)")
     p.add_argument("--hf", default=None, metavar="DIR",
@@ -264,7 +267,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     written = export(args.model, adapter=args.adapter, gguf=args.gguf, hf=args.hf,
-                     dtype=args.dtype, tokenizer_pre=args.tokenizer_pre)
+                     dtype=args.dtype, tokenizer_pre=args.tokenizer_pre,
+                     gguf_adapter=args.gguf_adapter)
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -34,12 +34,12 @@ class DecodeBatch(Generic[T]):
     def join(self, row: T, cache: DynamicCache, token: int) -> None:
         """Add a row whose prompt is in ``cache`` (batch of one, no padding) and whose first
         generated ``token`` is the next input."""
-        new = _layers(cache)
+        new = cache_layers(cache)
         length = new[0][0].shape[-2]
         if not self.rows:
             self.cache, self.mask = cache, torch.ones(1, length, dtype=torch.long)
         else:
-            old = _layers(self.cache)
+            old = cache_layers(self.cache)
             if len(old) != len(new):
                 raise ValueError(f"caches with {len(old)} and {len(new)} layers cannot be joined")
             width = max(self.mask.shape[1], length)
@@ -65,7 +65,7 @@ class DecodeBatch(Generic[T]):
         self.mask, self.last = self.mask[index], self.last[index]
         used = self.mask.any(0).nonzero()
         first = int(used[0]) if used.numel() else 0
-        layers = [(k[index, :, first:], v[index, :, first:]) for k, v in _layers(self.cache)]
+        layers = [(k[index, :, first:], v[index, :, first:]) for k, v in cache_layers(self.cache)]
         self.cache = DynamicCache(layers)
         self.mask = self.mask[:, first:]
 
@@ -77,7 +77,7 @@ class DecodeBatch(Generic[T]):
                 "position_ids": self.mask.sum(-1, keepdim=True) - 1}
 
 
-def _layers(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
+def cache_layers(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
     """(keys, values) per layer, each (batch, heads, length, head_dim)."""
     out = []
     for entry in cache:

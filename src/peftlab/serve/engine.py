@@ -50,13 +50,14 @@ class Engine:
 
     ``max_batch`` requests decode together; up to ``max_queue`` more wait (then 429);
     ``prefill_chunk`` tokens of a new prompt run per step; a request still running after
-    ``request_timeout`` seconds is dropped. Call :meth:`start` (or use ``with``) to run it.
+    ``request_timeout`` seconds is dropped; up to ``prefix_cache`` shared prompt prefixes
+    keep their KV cache (0: off). Call :meth:`start` (or use ``with``) to run it.
     """
 
     def __init__(self, model: str, adapters: dict[str, str | Path] | None = None,
                  base_name: str | None = None, max_tokens_limit: int = 2048,
                  max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 256,
-                 request_timeout: float | None = 600.0):
+                 request_timeout: float | None = 600.0, prefix_cache: int = 32):
         adapters = adapters or {}
         self.base_name = base_name or public_name(model)
         for name in adapters:
@@ -84,7 +85,8 @@ class Engine:
                                   or 1 << 30)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.scheduler = Scheduler(self.model, route, self.stop_ids, max_batch=max_batch,
-                                   max_queue=max_queue, prefill_chunk=prefill_chunk)
+                                   max_queue=max_queue, prefill_chunk=prefill_chunk,
+                                   prefix_cache=prefix_cache)
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> Engine:

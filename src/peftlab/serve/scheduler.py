@@ -27,7 +27,8 @@ from transformers import DynamicCache
 
 from peftlab.methods.lora import RowAdapters
 from peftlab.models.kv_cache import cache_kwargs
-from peftlab.serve.batch import DecodeBatch
+from peftlab.serve.batch import DecodeBatch, cache_layers
+from peftlab.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger("peftlab.serve")
 
@@ -84,7 +85,8 @@ class Scheduler:
     """The loop over one model. ``route`` is None when the model has no LoRA adapters."""
 
     def __init__(self, model: nn.Module, route: RowAdapters | None, stop_ids: list[int],
-                 max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 256):
+                 max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 256,
+                 prefix_cache: int = 32):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
             if value < 1:
@@ -92,6 +94,7 @@ class Scheduler:
         self.model, self.route = model, route
         self.stops = torch.tensor(stop_ids, dtype=torch.long)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefixes = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         self.device = next(model.parameters()).device
         self.batch: DecodeBatch[Job] = DecodeBatch()
         self.waiting: deque[Job] = deque()
@@ -101,6 +104,8 @@ class Scheduler:
         self.steps = 0  # decode steps run (for tests and stats)
         self.mixed_steps = 0  # ... of which served more than one model (adapters / base)
         self.max_rows_seen = 0
+        self.seconds = {"decode": 0.0, "prefill": 0.0}  # time spent in each kind of step
+        self.prefill_tokens = 0
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -135,7 +140,12 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.batch), "waiting": len(self.waiting), "steps": self.steps,
-                "mixed_steps": self.mixed_steps, "max_rows_seen": self.max_rows_seen}
+                "mixed_steps": self.mixed_steps, "max_rows_seen": self.max_rows_seen,
+                "prefix_hits": self.prefixes.hits if self.prefixes else 0,
+                "prefix_tokens_reused": self.prefixes.reused_tokens if self.prefixes else 0,
+                "prefill_tokens": self.prefill_tokens,
+                "decode_seconds": round(self.seconds["decode"], 3),
+                "prefill_seconds": round(self.seconds["prefill"], 3)}
 
     # -- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -149,9 +159,13 @@ class Scheduler:
                 with torch.no_grad():
                     self._drop_finished_jobs()
                     if self.batch.rows:
+                        start = time.perf_counter()
                         self._decode_step()
+                        self.seconds["decode"] += time.perf_counter() - start
                     if self.waiting and len(self.batch) < self.max_batch:
+                        start = time.perf_counter()
                         self._prefill_chunk()
+                        self.seconds["prefill"] += time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001 - a bug must not kill the server
                 log.exception("scheduler step failed; failing the jobs in flight")
                 self._fail_all(exc)
@@ -176,7 +190,9 @@ class Scheduler:
     def _prefill_chunk(self) -> None:
         job = self.waiting[0]
         if job.cache is None:
-            job.cache = DynamicCache()
+            hit = self.prefixes.lookup(job.adapter, job.prompt) if self.prefixes else None
+            job.cache = DynamicCache(hit[1]) if hit else DynamicCache()
+            job.prefilled = hit[0] if hit else 0
             if job.sampling.temperature > 0:
                 job.generator = torch.Generator().manual_seed(
                     job.sampling.seed if job.sampling.seed is not None
@@ -189,10 +205,13 @@ class Scheduler:
                             position_ids=torch.arange(start, end, device=self.device)[None],
                             **cache_kwargs(self.model, job.cache), use_cache=True,
                             logits_to_keep=1).logits[:, -1]
+        self.prefill_tokens += end - start
         job.prefilled = end
         if end < len(job.prompt):
             return
         self.waiting.popleft()
+        if self.prefixes is not None:
+            self.prefixes.remember(job.adapter, job.prompt, cache_layers(job.cache))
         token = self._next_tokens(logits, [job])[0]
         if self._deliver(job, token) is None:
             cache, job.cache = job.cache, None
