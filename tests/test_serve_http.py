@@ -179,6 +179,10 @@ def test_time_limit_504_and_a_gone_streaming_client_frees_its_row(tiny_chat_mode
                 dict(CHAT, max_tokens=64, stream=True)).encode(),
                 {"Content-Type": "application/json"}))
             assert b"data: " in client.recv(4096)
+            deadline = time.monotonic() + 20
+            while engine.scheduler.stats()["running"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.scheduler.stats()["running"] == 1  # decoding when the client leaves
             steps = engine.scheduler.steps
         deadline = time.monotonic() + 20  # the client is gone: its row must leave soon
         while engine.scheduler.stats()["running"] and time.monotonic() < deadline:

@@ -106,6 +106,7 @@ class Scheduler:
         self.max_rows_seen = 0
         self.seconds = {"decode": 0.0, "prefill": 0.0}  # time spent in each kind of step
         self.prefill_tokens = 0
+        self.generated_tokens = 0
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -144,6 +145,7 @@ class Scheduler:
                 "prefix_hits": self.prefixes.hits if self.prefixes else 0,
                 "prefix_tokens_reused": self.prefixes.reused_tokens if self.prefixes else 0,
                 "prefill_tokens": self.prefill_tokens,
+                "generated_tokens": self.generated_tokens,
                 "decode_seconds": round(self.seconds["decode"], 3),
                 "prefill_seconds": round(self.seconds["prefill"], 3)}
 
@@ -247,6 +249,7 @@ class Scheduler:
     def _deliver(self, job: Job, token: int) -> str | None:
         """Emit ``token``; return the finish reason if the job is over (else None)."""
         job.generated += 1
+        self.generated_tokens += 1
         finish = None
         if bool((self.stops == token).any()):
             finish = "stop"
