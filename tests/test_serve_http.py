@@ -178,7 +178,11 @@ def test_time_limit_504_and_a_gone_streaming_client_frees_its_row(tiny_chat_mode
             client.sendall(_request("POST", "/v1/chat/completions", json.dumps(
                 dict(CHAT, max_tokens=64, stream=True)).encode(),
                 {"Content-Type": "application/json"}))
-            assert b"data: " in client.recv(4096)
+            seen = b""
+            while b"data: " not in seen:  # headers and events may come in separate reads
+                part = client.recv(4096)
+                assert part, seen
+                seen += part
             deadline = time.monotonic() + 20
             while engine.scheduler.stats()["running"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
