@@ -88,3 +88,13 @@ def demo_data_dir(tmp_path_factory) -> dict[str, Path]:
     from peftlab.lab.demo_data import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo-data"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """llama.cpp tests are opt-in: they run only when ``-m`` names ``llamacpp``."""
+    if "llamacpp" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in: run with pytest -m llamacpp")
+    for item in items:
+        if "llamacpp" in item.keywords:
+            item.add_marker(skip)

@@ -245,6 +245,11 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
                            "expected NAME=DIR"),
     "serve port in use": (lambda w: ["serve", "--model", str(w.model), "--port",
                                      str(w.busy.getsockname()[1])], "cannot listen"),
+    "serve max-batch 0": (lambda w: ["serve", "--model", str(w.model), "--max-batch", "0"],
+                          "--max-batch must be >= 1"),
+    "export gguf-adapter without adapter": (lambda w: ["export", "--model", str(w.model),
+                                                       "--gguf-adapter", str(w.root / "a.gguf")],
+                                            "--adapter"),
 }
 
 

@@ -27,8 +27,7 @@ def _rounded(model, dtype: str):
 
     import gguf
 
-    kind = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(dtype)
+    kind = None if dtype == "f32" else getattr(gguf.GGMLQuantizationType, dtype.upper())
     out = copy.deepcopy(model)
     with torch.no_grad():
         for p in out.parameters():
@@ -38,7 +37,7 @@ def _rounded(model, dtype: str):
     return out
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_1"])
 def test_gguf_round_trip_through_transformers(tiny_chat_model_dir, tmp_path, dtype):
     model, tok = load_model(str(tiny_chat_model_dir))
     model.eval()

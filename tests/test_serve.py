@@ -1,14 +1,14 @@
 """OpenAI-compatible serving: one tiny base model and two LoRA adapters behind HTTP. Every
 answer must equal what the same model + adapter generates directly; switching adapters
 between requests must not leak; sampling parameters are applied and a seed reproduces an
-answer; bad requests get OpenAI-shaped 4xx errors.
+answer; bad requests get OpenAI-shaped 4xx errors; stop sequences cut the answer; model names
+and error messages never show local paths.
 
 The model is conftest's diverse tiny model: the plain tiny one answers ``''`` to everything."""
 
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +21,8 @@ from peftlab.evaluation.generate import generate_replies, greedy_generate, stop_
 from peftlab.methods.lora import LoraConfig, apply_lora, load_lora, save_lora
 from peftlab.models import load_model
 from peftlab.serve.engine import Engine, Sampling
-from peftlab.serve.server import make_server
+from peftlab.serve.server import make_app
+from tests.live_server import live_server
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "capital of x?"}]
 
@@ -46,14 +47,14 @@ def adapters(tiny_chat_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_chat_model_dir, adapters):
-    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", max_tokens_limit=64)
-    srv = make_server(engine, port=0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    srv.server_close()
+def engine(tiny_chat_model_dir, adapters):
+    return Engine(str(tiny_chat_model_dir), adapters, base_name="base", max_tokens_limit=64)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with live_server(make_app(engine, loopback_only=True)) as url:
+        yield url
 
 
 def _post(url: str, payload, raw: bytes | None = None) -> tuple[int, dict | str]:
@@ -147,29 +148,30 @@ def test_sampling_parameters_are_applied_and_seeded(server, tiny_chat_model_dir,
     """temperature/top_p change what is sampled, and a seed makes it reproducible. Each
     assertion is deterministic (fixed seeds on CPU); the limits are exact: top_p -> 0 keeps
     only the most likely token, temperature -> 0 puts all the mass on it (= greedy)."""
-    engine = Engine(str(tiny_chat_model_dir), {"alpha": adapters["alpha"]}, base_name="base")
-    ids = engine.encode_chat(CHAT)
+    with Engine(str(tiny_chat_model_dir), {"alpha": adapters["alpha"]},
+                base_name="base") as engine:
+        ids = engine.encode_chat(CHAT)
 
-    def text(**kw) -> str:
-        return engine.complete("alpha", ids, Sampling(max_tokens=8, **kw)).text
+        def text(**kw) -> str:
+            return engine.complete("alpha", ids, Sampling(max_tokens=8, **kw)).text
 
-    greedy = text()
-    assert greedy
-    free = {seed: text(temperature=1.0, top_p=1.0, seed=seed) for seed in range(4)}
-    assert free[0] == text(temperature=1.0, top_p=1.0, seed=0)  # the seed reproduces it
-    assert len(set(free.values())) > 1 and greedy not in free.values()  # really sampled
-    for seed in range(4):  # the same seeds, with the distribution squeezed onto the argmax
-        assert text(temperature=1.0, top_p=1e-6, seed=seed) == greedy
-        assert text(temperature=1e-4, top_p=1.0, seed=seed) == greedy
+        greedy = text()
+        assert greedy
+        free = {seed: text(temperature=1.0, top_p=1.0, seed=seed) for seed in range(4)}
+        assert free[0] == text(temperature=1.0, top_p=1.0, seed=0)  # the seed reproduces it
+        assert len(set(free.values())) > 1 and greedy not in free.values()  # really sampled
+        for seed in range(4):  # the same seeds, with the distribution squeezed onto the argmax
+            assert text(temperature=1.0, top_p=1e-6, seed=seed) == greedy
+            assert text(temperature=1e-4, top_p=1.0, seed=seed) == greedy
 
     # over HTTP the request's own seed/temperature/top_p reach the engine
     payload = {"model": "alpha", "messages": CHAT, "max_tokens": 8, "temperature": 1.0,
                "top_p": 1.0, "seed": 2}
     answers = [_post(f"{server}/v1/chat/completions", payload)[1]["choices"][0]["message"]
                ["content"] for _ in range(2)]
-    assert answers == [free[2], free[2]]
+    assert answers == [free[2].strip(), free[2].strip()]
     _, squeezed = _post(f"{server}/v1/chat/completions", dict(payload, top_p=1e-6))
-    assert squeezed["choices"][0]["message"]["content"] == greedy
+    assert squeezed["choices"][0]["message"]["content"] == greedy.strip()
 
 
 @pytest.mark.parametrize(("payload", "status", "param"), [
@@ -181,6 +183,12 @@ def test_sampling_parameters_are_applied_and_seeded(server, tiny_chat_model_dir,
     ({"model": "base", "messages": CHAT, "temperature": 3}, 400, "temperature"),
     ({"model": "base", "messages": CHAT, "n": 2}, 400, "n"),
     ({"model": "base", "messages": CHAT, "max_tokens": 999, "stream": True}, 400, "max_tokens"),
+    ({"model": "base", "messages": CHAT, "max_tokens": "8"}, 400, "max_tokens"),
+    ({"model": "base", "messages": CHAT, "top_k": 5}, 400, "top_k"),
+    ({"model": "base", "messages": CHAT, "logprobs": True}, 400, "logprobs"),
+    ({"model": "base", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, "messages[0].content"),
 ])
 def test_bad_requests_get_openai_errors(server, payload, status, param):
     got, r = _post(f"{server}/v1/chat/completions", payload)
@@ -190,8 +198,47 @@ def test_bad_requests_get_openai_errors(server, payload, status, param):
 def test_malformed_body_and_unknown_route(server):
     status, r = _post(f"{server}/v1/chat/completions", None, raw=b"{not json")
     assert status == 400 and "not valid JSON" in r["error"]["message"]
+    status, r = _post(f"{server}/v1/chat/completions", ["a list"])
+    assert status == 400 and "JSON object" in r["error"]["message"]
     status, r = _post(f"{server}/v1/embeddings", {"model": "base"})
     assert status == 404 and "no route" in r["error"]["message"]
+
+
+def test_stop_sequences_cut_the_answer(server):
+    payload = {"model": "alpha", "messages": CHAT, "max_tokens": 12}
+    _, whole = _post(f"{server}/v1/chat/completions", payload)
+    text = whole["choices"][0]["message"]["content"]
+    assert len(text) > 4, text
+    stop = text[3:5]  # cut inside the answer: what came before it is the reply
+    status, cut = _post(f"{server}/v1/chat/completions", dict(payload, stop=[stop, "never"]))
+    assert status == 200
+    assert cut["choices"][0]["message"]["content"] == text[:text.index(stop)].strip()
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] < whole["usage"]["completion_tokens"]
+    _, body = _post(f"{server}/v1/chat/completions", dict(payload, stop=stop, stream=True))
+    chunks = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert streamed == cut["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_names_and_errors_never_show_local_paths(tiny_chat_model_dir, adapters):
+    engine = Engine(str(tiny_chat_model_dir), {"alpha": adapters["alpha"]})
+    assert engine.model_ids() == [tiny_chat_model_dir.name, "alpha"]
+
+    def broken(messages):
+        raise RuntimeError(f"cannot read {tiny_chat_model_dir}/secret.json")
+
+    engine.encode_chat = broken  # an unexpected failure inside the server
+    with live_server(make_app(engine)) as url:
+        with urllib.request.urlopen(f"{url}/v1/models") as r:
+            listed = r.read().decode()
+        status, missing = _post(f"{url}/v1/chat/completions", {"model": "gamma", "messages": CHAT})
+        failed, internal = _post(f"{url}/v1/chat/completions", {"model": "alpha", "messages": CHAT})
+    assert status == 404 and failed == 500
+    assert internal["error"]["type"] == "server_error"
+    for text in (listed, json.dumps(missing), json.dumps(internal)):
+        assert str(tiny_chat_model_dir.parent) not in text and "secret" not in text
 
 
 def test_engine_refuses_what_it_cannot_switch(tiny_chat_model_dir, adapters, tmp_path):
@@ -202,6 +249,11 @@ def test_engine_refuses_what_it_cannot_switch(tiny_chat_model_dir, adapters, tmp
     save_lora(model, tmp_path / "with-head")
     with pytest.raises(ValueError, match="modules_to_save"):
         Engine(str(tiny_chat_model_dir), {"x": tmp_path / "with-head"})
+    model, _ = load_model(str(tiny_chat_model_dir))
+    apply_lora(model, LoraConfig(r=2, use_dora=True))
+    save_lora(model, tmp_path / "dora")
+    with pytest.raises(ValueError, match="DoRA"):
+        Engine(str(tiny_chat_model_dir), {"x": tmp_path / "dora"})
 
 
 def test_serve_cli_rejects_a_bad_adapter_spec(capsys):

@@ -10,6 +10,7 @@ from peftlab.config import RunConfig, from_dict, load_config
 from peftlab.evaluation import sft_eval
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.export.gguf import DTYPES, export_gguf
+from peftlab.export.gguf_lora import export_gguf_lora
 from peftlab.files import check_can_write
 from peftlab.lab.sweep import parse_grid, run_sweep
 from peftlab.methods import get_method, method_for_adapter_dir, method_names, methods_on
@@ -56,31 +57,43 @@ def sweep(config: RunConfig | dict | str | Path, grid: list[str] | dict[str, lis
 
 def export(model: str, adapter: str | Path | None = None, gguf: str | Path | None = None,
            hf: str | Path | None = None, dtype: str = "f16",
-           tokenizer_pre: str = "default") -> dict[str, str]:
+           tokenizer_pre: str = "default", gguf_adapter: str | Path | None = None) -> dict[str, str]:
     """Fold ``adapter`` (LoRA/IA3) into ``model`` and write it as a GGUF file (``gguf``; dtype
-    f32|f16|bf16|q8_0) and/or a plain transformers directory (``hf``: safetensors +
-    tokenizer). Returns the paths written."""
+    f32|f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0) and/or a plain transformers directory (``hf``:
+    safetensors + tokenizer); and/or write a LoRA ``adapter`` alone as a llama.cpp GGUF
+    adapter (``gguf_adapter``, f32; used with a GGUF of the base). Returns the paths written."""
 
-    if gguf is None and hf is None:
-        raise ValueError("export: give a GGUF file path (--gguf) and/or a directory (--hf)")
+    if gguf is None and hf is None and gguf_adapter is None:
+        raise ValueError("export: give a GGUF file path (--gguf), a GGUF adapter path "
+                         "(--gguf-adapter) and/or a directory (--hf)")
     if dtype not in DTYPES:  # before the model is loaded
         raise ValueError(f"dtype: {dtype!r} is not one of {list(DTYPES)}")
-    if gguf is not None:
-        check_can_write(gguf, "--gguf")
+    if gguf_adapter is not None and adapter is None:
+        raise ValueError("--gguf-adapter: give the LoRA adapter to export with --adapter")
+    for path, flag in ((gguf, "--gguf"), (gguf_adapter, "--gguf-adapter")):
+        if path is not None:
+            check_can_write(path, flag)
     if hf is not None:
         check_can_write(hf, "--hf", directory=True)
     if adapter is not None and not Path(adapter).is_dir():
         raise FileNotFoundError(f"--adapter: {adapter}: no such adapter directory")
     base, tokenizer = load(model, adapter=adapter)
+    name = Path(str(adapter)).name if adapter is not None else None
+    written: dict[str, str] = {}
+    if gguf_adapter is not None:  # before merging: the adapter's own matrices
+        if method_for_adapter_dir(adapter).name != "lora":
+            raise ValueError(f"--gguf-adapter: {adapter} is not a LoRA adapter; llama.cpp "
+                             "adapters are LoRA only (use --gguf for the merged model)")
+        written["gguf_adapter"] = str(export_gguf_lora(base, gguf_adapter, name=name))
+    if gguf is None and hf is None:
+        return written
     if adapter is not None:
         base = merge(base)
-    written: dict[str, str] = {}
     if hf is not None:
         base.save_pretrained(str(hf))
         tokenizer.save_pretrained(str(hf))
         written["hf"] = str(hf)
     if gguf is not None:
-        name = Path(str(adapter)).name if adapter is not None else None
         written["gguf"] = str(export_gguf(base, tokenizer, gguf, dtype=dtype, name=name,
                                           tokenizer_pre=tokenizer_pre))
     return written

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import traceback
+
+import torch
 
 from peftlab.api import evaluate, export, load, predict, sweep, train
 from peftlab.evaluation.generate import generate_replies
@@ -15,7 +16,7 @@ from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
 from peftlab.lab.demo import run_demo
 from peftlab.lab.sweep import table
 from peftlab.serve.engine import Engine
-from peftlab.serve.server import make_server
+from peftlab.serve.server import bind, is_loopback, make_app, make_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,13 +83,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-tokens-limit", type=int, default=2048,
                    help="largest max_tokens a request may ask for")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests decoded together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a batch slot; more get 429")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per step (a long prompt cannot stall streams)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds after which a request is dropped (504)")
+    p.add_argument("--api-key", default=os.environ.get("PEFTLAB_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PEFTLAB_API_KEY; none)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable; default: none)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice; 1 on a busy machine)")
 
     p = sub.add_parser("export", help="fold an adapter into the model; write GGUF and/or a "
                        "plain transformers directory")
     p.add_argument("--model", required=True, help="embedded alias, HF id, directory or .gguf")
     p.add_argument("--adapter", default=None, help="LoRA/IA3 adapter dir to fold in")
     p.add_argument("--gguf", default=None, metavar="FILE", help="write a GGUF file here")
-    p.add_argument("--dtype", default="f16", help="GGUF weights: f32 | f16 | bf16 | q8_0")
+    p.add_argument("--gguf-adapter", default=None, metavar="FILE",
+                   help="write the LoRA --adapter alone as a llama.cpp GGUF adapter (--lora)")
+    p.add_argument("--dtype", default="f16",
+                   help="GGUF weights: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0")
     p.add_argument("--tokenizer-pre", default="default",
                    help="llama.cpp pre-tokenizer name (e.g. smollm, llama-bpe; default: GPT-2)")
     p.add_argument("--hf", default=None, metavar="DIR",
@@ -221,32 +239,36 @@ def _serve(args: argparse.Namespace) -> int:
         if name in adapters:
             raise ValueError(f"--adapter: name {name!r} given twice")
         adapters[name] = directory
-    _check_port(args.host, args.port)  # before the model loads, not after
-    engine = Engine(args.model, adapters, base_name=args.name,
-                    max_tokens_limit=args.max_tokens_limit)
-    server = make_server(engine, args.host, args.port)
-    host, port = server.server_address[:2]
-    print(f"serving {engine.model_ids()} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--prefill-chunk", args.prefill_chunk),
+                        ("--max-tokens-limit", args.max_tokens_limit)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    sock = bind(args.host, args.port)  # before the model loads, not after
     try:
-        server.serve_forever()
+        engine = Engine(args.model, adapters, base_name=args.name,
+                        max_tokens_limit=args.max_tokens_limit, max_batch=args.max_batch,
+                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                        request_timeout=args.request_timeout)
+        app = make_app(engine, api_key=args.api_key, cors_origins=args.cors_origin,
+                       loopback_only=is_loopback(args.host))
+        host, port = sock.getsockname()[:2]
+        print(f"serving {engine.model_ids()} at http://{host}:{port}/v1 (Ctrl-C stops)",
+              flush=True)
+        make_server(app).run(sockets=[sock])
     finally:
-        server.server_close()
+        sock.close()
     return 0
-
-
-def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ValueError(f"--port {port}: cannot listen on {host}:{port}: "
-                             f"{exc.strerror or exc}") from None
 
 
 def _export(args: argparse.Namespace) -> int:
     written = export(args.model, adapter=args.adapter, gguf=args.gguf, hf=args.hf,
-                     dtype=args.dtype, tokenizer_pre=args.tokenizer_pre)
+                     dtype=args.dtype, tokenizer_pre=args.tokenizer_pre,
+                     gguf_adapter=args.gguf_adapter)
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -21,14 +21,32 @@ from torch import nn
 
 from peftlab.methods import has_virtual_tokens, layers
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+QUANTS = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": (gguf.GGMLQuantizationType.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (gguf.GGMLQuantizationType.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+# transformers' name inside a decoder block -> GGUF's, for the 2-D weights and the norms
+BLOCK_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
 
 
 def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16",
                 name: str | None = None, tokenizer_pre: str = "default") -> Path:
     """Write ``model`` (a merged ``LlamaForCausalLM``) and ``tokenizer`` to ``path``.
 
-    ``dtype``: f32 | f16 | bf16 | q8_0 for the 2-D weights (norm vectors always stay f32).
+    ``dtype``: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0 for the 2-D weights (norm
+    vectors always stay f32; a weight whose rows are not a multiple of 32 values stays f16
+    under a block quantisation). The quantisers are gguf's own (llama.cpp's reference maths).
     ``tokenizer_pre`` names llama.cpp's pre-tokenizer regex set ("default" is GPT-2's; e.g.
     "smollm" or "llama-bpe" for models llama.cpp knows). The file is written atomically.
     """
@@ -36,17 +54,13 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: {dtype!r} is not one of {list(DTYPES)}")
-    _check_exportable(model)
+    check_architecture(model)
+    _check_plain(model)
     c = model.config
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    weight_type, file_type = {
-        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-        "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    }[dtype]
+    weight_type, file_type = QUANTS[dtype]
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     w = gguf.GGUFWriter(str(tmp), "llama")
@@ -70,8 +84,8 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16
             w.add_tensor(key, data.numpy().astype(np.float32))
         elif weight_type == gguf.GGMLQuantizationType.F16:
             w.add_tensor(key, data.numpy().astype(np.float16))
-        elif weight_type == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
-            w.add_tensor(key, data.numpy().astype(np.float16))  # Q8_0 needs rows of 32k
+        elif weight_type != gguf.GGMLQuantizationType.BF16 and data.shape[-1] % 32:
+            w.add_tensor(key, data.numpy().astype(np.float16))  # blocks need rows of 32k
         else:
             packed = gguf.quants.quantize(data.numpy().astype(np.float32), weight_type)
             w.add_tensor(key, packed, raw_shape=packed.shape, raw_dtype=weight_type)
@@ -83,20 +97,23 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16
     return path
 
 
-def _check_exportable(model: nn.Module) -> None:
+def check_architecture(model: nn.Module) -> None:
     kind = type(model).__name__
     if getattr(model.config, "model_type", None) != "llama" or kind != "LlamaForCausalLM":
         raise ValueError(f"GGUF export supports LlamaForCausalLM (SmolLM2, TinyLlama, Llama "
                          f"2/3 ...); this model is {kind} ({model.config.model_type})")
+    scaling = getattr(model.config, "rope_scaling", None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"rope_scaling {scaling} is not exported yet; only plain RoPE")
+
+
+def _check_plain(model: nn.Module) -> None:
     wrapped = [n for n, m in model.named_modules() if isinstance(m, layers.Wrapper)]
     virtual = has_virtual_tokens(model)
     if wrapped or virtual:
         raise ValueError("the model still carries adapter layers (e.g. "
                          f"{wrapped[:1] or ['a prompt encoder']}); fold them first with "
                          "peftlab.merge(model) (LoRA, IA3) — GGUF stores plain weights")
-    scaling = getattr(model.config, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"rope_scaling {scaling} is not exported yet; only plain RoPE")
 
 
 def _rope_theta(config) -> float:
@@ -106,7 +123,7 @@ def _rope_theta(config) -> float:
     return theta
 
 
-def _rope_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+def rope_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Rows of each head from [first halves | second halves] to interleaved pairs."""
     rows, *rest = weight.shape
     return (weight.reshape(n_head, 2, rows // n_head // 2, *rest).transpose(1, 2)
@@ -115,23 +132,19 @@ def _rope_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def _gguf_tensors(model: nn.Module):
     c = model.config
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     embed = model.get_input_embeddings().weight
     yield "token_embd.weight", embed
     for i, block in enumerate(model.model.layers):
-        for hf, short in names.items():
+        for hf, short in BLOCK_TENSORS.items():
             module = block.get_submodule(hf)
             if getattr(module, "bias", None) is not None:
                 raise ValueError(f"model.layers.{i}.{hf} has a bias, which GGUF llama has no "
                                  "tensor for")
             weight = module.weight
             if short == "attn_q":
-                weight = _rope_permute(weight, c.num_attention_heads)
+                weight = rope_permute(weight, c.num_attention_heads)
             elif short == "attn_k":
-                weight = _rope_permute(weight, c.num_key_value_heads)
+                weight = rope_permute(weight, c.num_key_value_heads)
             yield f"blk.{i}.{short}.weight", weight
     yield "output_norm.weight", model.model.norm.weight
     head = model.get_output_embeddings().weight

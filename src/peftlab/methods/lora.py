@@ -15,7 +15,8 @@ peft itself is only used by the tests, to prove numerical parity.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from os import PathLike
 
@@ -129,6 +130,8 @@ class LoraLinear(layers.Wrapper):
 
     Plain LoRA on a frozen base runs through :class:`_FusedLora` (set ``fused = False`` on a
     layer, or the class, to use the module-by-module path); DoRA always takes the latter.
+    While a :class:`RowAdapters` is attached (serving), each batch row uses its own adapter
+    instead of the active one.
     """
 
     fused: bool = True
@@ -151,6 +154,8 @@ class LoraLinear(layers.Wrapper):
         self.disabled = False
         self.merged_adapter: str | None = None
         self._merged_norm: Tensor | None = None  # DoRA: the norm used at merge time, to unmerge
+        self.row_adapters: RowAdapters | None = None
+        self._stacked: _Stacked | None = None  # this layer's share of row_adapters
 
     def base_weight(self) -> Tensor:
         """The base weight as (out, in), whatever the storage layout."""
@@ -205,6 +210,8 @@ class LoraLinear(layers.Wrapper):
             return torch.linalg.norm(self.base_weight().float() + self.delta_weight(name), dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.row_adapters is not None:
+            return self._per_row_forward(x)
         name = self.active_adapter
         if self.disabled and self.merged_adapter is not None:
             raise RuntimeError("cannot disable a merged LoRA layer; unmerge it first")
@@ -273,6 +280,18 @@ class LoraLinear(layers.Wrapper):
         with torch.autocast(x.device.type, enabled=False):
             return _FusedLora.apply(x.to(dtype), x_lora, w_t, bias, a, b, self.scaling[name])
 
+    def _per_row_forward(self, x: Tensor) -> Tensor:
+        """Base output for the whole batch + each row's own low-rank update (one masked pass)."""
+        result = self.base_layer(x)
+        stacked = self._stacked
+        mask = None if stacked is None else self.row_adapters.mask(stacked, x.shape[0])
+        if mask is None:  # no row uses an adapter that covers this layer
+            return result
+        xa = F.linear(x, stacked.a) * mask.view(x.shape[0], *([1] * (x.ndim - 2)), -1)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]),
+                          stacked.b_t)
+        return out.view_as(result)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the active adapter into the base weight (for inference; computed in fp32)."""
@@ -305,6 +324,112 @@ class LoraLinear(layers.Wrapper):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapter!r}, disabled={self.disabled}, merged={self.merged_adapter!r}"
+
+
+# ----------------------------------------------------------------------------- mixed batches
+
+
+@dataclass
+class _Stacked:
+    """One layer's adapters side by side: ``a`` (sum of ranks, in), ``b_t`` (sum of ranks, out)
+    and, per rank column, the adapter slot it belongs to and that adapter's scaling."""
+
+    a: Tensor
+    b_t: Tensor
+    column_slot: Tensor
+    column_scaling: Tensor
+    key: tuple[str, ...]  # the adapters this layer holds: layers alike share one mask
+
+
+class RowAdapters:
+    """Which adapter each row of a batch uses, so one forward serves many adapters.
+
+    The S-LoRA/Punica idea in plain PyTorch: every LoRA layer computes the shared base matmul
+    once for the whole batch, then the low-rank updates of all rows together. The A matrices
+    of the adapters are stacked (x A_all^T: tokens x sum of ranks), each row's columns are
+    kept for its own adapter only (a mask holding that adapter's scaling, 0 elsewhere) and
+    the result goes through the stacked B matrices in one addmm. A row with no adapter (the
+    base model) or an adapter that skips this layer gets an all-zero mask row. Ranks are
+    small, so the masked-out work is a few columns, not a matmul per adapter.
+
+    ``set_rows`` takes one adapter name (or None) per batch row before each forward.
+    """
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self._slot = {name: i + 1 for i, name in enumerate(self.names)}  # 0: no adapter
+        self.slots = torch.zeros(0, dtype=torch.long)
+        self._masks: dict[tuple[str, ...], Tensor | None] = {}
+
+    def set_rows(self, adapters: list[str | None]) -> None:
+        unknown = sorted({a for a in adapters if a is not None and a not in self._slot})
+        if unknown:
+            raise ValueError(f"adapters {unknown} are not among the batched ones {self.names}")
+        self.slots = torch.tensor([0 if a is None else self._slot[a] for a in adapters],
+                                  dtype=torch.long)
+        self._masks = {}
+
+    def mask(self, stacked: _Stacked, rows: int) -> Tensor | None:
+        """(rows, sum of ranks): the scaling where a column is the row's adapter, else 0;
+        None when no row uses any of the layer's adapters. Cached per adapter set and batch."""
+        if rows != self.slots.numel():
+            raise ValueError(f"the batch has {rows} rows but set_rows named {self.slots.numel()}")
+        if stacked.key not in self._masks:
+            slots = self.slots.to(stacked.column_slot.device)
+            hit = slots[:, None] == stacked.column_slot[None, :]
+            self._masks[stacked.key] = (hit * stacked.column_scaling).to(stacked.a.dtype) \
+                if bool(hit.any()) else None
+        return self._masks[stacked.key]
+
+
+def _stack(layer: LoraLinear, route: RowAdapters) -> _Stacked | None:
+    names = [n for n in route.names if n in layer.configs]
+    if not names:
+        return None
+    dtype = layer.base_layer.weight.dtype
+    with torch.no_grad():
+        a = torch.cat([layer.lora_A[n].weight for n in names]).to(dtype)
+        b_t = torch.cat([layer.lora_B[n].weight.T for n in names]).to(dtype)
+    slot = torch.cat([torch.full((layer.configs[n].r,), route._slot[n]) for n in names])
+    scaling = torch.cat([torch.full((layer.configs[n].r,), layer.scaling[n]) for n in names])
+    return _Stacked(a, b_t, slot.to(a.device), scaling.to(a.device, torch.float32), tuple(names))
+
+
+def attach_row_adapters(model: nn.Module, names: list[str]) -> RowAdapters:
+    """Make every LoRA layer of ``model`` compute each batch row with its own adapter (from
+    ``names``; a row may also use none) until :func:`detach_row_adapters`. For inference:
+    the stacked weights are copies, so later training of the adapters does not reach them."""
+    lora = _require_layers(model)
+    known = adapter_names(model)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"adapters {missing} are not in the model; it has {known}")
+    for name, layer in lora.items():
+        if layer.merged_adapter is not None:
+            raise RuntimeError(f"{name} is merged; unmerge the model before batching adapters")
+        dora = [n for n in names if n in layer.lora_magnitude_vector]
+        if dora:
+            raise ValueError(f"adapter {dora[0]!r} is DoRA, whose per-row weight norm cannot "
+                             "be batched with other adapters; merge it or serve it alone")
+    route = RowAdapters(names)
+    for layer in lora.values():
+        layer.row_adapters, layer._stacked = route, _stack(layer, route)
+    return route
+
+
+def detach_row_adapters(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.row_adapters, layer._stacked = None, None
+
+
+@contextmanager
+def row_adapters(model: nn.Module, names: list[str]) -> Iterator[RowAdapters]:
+    """:func:`attach_row_adapters` for the block."""
+    route = attach_row_adapters(model, names)
+    try:
+        yield route
+    finally:
+        detach_row_adapters(model)
 
 
 # ----------------------------------------------------------------------------- model level

@@ -1,43 +1,40 @@
-"""One base model, many LoRA adapters: the generation side of ``peftlab serve``.
+"""One base model, many LoRA adapters, many requests at once: the generation side of
+``peftlab serve``.
 
-Every adapter is loaded once into the same base model under its own name (the weights of
-the base are shared, each adapter adds only its low-rank matrices); a request names the
-adapter (or the base) and the engine switches the active adapter before generating.
-Requests are served one at a time under a lock: switching adapters mid-batch is not
-possible with a single active adapter, and on a CPU one generation already uses every core.
+Every adapter is loaded once into the same base model under its own name (the base weights
+are shared, each adapter adds only its low-rank matrices) and all of them are attached for
+per-row use, so one decode batch mixes requests for different adapters and for the base.
+The :class:`~peftlab.serve.scheduler.Scheduler` thread owns the model; the engine checks a
+request, submits it as a job and turns the job's token events into text (:class:`Reply`).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import nullcontext
+import queue
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from peftlab.data.sft import encode_prompt
 from peftlab.evaluation.generate import stop_token_ids
 from peftlab.methods import lora, method_for_adapter_dir
 from peftlab.models import load_model
+from peftlab.serve.scheduler import Event, Job, NotRunning, QueueFull, Sampling, Scheduler
+from peftlab.serve.text import TextStream
+
+__all__ = ["Completion", "Engine", "Reply", "RequestError", "Sampling"]
 
 
 class RequestError(ValueError):
-    """A bad request: the message is shown to the client (HTTP 4xx)."""
+    """A request the server refuses: the message is shown to the client as is (so it never
+    holds a local path), with an HTTP status and OpenAI's error ``type``/``code``."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, kind: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
-
-
-@dataclass
-class Sampling:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
+        self.param, self.status, self.code = param, status, code
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
 
 
 @dataclass
@@ -49,45 +46,65 @@ class Completion:
 
 
 class Engine:
-    """The base model under ``base_name`` plus named LoRA adapters (peft format dirs)."""
+    """The base model under ``base_name`` plus named LoRA adapters (peft format dirs).
+
+    ``max_batch`` requests decode together; up to ``max_queue`` more wait (then 429);
+    ``prefill_chunk`` tokens of a new prompt run per step; a request still running after
+    ``request_timeout`` seconds is dropped; up to ``prefix_cache`` shared prompt prefixes
+    keep their KV cache (0: off). Call :meth:`start` (or use ``with``) to run it.
+    """
 
     def __init__(self, model: str, adapters: dict[str, str | Path] | None = None,
-                 base_name: str | None = None, max_tokens_limit: int = 2048):
-        self.model, self.tokenizer = load_model(model)
-        self.model.eval()
-        self.base_name = base_name or str(model)
-        self.max_tokens_limit = max_tokens_limit
-        self.adapters: dict[str, Path] = {}
-        for name, directory in (adapters or {}).items():
-            directory = Path(directory)
+                 base_name: str | None = None, max_tokens_limit: int = 2048,
+                 max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 256,
+                 request_timeout: float | None = 600.0, prefix_cache: int = 32):
+        adapters = adapters or {}
+        self.base_name = base_name or public_name(model)
+        for name in adapters:
             if name == self.base_name:
                 raise ValueError(f"adapter name {name!r} is the base model's name; pick another")
+        self.model, self.tokenizer = load_model(model)
+        self.model.eval()
+        self.max_tokens_limit = max_tokens_limit
+        self.request_timeout = request_timeout
+        self.adapters: dict[str, Path] = {}
+        for name, directory in adapters.items():
+            directory = Path(directory)
             method = method_for_adapter_dir(directory)
             if method.name != "lora":
-                raise ValueError(f"{directory}: a {method.name} adapter; serving switches between "
-                                 "LoRA adapters only (merge or serve others on their own)")
+                raise ValueError(f"{directory}: a {method.name} adapter; serving batches LoRA "
+                                 "adapters only (merge or serve others on their own)")
             cfg = lora.load_lora(self.model, directory, adapter_name=name)
             if cfg.modules_to_save:
                 raise ValueError(f"{directory}: the adapter also trains {cfg.modules_to_save} "
                                  "(modules_to_save), which cannot be switched per request")
             self.adapters[name] = directory
+        self.model.requires_grad_(False)  # serving never trains
+        route = lora.attach_row_adapters(self.model, list(self.adapters)) if self.adapters else None
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0)
+                                  or 1 << 30)
         self.stop_ids = stop_token_ids(self.tokenizer)
-        self.lock = threading.Lock()
+        self.scheduler = Scheduler(self.model, route, self.stop_ids, max_batch=max_batch,
+                                   max_queue=max_queue, prefill_chunk=prefill_chunk,
+                                   prefix_cache=prefix_cache)
 
+    # -- life cycle --------------------------------------------------------------------
+    def start(self) -> Engine:
+        self.scheduler.start()
+        return self
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests -----------------------------------------------------------------------
     def model_ids(self) -> list[str]:
         return [self.base_name, *self.adapters]
-
-    def _activate(self, model_id: str):
-        """Context in which ``model_id`` (the base or an adapter) computes."""
-        if model_id == self.base_name:
-            return lora.disable_adapters(self.model) if self.adapters else nullcontext()
-        if model_id not in self.adapters:
-            raise RequestError(f"model {model_id!r} does not exist; available: "
-                               f"{self.model_ids()}", param="model", status=404)
-        lora.set_adapter(self.model, model_id)
-        for p in self.model.parameters():  # serving never trains
-            p.requires_grad_(False)
-        return nullcontext()
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_prompt(messages, self.tokenizer)
@@ -95,81 +112,100 @@ class Engine:
     def encode_text(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def _generate_kwargs(self, ids: list[int], sampling: Sampling) -> dict:
+    def check_model(self, model_id: str) -> None:
+        if model_id not in self.model_ids():
+            raise RequestError(f"model {model_id!r} does not exist; available: "
+                               f"{self.model_ids()}", param="model", status=404,
+                               code="model_not_found")
+
+    def check(self, model_id: str, ids: list[int], sampling: Sampling) -> None:
+        """Refuse what cannot run (unknown model, max_tokens, context) before any work."""
+        self.check_model(model_id)
         if not 1 <= sampling.max_tokens <= self.max_tokens_limit:
             raise RequestError(f"max_tokens must be between 1 and {self.max_tokens_limit}, got "
                                f"{sampling.max_tokens}", param="max_tokens")
-        kwargs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids),
-                                                                                 dtype=torch.long),
-                  "max_new_tokens": sampling.max_tokens, "eos_token_id": self.stop_ids,
-                  "pad_token_id": self.tokenizer.pad_token_id}
-        if sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=sampling.temperature,
-                          top_p=sampling.top_p, top_k=None)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        if len(ids) + sampling.max_tokens > self.context_length:
+            raise RequestError(f"the prompt ({len(ids)} tokens) plus max_tokens "
+                               f"({sampling.max_tokens}) exceeds the model's context of "
+                               f"{self.context_length} tokens", param="max_tokens",
+                               code="context_length_exceeded")
 
-    def complete(self, model_id: str, ids: list[int], sampling: Sampling) -> Completion:
-        kwargs = self._generate_kwargs(ids, sampling)
-        with self.lock, torch.no_grad():
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            with self._activate(model_id):
-                out = self.model.generate(**kwargs)[0, len(ids):].tolist()
-        return self._finish(ids, out, sampling)
+    def submit(self, model_id: str, ids: list[int], sampling: Sampling,
+               emit: Callable[[Event], None]) -> Job:
+        """Check and queue a request; its events go to ``emit`` (on the scheduler thread)."""
+        self.check(model_id, ids, sampling)
+        deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
+        job = Job(adapter=None if model_id == self.base_name else model_id, prompt=list(ids),
+                  sampling=sampling, emit=emit, deadline=deadline)
+        try:
+            return self.scheduler.submit(job)
+        except QueueFull as exc:
+            raise RequestError(str(exc), status=429, code="rate_limit_exceeded",
+                               kind="rate_limit_error") from None
+        except NotRunning as exc:
+            raise RequestError(str(exc), status=503, kind="server_error") from None
 
-    def stream(self, model_id: str, ids: list[int], sampling: Sampling) -> Iterator[str | Completion]:
+    def reply(self, ids: list[int], stop: list[str] | None = None) -> Reply:
+        return Reply(self.tokenizer, len(ids), stop)
+
+    def complete(self, model_id: str, ids: list[int], sampling: Sampling,
+                 stop: list[str] | None = None) -> Completion:
+        """Generate the whole answer (blocking; the HTTP server uses :meth:`submit`)."""
+        *_, done = self.stream(model_id, ids, sampling, stop)
+        return done
+
+    def stream(self, model_id: str, ids: list[int], sampling: Sampling,
+               stop: list[str] | None = None) -> Iterator[str | Completion]:
         """Text pieces as they are generated, then the finished :class:`Completion`.
+        Closing the iterator early cancels the request."""
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        job = self.submit(model_id, ids, sampling, events.put)
+        reply = self.reply(ids, stop)
+        try:
+            while reply.finish is None:
+                piece = reply.on(events.get())
+                if piece:
+                    yield piece
+        finally:
+            job.cancel()
+        yield reply.completion()
 
-        Closing the iterator early (the client went away) stops generation at the next
-        token, so the lock is never released while the model is still busy.
-        """
-        kwargs = self._generate_kwargs(ids, sampling)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True)
-        cancel = threading.Event()
 
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+class Reply:
+    """One request's events turned into text pieces, then a :class:`Completion`."""
 
-        generated: list[list[int]] = []
-        errors: list[BaseException] = []
+    def __init__(self, tokenizer, prompt_tokens: int, stop: list[str] | None = None):
+        self.text = TextStream(tokenizer, stop)
+        self.prompt_tokens = prompt_tokens
+        self.tokens = 0
+        self.finish: str | None = None
 
-        def work() -> None:
-            try:
-                with torch.no_grad(), self._activate(model_id):
-                    out = self.model.generate(**kwargs, streamer=streamer,
-                                              stopping_criteria=StoppingCriteriaList([_Cancelled()]))
-                generated.append(out[0, len(ids):].tolist())
-            except BaseException as exc:  # re-raised in the request thread
-                errors.append(exc)
-                streamer.end()
+    def on(self, event: Event) -> str:
+        """The new text of ``event``; sets ``finish`` when the reply is over (a stop token,
+        max_tokens or a stop sequence: then the caller cancels the job). Raises the job's
+        error (e.g. :class:`~peftlab.serve.scheduler.JobTimeout`)."""
+        if event.error is not None:
+            raise event.error
+        self.tokens += len(event.tokens)
+        ids = event.tokens[:-1] if event.finish == "stop" else event.tokens  # the stop token
+        piece = self.text.feed(ids)
+        if self.text.stopped:
+            self.finish = "stop"
+        elif event.finish is not None:
+            piece += self.text.finish()
+            self.finish = event.finish
+        return piece
 
-        with self.lock:
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            try:
-                for piece in streamer:
-                    if piece:
-                        yield piece
-            finally:
-                cancel.set()
-                thread.join()
-        if errors:
-            raise errors[0]
-        yield self._finish(ids, generated[0], sampling)
+    def completion(self) -> Completion:
+        return Completion(self.text.text, self.prompt_tokens, self.tokens, self.finish or "stop")
 
-    def _finish(self, ids: list[int], out: list[int], sampling: Sampling) -> Completion:
-        """Cut at the first stop token; its text is not part of the answer."""
-        stopped = False
-        for i, tok in enumerate(out):
-            if tok in self.stop_ids:
-                out, stopped = out[:i], True
-                break
-        finish = "stop" if stopped or len(out) < sampling.max_tokens else "length"
-        return Completion(self.tokenizer.decode(out, skip_special_tokens=True), len(ids),
-                          len(out) + int(stopped), finish)
+
+def public_name(spec: str | Path) -> str:
+    """The model name clients see for ``spec``: an alias or hub id as given, a local path by
+    its last part only (names go into every response; local paths must not)."""
+    path = Path(str(spec)).expanduser()
+    if path.exists():
+        return path.resolve().stem if path.is_file() else path.resolve().name
+    return str(spec)
