@@ -280,14 +280,16 @@ def test_validation_ignores_dropout_and_keeps_train_mode(tiny_chat_model_dir, de
 def test_logging_evaluation_and_throughput_schedule(tiny_chat_model_dir, demo_data_dir, tmp_path,
                                                     monkeypatch):
     """log_every, eval_every and the end of each epoch decide which steps are logged and
-    evaluated; tokens_per_s is the step's tokens over the step's time (a fake clock that
-    ticks 0.5 s per reading makes it exact)."""
+    evaluated; tokens_per_s is the tokens of the steps since the last record over their
+    training time (a fake clock that ticks 0.5 s per reading makes it exact; evaluation
+    time is not in it)."""
     import peftlab.training.trainer as trainer_module
 
     # 8 rows in micro-batches of 4: an epoch is 2 steps
     trainer, examples = _trainer(tiny_chat_model_dir, demo_data_dir, tmp_path, val_rows=4,
                                  batch_size=4, max_steps=7, log_every=3, eval_every=5)
-    assert not getattr(trainer.model, "is_gradient_checkpointing", False)  # off unless asked
+    assert not any(getattr(m, "gradient_checkpointing", False)  # off unless asked
+                   for m in trainer.model.modules())
     ticks = iter(range(10_000))
     monkeypatch.setattr(trainer_module, "time",
                         type("Clock", (), {"perf_counter": lambda: 0.5 * next(ticks)}))
@@ -302,8 +304,39 @@ def test_logging_evaluation_and_throughput_schedule(tiny_chat_model_dir, demo_da
     for step, group in zip(range(1, 8), trainer._step_groups(0), strict=False):
         tokens[step] = sum(len(examples[i]["input_ids"]) for idx in group for i in idx)
     assert result.tokens == sum(tokens.values())
+    windows = {1: [1], 3: [2, 3], 6: [4, 5, 6], 7: [7]}  # the steps each record speaks for
     for r in logged:  # one 0.5 s tick between the start and the end of each step
-        assert r["tokens_per_s"] == pytest.approx(tokens[r["step"]] / 0.5, abs=0.05)
+        steps = windows[r["step"]]
+        assert r["tokens_per_s"] == pytest.approx(
+            sum(tokens[s] for s in steps) / (0.5 * len(steps)), abs=0.05)
+
+
+def test_logged_loss_is_the_mean_over_the_log_window(tiny_chat_model_dir, demo_data_dir,
+                                                     tmp_path):
+    """A record's loss is the mean of the step losses since the previous record (as the HF
+    Trainer logs), step_loss the last one; a run resumed inside a window logs the same."""
+    cfg = _cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "each", max_steps=6,
+               batch_size=4, save_every=3)
+    each = {r["step"]: r["loss"] for r in
+            peftlab.train(cfg, progress=False).result.history if "loss" in r}
+    assert sorted(each) == [1, 2, 3, 4, 5, 6] and len(set(each.values())) == 6
+
+    out = tmp_path / "windows"
+    cfg4 = dict(cfg, output_dir=str(out), train=dict(cfg["train"], log_every=4))
+    logged = [r for r in peftlab.train(cfg4, progress=False).result.history if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 4, 6]
+    expected = {1: [1], 4: [2, 3, 4], 6: [5, 6]}
+    for r in logged:
+        mean = sum(each[s] for s in expected[r["step"]]) / len(expected[r["step"]])
+        assert r["loss"] == pytest.approx(mean, abs=2e-5)
+        assert r["step_loss"] == pytest.approx(each[r["step"]], abs=2e-5)
+
+    # resume from step 3, in the middle of the window that ends at step 4
+    for p in (out / "checkpoints").glob("step-0000006*"):
+        shutil.rmtree(p)
+    resumed = peftlab.train(cfg4, resume=True, progress=False).result.history
+    assert [(r["step"], r["loss"]) for r in resumed if "loss" in r] == \
+        [(r["step"], r["loss"]) for r in logged if r["step"] > 3]
 
 
 def test_each_epoch_reshuffles_and_resume_continues_the_order(tiny_chat_model_dir,

@@ -46,3 +46,32 @@ class MetricsLog:
             if record.get("step", 0) <= step:
                 kept.append(line)
         write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
+
+
+class LogWindow:
+    """The steps since the last logged record, so a record speaks for all of them.
+
+    Logging the last step's loss would plot single batches (a zig-zag when ``log_every``
+    is 20); the HF Trainer logs the mean over the window, and so do we. Throughput counts
+    training time only: evaluation and checkpoint saving between steps are not in it.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0

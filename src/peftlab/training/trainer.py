@@ -22,7 +22,7 @@ from peftlab.data.collate import length_grouped_batches
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.runtime import checkpoint as ckpt
 from peftlab.runtime.distributed import World
-from peftlab.runtime.metrics_log import MetricsLog
+from peftlab.runtime.metrics_log import LogWindow, MetricsLog
 from peftlab.runtime.optim import make_optimizer, set_lr, warmup_steps
 from peftlab.runtime.precision import autocast_for
 from peftlab.runtime.result import TrainResult
@@ -124,7 +124,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + world.rank)  # dropout: different masks on each rank
         state = {"step": 0, "micro": 0, "best_value": None, "best_step": None, "tokens": 0,
-                 "bad_evals": 0}
+                 "bad_evals": 0, "window": [0.0, 0]}
         if resume:
             path = ckpt.latest_checkpoint(self.ckpt_dir) if resume is True else Path(resume)
             if path is None:
@@ -145,11 +145,14 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=step, disable=not self.progress,
                    desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
         t0 = time.perf_counter()
-        window_tokens, window_start = 0, time.perf_counter()
+        window = LogWindow()  # a resumed run logs the same means as a straight one
+        window.loss_sum, window.steps = state["window"]
         try:  # the bar is closed before any error line is printed
             for group in self._step_groups(micro):
                 if step >= self.total_steps:
                     break
+                step_start = time.perf_counter()
+                step_tokens = 0
                 lr = set_lr(self.optimizer, cfg, step, self.total_steps, self.warmup_steps)
                 mine = group[world.rank::world.size]  # this rank's share of the step
                 batches = [self.task.collate([self.train_examples[i] for i in idx]) for idx in mine]
@@ -161,11 +164,11 @@ class Trainer:
                     (loss_sum / max(n_total, 1)).backward()
                     loss_total += float(loss_sum.detach())
                     if "attention_mask" in batch:
-                        window_tokens += int(batch["attention_mask"].sum())
+                        step_tokens += int(batch["attention_mask"].sum())
                 if world.size > 1:
-                    loss_total, window_tokens = world.sum_gradients(self.params,
-                                                                    [loss_total, window_tokens])
-                    window_tokens = int(window_tokens)
+                    loss_total, step_tokens = world.sum_gradients(self.params,
+                                                                  [loss_total, step_tokens])
+                    step_tokens = int(step_tokens)
                 grad_norm = None
                 if cfg.max_grad_norm:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
@@ -174,18 +177,21 @@ class Trainer:
                 step += 1
                 micro += len(group)
                 last_loss = loss_total / max(n_total, 1)
-                state["tokens"] += window_tokens
-                elapsed = time.perf_counter() - window_start
-                tps = window_tokens / elapsed if elapsed > 0 else 0.0
+                state["tokens"] += step_tokens
+                window.add(last_loss, step_tokens, time.perf_counter() - step_start)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{window.mean_loss:.4f}", tok_s=f"{window.tokens_per_s:.0f}",
+                                lr=f"{lr:.2e}")
                 if step % cfg.log_every == 0 or step == 1 or step == self.total_steps:
+                    # loss and tokens/s: means over the steps since the last record
                     rec = {"step": step, "epoch": round(micro / self.batches_per_epoch, 3),
-                           "loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1)}
+                           "loss": round(window.mean_loss, 5), "step_loss": round(last_loss, 5),
+                           "lr": lr, "tokens_per_s": round(window.tokens_per_s, 1)}
                     if grad_norm is not None:
                         rec["grad_norm"] = round(grad_norm, 4)
                     self.metrics.append(rec, history)
-                window_tokens, window_start = 0, time.perf_counter()
+                    window.reset()
+                state["window"] = [window.loss_sum, window.steps]
 
                 end_of_epoch = micro % self.batches_per_epoch == 0
                 do_eval = self.val_examples and (
