@@ -321,6 +321,30 @@ def test_predict_cli(trained_bert, synthetic_files, tmp_path, capsys):
     assert "in.tsv:1: field 'text' is missing" in capsys.readouterr().err
 
 
+def test_predict_output_is_peftlabs_unless_verbose(trained_bert, synthetic_files, tmp_path,
+                                                  capfd, caplog):
+    """transformers' LOAD REPORT (the head it does not find in the base, restored by us right
+    after) and its "Loading weights" bars show with --verbose only; settings are restored."""
+    from transformers.utils import logging as hf_logging
+
+    summary, _, _ = trained_bert
+    args = ["predict", "--adapter", str(summary.adapter_dir), "--input",
+            str(synthetic_files["validation"]), "--output", str(tmp_path / "p.jsonl")]
+    verbosity = hf_logging.get_verbosity()
+    capfd.readouterr()
+    caplog.clear()
+    assert main(args) == 0
+    quiet = capfd.readouterr()
+    assert "accuracy" in quiet.out
+    assert "Loading weights" not in quiet.err
+    assert "LOAD REPORT" not in caplog.text + quiet.err
+    assert hf_logging.get_verbosity() == verbosity
+    assert main(["--verbose", *args]) == 0
+    loud = capfd.readouterr()
+    assert "Loading weights" in loud.err
+    assert "LOAD REPORT" in caplog.text + loud.err
+
+
 def test_head_saved_by_the_task_when_the_method_does_not(tiny_bert_dir, tmp_path):
     """A method without modules_to_save: the task trains the head and saves it itself."""
     labels = ["x", "y", "z"]

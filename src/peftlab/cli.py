@@ -7,8 +7,12 @@ import json
 import os
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from peftlab.api import evaluate, export, load, predict, sweep, train
 from peftlab.evaluation.generate import generate_replies
@@ -23,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftlab", description=__doc__)
     parser.add_argument("--debug", action="store_true",
                         help="print the full traceback of any error (also: PEFTLAB_DEBUG=1)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' own output (transformers' loading bars "
+                        "and load reports, deprecation warnings)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune as a YAML config says")
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("PEFTLAB_DEBUG", "") not in ("", "0")
     try:
-        return _COMMANDS[args.command](args)
+        with quiet_libraries(enabled=not args.verbose):
+            return _COMMANDS[args.command](args)
     except EXPECTED_ERRORS as exc:  # bad input, a bad file, the OS: one line, exit 2
         if debug:
             traceback.print_exc()
@@ -129,6 +137,30 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     # anything else is a bug in peftlab: Python prints its traceback
+
+
+@contextmanager
+def quiet_libraries(enabled: bool = True) -> Iterator[None]:
+    """peftlab's terminal output is peftlab's: transformers' "Loading weights" bars, its LOAD
+    REPORT tables (e.g. a classifier head that peftlab restores right after) and libraries'
+    deprecation warnings are hidden unless ``--verbose``. Restored afterwards, so a caller
+    of ``main()`` (a test, a notebook) keeps its own settings."""
+    if not enabled:
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category,
+                                        module=r"(transformers|torch|peft|huggingface_hub)\b")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # Raised for what a user can fix (config, data, files, permissions, ports). ValueError covers

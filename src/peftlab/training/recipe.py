@@ -176,6 +176,11 @@ def preflight_save(save: Callable[[Path], None], out: Path) -> None:
 def _print_data_report(report: dict[str, Any]) -> None:
     for split in ("train", "validation"):
         s = report.get(split) or {}
+        if not s.get("rows") and not s.get("kept"):
+            if split == "validation":
+                print("data validation: none (no validation during training; set "
+                      "data.validation or data.validation_split)")
+            continue
         if s:
             print(f"data {split}: {s.get('kept', 0)} examples kept of {s.get('rows', 0)} "
                   f"(dropped {s.get('dropped_too_long', 0)} over max_length, "
