@@ -123,7 +123,9 @@ def merge(model):
 
 def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
              adapter: str | Path | None = None) -> dict[str, Any]:
-    """Validation loss and perplexity of the base model and of the run's adapter.
+    """Validation loss and perplexity of the base model and of the run's adapter, plus the
+    adapter's task report where the task has one (classification: per-class scores at the
+    saved decision threshold).
 
     For ``task: sft`` also, as configured: forgetting (``eval.forgetting_corpus``: perplexity
     of base and adapter, compared) and generation (``eval.generate``: the adapter's answers,
@@ -160,6 +162,9 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
         loss = evaluate_loss(model, task, val, bs, prec)
         results["adapter"] = {"path": str(adapter_dir), "val_loss": loss,
                               "perplexity": perplexity(loss)}
+        report = task.final_report(model, val, bs, prec)  # e.g. at the saved threshold
+        if report is not None:
+            results["adapter"]["report"] = report
         if forgetting:
             after = sft_eval.measure_forgetting(model, tokenizer, cfg, prec)
             results["adapter"]["forgetting"] = after

@@ -155,6 +155,9 @@ def _eval(args: argparse.Namespace) -> int:
         if name in results:
             r = results[name]
             print(f"{name:<10} {r['val_loss']:>9.4f} {r['perplexity']:>11.2f}")
+    report = results.get("adapter", {}).get("report")
+    if report and "macro_f1" in report:
+        print(classification_line(report))
     if "forgetting" in results:
         print(describe_forgetting(results["forgetting"]))
     if "generation" in results:
@@ -172,6 +175,8 @@ def _predict(args: argparse.Namespace) -> int:
         for item in result["predictions"]:
             print(json.dumps(item))
     summary = f"predicted {result['rows']} rows"
+    if result["threshold"] is not None:
+        summary += f" (decision threshold {result['threshold']:.4f})"
     if result["truncated"]:
         summary += f" ({result['truncated']} truncated to max_length)"
     if result["accuracy"] is not None:
@@ -180,6 +185,15 @@ def _predict(args: argparse.Namespace) -> int:
         summary += f"; wrote {args.output}"
     print(summary, file=sys.stderr if args.output is None else sys.stdout)
     return 0
+
+
+def classification_line(report: dict) -> str:
+    """One line of a classification report: accuracy, macro-F1 and every class's F1."""
+    per_class = ", ".join(f"{label} {s['f1']:.4f}" for label, s in report["per_class"].items())
+    threshold = report.get("decision", {}).get("threshold")
+    return (f"adapter: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
+            f"F1 per class: {per_class}"
+            + (f" (decision threshold {threshold:.4f})" if threshold is not None else ""))
 
 
 def _chat(args: argparse.Namespace) -> int:
