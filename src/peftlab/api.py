@@ -11,6 +11,7 @@ from peftlab.evaluation import sft_eval
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.export.gguf import DTYPES, export_gguf
 from peftlab.files import check_can_write
+from peftlab.lab.baseline import BaselineResult, run_baseline
 from peftlab.lab.sweep import parse_grid, run_sweep
 from peftlab.methods import get_method, method_for_adapter_dir, method_names, methods_on
 from peftlab.models import load_model, load_tokenizer
@@ -52,6 +53,16 @@ def sweep(config: RunConfig | dict | str | Path, grid: list[str] | dict[str, lis
 
     return run_sweep(_as_config(config, overrides), parse_grid(grid), trials=trials, seed=seed,
                      progress=progress)
+
+
+def baseline(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
+             folds: int = 5, write: bool = True) -> BaselineResult:
+    """The classical bar to beat for ``task: classification``: TF-IDF 1-2-grams + a linear
+    SVM or logistic regression chosen by (document-grouped, with ``data.group_field``)
+    cross-validation on the training rows, scored on the validation rows; with ``write``
+    also OUTPUT_DIR/baseline.json."""
+
+    return run_baseline(_as_config(config, overrides), folds=folds, write=write)
 
 
 def export(model: str, adapter: str | Path | None = None, gguf: str | Path | None = None,

@@ -9,9 +9,10 @@ import socket
 import sys
 import traceback
 
-from peftlab.api import evaluate, export, load, predict, sweep, train
+from peftlab.api import baseline, evaluate, export, load, predict, sweep, train
 from peftlab.evaluation.generate import generate_replies
 from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
+from peftlab.lab.baseline import describe as describe_baseline
 from peftlab.lab.demo import run_demo
 from peftlab.lab.sweep import table
 from peftlab.serve.engine import Engine
@@ -46,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key for every trial")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("baseline", help="TF-IDF + linear model on a classification config's "
+                       "data: the bar a fine-tuned model must beat")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--folds", type=int, default=5,
+                   help="cross-validation folds choosing the model and C (grouped by "
+                        "data.group_field when set)")
 
     p = sub.add_parser("eval", help="validation loss and perplexity, base vs adapter")
     p.add_argument("config")
@@ -145,6 +154,13 @@ def _sweep(args: argparse.Namespace) -> int:
         return 1
     print(f"best: {best.overrides} ({result.metric} {best.best_value:.4f}), adapter in "
           f"{best.directory}/adapter; report {result.output_dir / 'sweep.md'}")
+    return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    result = baseline(args.config, args.overrides, folds=args.folds)
+    for line in describe_baseline(result):
+        print(line)
     return 0
 
 
@@ -271,7 +287,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "sweep": _sweep, "eval": _eval, "predict": _predict,
+_COMMANDS = {"train": _train, "sweep": _sweep, "baseline": _baseline, "eval": _eval,
+             "predict": _predict,
              "chat": _chat, "serve": _serve, "export": _export, "demo": _demo}
 
 if __name__ == "__main__":
