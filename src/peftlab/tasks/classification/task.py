@@ -473,8 +473,8 @@ def read_classification_rows(
     labels = label_list([r.label for r in rows], data.labels)
     check_known_labels(rows, labels, data.label_field, what="data.labels")
     if data.validation:
-        val_rows, val_file = read_labelled(data.validation, *fields, on_error=data.on_error,
-                                           group_field=data.group_field)
+        # no groups needed: a separate validation file is held out already
+        val_rows, val_file = read_labelled(data.validation, *fields, on_error=data.on_error)
         report["validation_file"] = val_file
         check_known_labels(val_rows, labels, data.label_field)
     elif data.group_field and data.validation_split:
