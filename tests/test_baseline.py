@@ -14,6 +14,7 @@ from peftlab.cli import main
 from peftlab.config import ConfigError, from_dict
 from peftlab.data.classification import LabelledRow
 from peftlab.lab.baseline import _folds, cross_validate, normalize_text
+from peftlab.lab.sweep import SweepResult, Trial, baseline_row, table
 
 POS = ["refund", "cancel", "terminate", "liability", "arbitration"]
 FILLER = ["the", "service", "user", "account", "content", "terms", "these", "we", "may", "your",
@@ -105,3 +106,16 @@ def test_baseline_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("peftlab baseline: error: ") and "train.jsonl:1: group field" in err
     assert "\n" not in err
     assert not (tmp_path / "out" / "baseline.json").exists()
+
+
+def test_sweep_report_starts_with_the_baseline(tmp_path):
+    cfg = from_dict({**_cfg(tmp_path), "train": {"best_metric": "val_f1_1"}})
+    row = baseline_row(cfg, "val_f1_1")
+    assert row["value"] == 1.0 and row["name"].startswith("tfidf+")
+    trial = Trial(0, {"train.lr": "1e-3"}, str(tmp_path / "t0"), "done", "val_f1_1",
+                  best_value=0.5)
+    lines = table(SweepResult(tmp_path, "val_f1_1", False, [trial], row)).splitlines()
+    assert lines[2].startswith(f"| - | {row['name']} |  | 1.0000 |")
+    assert lines[3].startswith("| 1 | 00 | 1e-3 | 0.5000 |")
+    assert baseline_row(from_dict({"model": "m", "task": "sft", "data": {"train": "t"}}),
+                        "val_loss") is None
