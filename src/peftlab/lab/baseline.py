@@ -64,7 +64,7 @@ def _texts(rows: list[LabelledRow]) -> list[str]:
     return [r.text if r.text_pair is None else f"{r.text}\n{r.text_pair}" for r in rows]
 
 
-def _classifier(model: str, c: float, class_weight: str | None, seed: int, n_classes: int):
+def make_classifier(model: str, c: float, class_weight: str | None, seed: int, n_classes: int):
     if model == "svm":
         return LinearSVC(C=c, class_weight=class_weight, max_iter=5000, random_state=seed)
     # liblinear: ~10x faster than lbfgs on sparse binary problems; it has no multinomial loss
@@ -72,7 +72,7 @@ def _classifier(model: str, c: float, class_weight: str | None, seed: int, n_cla
                               solver="liblinear" if n_classes == 2 else "lbfgs")
 
 
-def _vectorizer() -> TfidfVectorizer:
+def make_vectorizer() -> TfidfVectorizer:
     return TfidfVectorizer(preprocessor=normalize_text, ngram_range=(1, 2))
 
 
@@ -123,14 +123,14 @@ def cross_validate(rows: list[LabelledRow], labels: list[str], metric: str, grou
             for m in MODELS for c in C_VALUES for w in CLASS_WEIGHTS]
     scores: list[list[float]] = [[] for _ in grid]
     for train_idx, test_idx in splits:
-        vec = _vectorizer()
+        vec = make_vectorizer()
         x_train = vec.fit_transform([texts[i] for i in train_idx])
         x_test = vec.transform([texts[i] for i in test_idx])
         y_train, y_test = [y[i] for i in train_idx], [y[i] for i in test_idx]
         if len(set(y_train)) < 2:
             continue  # a fold whose training part has one class says nothing
         for point, bucket in zip(grid, scores, strict=True):
-            clf = _classifier(point["model"], point["C"], point["class_weight"], seed,
+            clf = make_classifier(point["model"], point["C"], point["class_weight"], seed,
                               len(labels))
             pred = clf.fit(x_train, y_train).predict(x_test)
             bucket.append(_score(classification_report(y_test, pred, labels), metric, labels))
@@ -151,8 +151,8 @@ def fit_baseline(rows: list[LabelledRow], val_rows: list[LabelledRow], labels: l
               else {"model": "svm", "C": 1.0, "class_weight": None})  # too few rows for folds
     cv["score"] = cv["grid"][0]["score"] if cv["grid"] else None
     index = {label: i for i, label in enumerate(labels)}
-    vec = _vectorizer()
-    clf = _classifier(params["model"], params["C"], params["class_weight"], seed, len(labels))
+    vec = make_vectorizer()
+    clf = make_classifier(params["model"], params["C"], params["class_weight"], seed, len(labels))
     clf.fit(vec.fit_transform(_texts(rows)), [index[r.label] for r in rows])
     report, metrics = None, {}
     if val_rows:
