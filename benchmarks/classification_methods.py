@@ -9,6 +9,9 @@ learning rate is per method (the usual ones for each family).
     python benchmarks/classification_methods.py --quick         # small subsets, minutes
     python benchmarks/classification_methods.py --only sst2 --methods lora full
 
+The first row of each table is the classical baseline (`peftlab baseline`: TF-IDF + a linear
+model, C by cross-validation on the training rows): the bar every method has to beat.
+
 Writes benchmarks/results/classification_methods.{json,md}.
 """
 
@@ -76,7 +79,8 @@ def prepare_claudette(work: Path, n_val_docs: int, seed: int, max_train: int | N
     docs = sorted({r["doc"] for r in rows})
     random.Random(seed).shuffle(docs)
     val_docs = set(docs[:n_val_docs])
-    train = [{"text": r["text"], "label": r["unfair"]} for r in rows if r["doc"] not in val_docs]
+    train = [{"text": r["text"], "label": r["unfair"], "doc": r["doc"]} for r in rows
+             if r["doc"] not in val_docs]
     val = [{"text": r["text"], "label": r["unfair"]} for r in rows if r["doc"] in val_docs]
     if max_train:
         random.Random(seed).shuffle(train)
@@ -119,6 +123,26 @@ def worker(args: argparse.Namespace) -> None:
     }))
 
 
+def run_baseline(data: dict, out: Path, grouped: bool) -> dict:
+    """The TF-IDF + linear model row (in this process: seconds, no torch), on the same files;
+    its C and model are chosen by cross-validation on the training rows (grouped by document
+    where the rows carry one)."""
+    from peftlab.api import baseline  # here, not at the top: the parent process stays light
+
+    cfg = {"model": "unused", "task": "classification",
+           "data": {"train": data["train"], "validation": data["validation"],
+                    "group_field": "doc" if grouped else None},
+           "output_dir": str(out)}
+    t0 = time.perf_counter()
+    result = baseline(cfg, write=False)
+    return {"method": f"baseline ({result.name}, C={result.params['C']}, "
+                      f"class weights {result.params['class_weight'] or 'none'})",
+            "report": result.validation, "wall_s": time.perf_counter() - t0,
+            "train_s": result.seconds, "peak_rss_mb": None, "trainable": None, "total": None,
+            "adapter_mb": None, "cv": {k: result.cv[k] for k in ("folds", "grouped_by_field",
+                                                                 "score")}}
+
+
 def run_one(method: str, data: dict, out: Path, epochs: float, class_weights: str,
             threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--data", json.dumps(data),
@@ -153,8 +177,11 @@ def table(title: str, results: list[dict], positive: str | None) -> str:
         if positive:
             f1 = _f1(rep, positive)
             cells.append("-" if f1 is None else f"{100 * f1:.1f}")
-        cells += [f"{100 * r['trainable'] / r['total']:.3f}", f"{r['adapter_mb']:.2f}",
-                  f"{r['train_s']:.0f}", f"{r['peak_rss_mb']:.0f}"]
+        if r["trainable"] is None:  # the classical baseline: no network
+            cells += ["-", "-", f"{r['train_s']:.0f}", "-"]
+        else:
+            cells += [f"{100 * r['trainable'] / r['total']:.3f}", f"{r['adapter_mb']:.2f}",
+                      f"{r['train_s']:.0f}", f"{r['peak_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -190,7 +217,7 @@ def main() -> None:
     if args.only in (None, "sst2"):
         n_train = 1000 if args.quick else args.sst2_train
         data = prepare_sst2(work, n_train, 400 if args.quick else None, seed=0)
-        results = []
+        results = [run_baseline(data, work / "sst2_baseline", grouped=False)]
         for m in args.methods:
             print(f"sst2: {m} ...", flush=True)
             results.append(run_one(m, data, work / f"sst2_{m}", 1.0, "none", args.threads))
@@ -202,7 +229,7 @@ def main() -> None:
     if args.only in (None, "claudette"):
         data = prepare_claudette(work, n_val_docs=5, seed=0,
                                  max_train=2000 if args.quick else args.claudette_train)
-        results = []
+        results = [run_baseline(data, work / "claudette_baseline", grouped=True)]
         for m in args.claudette_methods:
             print(f"claudette: {m} ...", flush=True)
             results.append(run_one(m, data, work / f"claudette_{m}", 1.0, "balanced",

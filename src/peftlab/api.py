@@ -12,6 +12,7 @@ from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.export.gguf import DTYPES, export_gguf
 from peftlab.export.gguf_lora import export_gguf_lora
 from peftlab.files import check_can_write
+from peftlab.lab.baseline import BaselineResult, run_baseline
 from peftlab.lab.sweep import parse_grid, run_sweep
 from peftlab.methods import get_method, method_for_adapter_dir, method_names, methods_on
 from peftlab.models import load_model, load_tokenizer
@@ -53,6 +54,16 @@ def sweep(config: RunConfig | dict | str | Path, grid: list[str] | dict[str, lis
 
     return run_sweep(_as_config(config, overrides), parse_grid(grid), trials=trials, seed=seed,
                      progress=progress)
+
+
+def baseline(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
+             folds: int = 5, write: bool = True) -> BaselineResult:
+    """The classical bar to beat for ``task: classification``: TF-IDF 1-2-grams + a linear
+    SVM or logistic regression chosen by (document-grouped, with ``data.group_field``)
+    cross-validation on the training rows, scored on the validation rows; with ``write``
+    also OUTPUT_DIR/baseline.json."""
+
+    return run_baseline(_as_config(config, overrides), folds=folds, write=write)
 
 
 def export(model: str, adapter: str | Path | None = None, gguf: str | Path | None = None,
@@ -136,7 +147,9 @@ def merge(model):
 
 def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
              adapter: str | Path | None = None) -> dict[str, Any]:
-    """Validation loss and perplexity of the base model and of the run's adapter.
+    """Validation loss and perplexity of the base model and of the run's adapter, plus the
+    adapter's task report where the task has one (classification: per-class scores at the
+    saved decision threshold).
 
     For ``task: sft`` also, as configured: forgetting (``eval.forgetting_corpus``: perplexity
     of base and adapter, compared) and generation (``eval.generate``: the adapter's answers,
@@ -173,6 +186,9 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
         loss = evaluate_loss(model, task, val, bs, prec)
         results["adapter"] = {"path": str(adapter_dir), "val_loss": loss,
                               "perplexity": perplexity(loss)}
+        report = task.final_report(model, val, bs, prec)  # e.g. at the saved threshold
+        if report is not None:
+            results["adapter"]["report"] = report
         if forgetting:
             after = sft_eval.measure_forgetting(model, tokenizer, cfg, prec)
             results["adapter"]["forgetting"] = after

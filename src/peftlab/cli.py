@@ -14,9 +14,10 @@ from contextlib import contextmanager
 import torch
 from transformers.utils import logging as hf_logging
 
-from peftlab.api import evaluate, export, load, predict, sweep, train
+from peftlab.api import baseline, evaluate, export, load, predict, sweep, train
 from peftlab.evaluation.generate import generate_replies
 from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
+from peftlab.lab.baseline import describe as describe_baseline
 from peftlab.lab.demo import run_demo
 from peftlab.lab.sweep import table
 from peftlab.serve.engine import Engine
@@ -54,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key for every trial")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("baseline", help="TF-IDF + linear model on a classification config's "
+                       "data: the bar a fine-tuned model must beat")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--folds", type=int, default=5,
+                   help="cross-validation folds choosing the model and C (grouped by "
+                        "data.group_field when set)")
 
     p = sub.add_parser("eval", help="validation loss and perplexity, base vs adapter")
     p.add_argument("config")
@@ -198,6 +207,13 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline(args: argparse.Namespace) -> int:
+    result = baseline(args.config, args.overrides, folds=args.folds)
+    for line in describe_baseline(result):
+        print(line)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     results = evaluate(args.config, args.overrides, adapter=args.adapter)
     print(f"{'model':<10} {'val_loss':>9} {'perplexity':>11}   ({results['examples']} examples)")
@@ -205,6 +221,9 @@ def _eval(args: argparse.Namespace) -> int:
         if name in results:
             r = results[name]
             print(f"{name:<10} {r['val_loss']:>9.4f} {r['perplexity']:>11.2f}")
+    report = results.get("adapter", {}).get("report")
+    if report and "macro_f1" in report:
+        print(classification_line(report))
     if "forgetting" in results:
         print(describe_forgetting(results["forgetting"]))
     if "generation" in results:
@@ -222,6 +241,8 @@ def _predict(args: argparse.Namespace) -> int:
         for item in result["predictions"]:
             print(json.dumps(item))
     summary = f"predicted {result['rows']} rows"
+    if result["threshold"] is not None:
+        summary += f" (decision threshold {result['threshold']:.4f})"
     if result["truncated"]:
         summary += f" ({result['truncated']} truncated to max_length)"
     if result["accuracy"] is not None:
@@ -230,6 +251,15 @@ def _predict(args: argparse.Namespace) -> int:
         summary += f"; wrote {args.output}"
     print(summary, file=sys.stderr if args.output is None else sys.stdout)
     return 0
+
+
+def classification_line(report: dict) -> str:
+    """One line of a classification report: accuracy, macro-F1 and every class's F1."""
+    per_class = ", ".join(f"{label} {s['f1']:.4f}" for label, s in report["per_class"].items())
+    threshold = report.get("decision", {}).get("threshold")
+    return (f"adapter: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
+            f"F1 per class: {per_class}"
+            + (f" (decision threshold {threshold:.4f})" if threshold is not None else ""))
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -311,7 +341,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "sweep": _sweep, "eval": _eval, "predict": _predict,
+_COMMANDS = {"train": _train, "sweep": _sweep, "baseline": _baseline, "eval": _eval,
+             "predict": _predict,
              "chat": _chat, "serve": _serve, "export": _export, "demo": _demo}
 
 if __name__ == "__main__":

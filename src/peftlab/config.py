@@ -103,6 +103,9 @@ class DataConfig:
     label_field: str = "label"
     labels: list[str | int] | None = None  # fixed label order; default: sorted labels of train
     k_shot: int | None = None  # few-shot: keep exactly k training rows per class (seeded by train.seed)
+    # rows sharing this field's value (e.g. a document id) stay on one side of validation_split
+    # and of the baseline's cross-validation folds
+    group_field: str | None = None
     # SFT data preparation (peftlab.data.clean / templates / packing / augment)
     clean: CleanConfig = field(default_factory=CleanConfig)
     template: str | None = None  # None: chat template | alpaca | a Jinja file | inline Jinja
@@ -129,6 +132,8 @@ class DataConfig:
             raise ConfigError(f"{where}: give either 'validation' or 'validation_split', not both")
         if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
             raise ConfigError(f"{where}.labels must be a non-empty list of unique labels, got {self.labels}")
+        if self.group_field is not None and not self.group_field.strip():
+            raise ConfigError(f"{where}.group_field must be a field name, got {self.group_field!r}")
         if self.k_shot is not None and self.k_shot < 1:
             raise ConfigError(f"{where}.k_shot must be >= 1 (training rows per class), "
                               f"got {self.k_shot}")
@@ -370,6 +375,9 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     )
     if cfg.data.k_shot is not None and cfg.task != "classification":
         raise ConfigError(f"data.k_shot only applies to task: classification (task is {task!r})")
+    if cfg.data.group_field is not None and cfg.task != "classification":
+        raise ConfigError(f"data.group_field only applies to task: classification "
+                          f"(task is {task!r})")
     return cfg
 
 

@@ -23,13 +23,15 @@ T = TypeVar("T")
 
 @dataclass
 class LabelledRow:
-    """One input row: its 1-based row number in ``source``, text(s) and label (or None)."""
+    """One input row: its 1-based row number in ``source``, text(s), label (or None) and the
+    group it belongs to (``data.group_field``, e.g. its document; None without one)."""
 
     source: str
     row: int
     text: str
     text_pair: str | None
     label: str | None
+    group: str | None = None
 
 
 @dataclass
@@ -138,12 +140,51 @@ def stratified_split(rows: list[T], labels: list[str], fraction: float,
             [r for i, r in enumerate(rows) if i in held])
 
 
+def grouped_split(rows: list[T], groups: list[str], fraction: float,
+                  seed: int) -> tuple[list[T], list[T]]:
+    """Split ``rows`` into (train, validation) so that no group is on both sides.
+
+    Rows of one document are near-duplicates of each other in style and content; splitting
+    them across train and validation overstates how well the model generalises. Groups are
+    visited in a seeded order and held out while that brings the held-out row count closer
+    to ``fraction * len(rows)`` (or, if none does, the smallest group); at least one group
+    lands on each side. Both outputs keep the input order.
+    """
+    if len(rows) != len(groups):
+        raise ValueError(f"{len(rows)} rows but {len(groups)} groups")
+    if fraction <= 0:
+        return list(rows), []
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_split must be in [0, 1), got {fraction}")
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    if len(members) < 2:
+        raise ValueError(f"a grouped split needs at least 2 groups, found {len(members)}")
+    order = sorted(members)
+    random.Random(f"peftlab-grouped:{seed}").shuffle(order)
+    target = fraction * len(rows)
+    held: list[str] = []
+    count = 0
+    for g in order:
+        size = len(members[g])
+        if len(held) < len(members) - 1 and abs(count + size - target) < abs(count - target):
+            held.append(g)
+            count += size
+    if not held:  # every group is more than twice the target: hold out the smallest
+        held.append(min(order, key=lambda g: len(members[g])))
+    held_rows = {i for g in held for i in members[g]}
+    return ([r for i, r in enumerate(rows) if i not in held_rows],
+            [r for i, r in enumerate(rows) if i in held_rows])
+
+
 # ----------------------------------------------------------------------------- reading
 
 
 def read_labelled(path: str, text_field: str, text_pair_field: str | None, label_field: str,
                   on_error: str = "raise", max_rows: int | None = None,
-                  require_label: bool = True) -> tuple[list[LabelledRow], dict[str, Any]]:
+                  require_label: bool = True,
+                  group_field: str | None = None) -> tuple[list[LabelledRow], dict[str, Any]]:
     """Rows with their texts and labels; malformed rows raise or (``on_error="skip"``) are counted."""
     records, read_report = read_records(path, on_error=on_error, max_rows=max_rows)
     report: dict[str, Any] = {"path": str(path), "rows_read": read_report.rows_read,
@@ -153,7 +194,7 @@ def read_labelled(path: str, text_field: str, text_pair_field: str | None, label
     for rec, row in zip(records, read_report.row_numbers, strict=True):
         try:
             rows.append(labelled_row(rec, str(path), row, text_field, text_pair_field,
-                                      label_field, require_label))
+                                      label_field, require_label, group_field))
         except DataError as err:
             skip_or_raise(err, on_error, report["skipped"])
             report["rows_skipped"] += 1
@@ -165,7 +206,7 @@ def read_labelled(path: str, text_field: str, text_pair_field: str | None, label
 
 def labelled_row(rec: dict[str, Any], source: str, row: int, text_field: str,
                   text_pair_field: str | None, label_field: str,
-                  require_label: bool) -> LabelledRow:
+                  require_label: bool, group_field: str | None = None) -> LabelledRow:
     def text_of(field: str) -> str:
         if field not in rec:
             raise DataError(f"{source}:{row}: field {field!r} is missing "
@@ -184,7 +225,14 @@ def labelled_row(rec: dict[str, Any], source: str, row: int, text_field: str,
     if label is None and require_label:
         what = "missing" if label_field not in rec else "empty"
         raise DataError(f"{source}:{row}: label field {label_field!r} is {what}")
-    return LabelledRow(source, row, text, pair, label)
+    group = None
+    if group_field is not None:
+        group = normalize_label(rec.get(group_field))  # 7 and "7" are one group
+        if group is None:
+            what = "missing" if group_field not in rec else "empty"
+            raise DataError(f"{source}:{row}: group field {group_field!r} (data.group_field) "
+                            f"is {what}")
+    return LabelledRow(source, row, text, pair, label, group)
 
 
 def check_known_labels(rows: list[LabelledRow], labels: list[str], field: str,

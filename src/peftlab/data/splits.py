@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from peftlab.data.classification import grouped_split as split_by_groups
 from peftlab.data.classification import stratified_split as split_by_labels
 
 T = TypeVar("T")
@@ -32,37 +33,18 @@ def grouped_split(rows: list[dict[str, Any]], key: str, fraction: float,
                   seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split so that no value of ``row[key]`` (e.g. a document id) is on both sides.
 
-    Rows of one document are near-duplicates of each other in style and content; splitting
-    them across train and validation overstates how well the model generalises. Groups are
-    visited in a seeded order and held out while that brings the held-out row count closer
-    to ``fraction * len(rows)`` (or, if none does, the smallest group); at least one group
-    lands on each side. Both outputs keep the input order.
+    A thin wrapper over :func:`peftlab.data.classification.grouped_split` for dict rows.
     """
-    if fraction <= 0:
-        return list(rows), []
-    groups: dict[str, list[int]] = {}
+    groups = []
     for i, row in enumerate(rows):
         if key not in row:
             raise ValueError(f"row {i + 1}: group field {key!r} is missing "
                              f"(available: {', '.join(map(str, row)) or 'no fields'})")
-        groups.setdefault(json.dumps(row[key], sort_keys=True, default=str), []).append(i)
-    if len(groups) < 2:
-        raise ValueError(f"grouped split by {key!r} needs at least 2 groups, found {len(groups)}")
-    order = sorted(groups)
-    random.Random(f"peftlab-grouped:{seed}").shuffle(order)
-    target = fraction * len(rows)
-    held: list[str] = []
-    count = 0
-    for g in order:
-        size = len(groups[g])
-        if len(held) < len(groups) - 1 and abs(count + size - target) < abs(count - target):
-            held.append(g)
-            count += size
-    if not held:  # every group is more than twice the target: hold out the smallest
-        held.append(min(order, key=lambda g: len(groups[g])))
-    held_rows = {i for g in held for i in groups[g]}
-    return ([r for i, r in enumerate(rows) if i not in held_rows],
-            [r for i, r in enumerate(rows) if i in held_rows])
+        groups.append(json.dumps(row[key], sort_keys=True, default=str))
+    try:
+        return split_by_groups(rows, groups, fraction, seed)
+    except ValueError as err:
+        raise ValueError(f"grouped split by {key!r}: {err}") from None
 
 
 def stratified_split(rows: list[dict[str, Any]], label_key: str, fraction: float,

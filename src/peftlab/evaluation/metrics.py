@@ -8,6 +8,7 @@ absent from both (possible in a small validation split) says nothing and is left
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,3 +82,74 @@ def classification_report(gold: Labels, pred: Labels, labels: list[str]) -> dict
         "per_class": {label: scores[i] for i, label in enumerate(labels)},
         "confusion_matrix": matrix,  # rows: gold label, columns: predicted label
     }
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+THRESHOLD_METRICS = ["f1", "macro_f1", "accuracy"]
+
+
+def _binary_metric(metric: str, tp: int, fp: int, fn: int, tn: int) -> float:
+    """``metric`` of a binary confusion matrix (f1: of the positive class), with the
+    conventions of :func:`classification_report` (empty ratios are 0; macro over the classes
+    present in gold or predictions)."""
+    if metric == "accuracy":
+        return _ratio(tp + tn, tp + fp + fn + tn)
+    f1_pos = _ratio(2 * tp, 2 * tp + fp + fn)
+    if metric == "f1":
+        return f1_pos
+    if metric != "macro_f1":
+        raise ValueError(f"unknown threshold metric {metric!r}; choose from {THRESHOLD_METRICS}")
+    f1_neg = _ratio(2 * tn, 2 * tn + fn + fp)
+    present = [f for f, n in ((f1_pos, tp + fn + fp), (f1_neg, tn + fp + fn)) if n]
+    return _ratio(sum(present), len(present))
+
+
+def tune_threshold(scores: Sequence[float] | torch.Tensor, gold: Labels,
+                   metric: str = "f1") -> tuple[float, float]:
+    """(threshold, metric value): the decision threshold on ``scores`` (e.g. the positive
+    class's probability; predict positive iff score >= threshold) that maximises ``metric``
+    against ``gold`` (1 = positive, 0 = negative).
+
+    Every distinct cut of the sorted scores is tried (plus "all negative"); a threshold lies
+    halfway between the two scores it separates. Of equally good thresholds the one nearest
+    0.5 wins, so a plateau does not push the threshold to an extreme.
+    """
+    values = ([float(s) for s in scores.reshape(-1).tolist()] if isinstance(scores, torch.Tensor)
+              else [float(s) for s in scores])
+    labels = _as_list(gold)
+    if len(values) != len(labels):
+        raise ValueError(f"{len(values)} scores but {len(labels)} gold labels")
+    if not values:
+        raise ValueError("cannot tune a threshold on no examples")
+    if any(g not in (0, 1) for g in labels):
+        raise ValueError("tune_threshold needs binary gold labels (0 or 1)")
+    if metric not in THRESHOLD_METRICS:
+        raise ValueError(f"unknown threshold metric {metric!r}; choose from {THRESHOLD_METRICS}")
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    s = [values[i] for i in order]
+    g = [labels[i] for i in order]
+    positives, n = sum(g), len(g)
+
+    def candidate(k: int, tp: int) -> tuple[float, float]:
+        if k == 0:
+            threshold = math.nextafter(s[0], math.inf)  # nothing reaches it
+        elif k == n:
+            threshold = s[-1]
+        else:
+            threshold = (s[k - 1] + s[k]) / 2
+            if threshold <= s[k]:  # adjacent floats: the midpoint rounds onto the lower one
+                threshold = s[k - 1]
+        fp, fn = k - tp, positives - tp
+        return threshold, _binary_metric(metric, tp, fp, fn, n - k - fn)
+
+    best = candidate(0, 0)
+    tp = 0
+    for k in range(1, n + 1):
+        tp += g[k - 1]
+        if k < n and s[k] == s[k - 1]:
+            continue  # equal scores fall on the same side of any threshold
+        threshold, value = candidate(k, tp)
+        if value > best[1] or (value == best[1] and abs(threshold - 0.5) < abs(best[0] - 0.5)):
+            best = (threshold, value)
+    return best

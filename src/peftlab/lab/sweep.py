@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from peftlab.config import ConfigError, RunConfig, load_config
 from peftlab.files import CorruptFileError, read_json
+from peftlab.lab.baseline import run_baseline
 from peftlab.training.recipe import run_training
 
 TRIAL_FILE = "trial.json"
@@ -54,6 +55,9 @@ class SweepResult:
     metric: str
     lower_is_better: bool
     trials: list[Trial]
+    # task: classification: the TF-IDF baseline on the base config's data (name, value of
+    # ``metric``, seconds), the table's first row: the bar every trial has to beat
+    baseline: dict[str, Any] | None = None
 
     @property
     def ranked(self) -> list[Trial]:
@@ -146,6 +150,7 @@ def run_sweep(config: RunConfig, grid: dict[str, list[str]], trials: int | None 
     base = config.to_dict()
     results: list[Trial] = []
     points = combinations(grid, trials, seed)
+    bar = baseline_row(config, metric)
     for i, point in enumerate(points):
         directory = out / "trials" / f"{i:02d}-{_slug(point)}"
         done = _read_trial(directory / TRIAL_FILE, point)
@@ -177,9 +182,27 @@ def run_sweep(config: RunConfig, grid: dict[str, list[str]], trials: int | None 
             del summary
         gc.collect()
         results.append(trial)
-    result = SweepResult(out, metric, lower, results)
+    result = SweepResult(out, metric, lower, results, bar)
     write_report(result)
     return result
+
+
+def baseline_row(config: RunConfig, metric: str) -> dict[str, Any] | None:
+    """For ``task: classification``, the TF-IDF baseline on the base config's data, scored
+    by the sweep's metric where it reports it (val_accuracy, val_macro_f1, val_f1_<label>)."""
+    if config.task != "classification":
+        return None
+    try:
+        result = run_baseline(config, write=False)
+    except ValueError as exc:  # bad data fails every trial too, with the same message
+        return {"name": "baseline", "value": None, "seconds": None, "error": str(exc)}
+    value = result.metrics.get(metric)
+    note = (f"C={result.params['C']}, class weights {result.params['class_weight'] or 'none'}"
+            + ("" if value is not None else f"; the baseline has no {metric}"))
+    print(f"sweep: baseline {result.name}: {metric} "
+          + ("-" if value is None else f"{value:.4f}"))
+    return {"name": result.name, "value": value, "seconds": round(result.seconds, 2),
+            "note": note}
 
 
 def _read_trial(path: Path, point: dict[str, str]) -> Trial | None:
@@ -212,6 +235,11 @@ def table(result: SweepResult) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ranked = result.ranked
     rest = [t for t in result.trials if t not in ranked]
+    if result.baseline is not None:  # first: the bar to beat
+        b = result.baseline
+        cells = ["-", b["name"], *("" for _ in keys), _num(b["value"]), "", "", "0",
+                 _num(b["seconds"], ".1f"), (b.get("error") or b.get("note") or "")]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     for rank, t in enumerate(ranked + rest, start=1):
         cells = [str(rank) if t in ranked else "-", f"{t.index:02d}",
                  *(t.overrides.get(k, "") for k in keys),
@@ -231,7 +259,7 @@ def write_report(result: SweepResult) -> None:
     out.mkdir(parents=True, exist_ok=True)
     best = result.best
     summary = {"metric": result.metric, "lower_is_better": result.lower_is_better,
-               "best": asdict(best) if best else None,
+               "best": asdict(best) if best else None, "baseline": result.baseline,
                "trials": [asdict(t) for t in result.trials]}
     _write_json(out / "sweep.json", summary)
     direction = "lower" if result.lower_is_better else "higher"

@@ -6,10 +6,12 @@ or a Hugging Face hub id. Weights are only ever read from safetensors, never unp
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,6 +25,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from peftlab.models.embedded import EMBEDDED_ALIASES, gguf_to_cache, resolve_embedded
 
@@ -40,11 +43,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     num_labels: int | None = None,
     labels: list[str] | None = None,
+    quiet: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer for ``spec``; the model's mode (train/eval) is left to the caller.
 
     kind: "causal_lm" or "sequence_classification" (``labels`` names the classes and sets
-    id2label/label2id; ``num_labels`` alone gives anonymous classes).
+    id2label/label2id; ``num_labels`` alone gives anonymous classes). ``quiet``: no
+    transformers load report, for a caller that restores the missing weights (a saved
+    classification head) right after.
     """
     auto_cls = _model_class(kind)
     extra = _label_kwargs(num_labels, labels)
@@ -53,7 +59,8 @@ def load_model(
     source = resolve_spec(spec)
     tokenizer = _tokenizer_from(source, spec)
     try:
-        model = auto_cls.from_pretrained(source, dtype=dtype, use_safetensors=True, **extra)
+        with quiet_transformers() if quiet else contextlib.nullcontext():
+            model = auto_cls.from_pretrained(source, dtype=dtype, use_safetensors=True, **extra)
     except OSError as err:
         raise ValueError(f"could not load model {spec!r} from {source}: {err}") from err
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -61,6 +68,17 @@ def load_model(
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers logs errors only inside the block (its verbosity is restored after)."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:

@@ -65,6 +65,11 @@ class Task:
         """Validation metrics beyond the loss; the Trainer logs them as ``val_<name>``."""
         return {}
 
+    def calibrate(self, model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
+                  precision: str) -> None:
+        """After training, before saving: fit what is chosen on the validation set rather
+        than learned by gradient (e.g. a decision threshold); :meth:`save` then writes it."""
+
     def save(self, model: nn.Module, directory: Path) -> None:
         """Write what the task owns next to the adapter (e.g. a head, labels.json)."""
 

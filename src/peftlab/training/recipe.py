@@ -136,6 +136,8 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     adapter_dir = out / "adapter"
     if not world.main:  # the same weights as rank 0, which saves them
         return RunSummary(out, adapter_dir, result, trainable, total, data_report)
+    if val:
+        task.calibrate(model, val, cfg.eval.batch_size, cfg.train.precision)
     _save_adapter(cfg, method, task, model, tokenizer, adapter_dir)
     report = task.final_report(model, val, cfg.eval.batch_size, cfg.train.precision) if val else None
     if report is not None:  # e.g. per-class scores and the confusion matrix

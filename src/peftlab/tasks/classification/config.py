@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftlab.config import ConfigError, choice
+from peftlab.evaluation.metrics import THRESHOLD_METRICS
 
 
 @dataclass
@@ -15,10 +16,26 @@ class ClassificationConfig:
     verbalizer: dict[str, str] | None = None  # label -> word (verbalizer mode; default: the label)
     class_weights: str = "none"  # none | balanced (n_samples / (n_classes * count_c))
     prompt_template: str | None = None  # verbalizer mode, e.g. "Review: {text}\nSentiment:"
+    # Binary only. null: the likelier class; a number: the positive class (the second label)
+    # when its probability is >= it; auto: the number that maximises threshold_metric on the
+    # validation set after training (saved in labels.json, used by predict and eval).
+    threshold: float | str | None = None
+    threshold_metric: str = "f1"  # f1 (of the positive class) | macro_f1 | accuracy
+    loss: str = "cross_entropy"  # cross_entropy | focal (down-weights easy examples)
+    focal_gamma: float = 2.0  # focal loss: (1 - p_true) ** gamma times cross-entropy
 
     def validate(self, where: str) -> None:
         choice(f"{where}.mode", self.mode, ["head", "verbalizer"])
         choice(f"{where}.class_weights", self.class_weights, ["none", "balanced"])
+        choice(f"{where}.threshold_metric", self.threshold_metric, THRESHOLD_METRICS)
+        choice(f"{where}.loss", self.loss, ["cross_entropy", "focal"])
+        if isinstance(self.threshold, str):
+            choice(f"{where}.threshold", self.threshold, ["auto"])
+        elif self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"{where}.threshold must be a probability in (0, 1), auto or "
+                              f"null, got {self.threshold}")
+        if self.focal_gamma < 0:
+            raise ConfigError(f"{where}.focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.verbalizer is not None:
             for label, word in self.verbalizer.items():
                 if not isinstance(word, str) or not word.strip():

@@ -46,19 +46,22 @@ class Classifier:
 
 def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier:
     """Load the base model (``model``, default: the adapter's base_model_name_or_path), apply
-    the saved adapter (any registered method) and the task's saved head, if any."""
+    the saved adapter (any registered method) and the task's saved head, if any.
+
+    The model loads quietly: transformers would report the new head as MISSING, although it
+    is restored from the adapter right after."""
     adapter = Path(adapter)
     meta = read_meta(adapter)
     if model is None:
         model = _base_model_of(adapter)
     if meta["mode"] == "verbalizer":
-        base, tokenizer = load_model(model, kind="causal_lm")
+        base, tokenizer = load_model(model, kind="causal_lm", quiet=True)
     else:
         base, tokenizer = load_model(model, kind="sequence_classification",
-                                     labels=meta["labels"])
+                                     labels=meta["labels"], quiet=True)
     method_for_adapter_dir(adapter).load(base, adapter, adapter_name="default")
     task = task_from_meta(meta, tokenizer)
-    task.restore(base, adapter)  # the head, when the task saved it itself
+    task.restore(base, adapter)  # the head, when the task saved it itself; the threshold
     base.eval()
     return Classifier(base, tokenizer, task, meta)
 
@@ -80,8 +83,10 @@ def predict_file(input: str | Path | list, adapter: str | Path, model: str | Non
     """Predict every row of ``input`` (a data file, or a list of texts / row dicts).
 
     Returns ``{"predictions": [{row, prediction, probabilities[, gold]}], "rows", "accuracy",
-    "labelled", "truncated"}``; accuracy is over rows that carry a known label. With
-    ``output`` the predictions are also written there, one JSON line per input row.
+    "labelled", "truncated", "threshold"}``; accuracy is over rows that carry a known label.
+    A binary classifier with a decision threshold (labels.json) predicts the positive class
+    where its probability reaches the threshold. With ``output`` the predictions are also
+    written there, one JSON line per input row.
     """
     clf = classifier or load_classifier(adapter, model)
     meta = clf.meta
@@ -97,11 +102,11 @@ def predict_file(input: str | Path | list, adapter: str | Path, model: str | Non
     for r in rows:
         r.label = None  # encode without labels: gold may hold classes the model never saw
     examples, stats = build_examples(rows, clf.labels, make_encoder(meta, clf.tokenizer))
-    probs = predict_logits(clf.model, clf.task, examples, batch_size).softmax(-1)
+    logits = predict_logits(clf.model, clf.task, examples, batch_size)
+    probs, decided = logits.softmax(-1), clf.task.decide(logits)
 
     predictions = []
-    for r, p, g in zip(rows, probs.tolist(), gold, strict=True):
-        best = max(range(len(p)), key=p.__getitem__)
+    for r, p, best, g in zip(rows, probs.tolist(), decided.tolist(), gold, strict=True):
         item: dict[str, Any] = {"row": r.row, "prediction": clf.labels[best],
                                 "probabilities": {lab: round(v, 6)
                                                   for lab, v in zip(clf.labels, p, strict=True)}}
@@ -117,6 +122,7 @@ def predict_file(input: str | Path | list, adapter: str | Path, model: str | Non
     return {"rows": len(predictions), "labelled": len(labelled),
             "accuracy": correct / len(labelled) if labelled else None,
             "truncated": stats["truncated"], "output": str(output) if output else None,
+            "threshold": clf.task.threshold,
             "predictions": predictions}
 
 

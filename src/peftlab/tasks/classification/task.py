@@ -19,6 +19,13 @@ and peftlab.evaluation.in_context scores the same rows as in-context demonstrati
 
 Either way ``labels.json`` (id2label plus how inputs were encoded) is saved with the adapter,
 so ``peftlab predict`` rebuilds exactly the training-time inputs.
+
+A binary classifier may decide by a threshold on the positive class's probability instead of
+the likelier class (``classification.threshold``). With ``auto`` the threshold maximising
+``threshold_metric`` on the validation set is searched at every evaluation (so
+``train.best_metric`` and early stopping see the tuned scores) and once more after training
+(:meth:`ClassificationTask.calibrate`); the result goes into labels.json, where predict and
+eval read it. On imbalanced data (8% unfair clauses) that is worth more than class weights.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from peftlab.data.classification import (
     class_counts,
     encode_prompt,
     encode_texts,
+    grouped_split,
     label_list,
     normalize_label,
     read_labelled,
@@ -49,7 +57,7 @@ from peftlab.data.classification import (
 )
 from peftlab.data.readers import DataError
 from peftlab.data.splits import sample_k_per_class
-from peftlab.evaluation.metrics import classification_report
+from peftlab.evaluation.metrics import classification_report, tune_threshold
 from peftlab.files import read_json
 from peftlab.models.lm import backbone_hidden_states
 from peftlab.runtime.precision import autocast_for
@@ -71,17 +79,31 @@ MAX_LOGGED_CLASSES = 32  # per-class F1 is logged for up to this many classes
 
 
 class ClassificationTask(Task):
-    """Cross-entropy over class logits from a sequence-classification head."""
+    """Cross-entropy (or focal loss) over class logits from a sequence-classification head.
+
+    ``meta`` is labels.json's content; its ``threshold`` (binary only) is the decision
+    threshold on the positive class's probability, None for the likelier class.
+    ``tune_threshold``: search that threshold on the validation set (``threshold: auto``).
+    """
 
     peft_task_type = "SEQ_CLS"
 
     def __init__(self, meta: dict[str, Any], pad_id: int,
-                 class_weights: list[float] | None = None):
+                 class_weights: list[float] | None = None, loss: str = "cross_entropy",
+                 focal_gamma: float = 2.0, tune_threshold: bool = False):
         self.meta = meta
         self.labels: list[str] = list(meta["labels"])
         self.pad_id = pad_id
         self.class_weights = (torch.tensor(class_weights, dtype=torch.float32)
                               if class_weights is not None else None)
+        self.loss_kind = loss
+        self.focal_gamma = focal_gamma
+        self.tune_threshold = tune_threshold
+        self.threshold: float | None = meta.get("threshold")
+        self.threshold_metric: str = meta.get("threshold_metric", "f1")
+        if (self.threshold is not None or tune_threshold) and len(self.labels) != 2:
+            raise ConfigError(f"classification.threshold applies to binary classification; "
+                              f"the data has {len(self.labels)} classes {self.labels}")
         self.head_params: dict[str, nn.Parameter] = {}  # heads the task (not the method) saves
 
     # -- the training contract --------------------------------------------------------
@@ -129,35 +151,86 @@ class ClassificationTask(Task):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         logits = self.logits(model, batch)
         weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        labels = batch["labels"].to(logits.device)
         # A weighted *sum*: the Trainer divides by the number of examples. Balanced weights
         # average to 1 over the training set, so this stays on the unweighted scale.
-        loss = F.cross_entropy(logits, batch["labels"].to(logits.device), weight=weight,
-                               reduction="sum")
+        if self.loss_kind == "focal":
+            return focal_loss(logits, labels, self.focal_gamma, weight), self.count(batch)
+        loss = F.cross_entropy(logits, labels, weight=weight, reduction="sum")
         return loss, self.count(batch)
+
+    def decide(self, logits: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """Class ids from class logits: the likelier class, or (binary, with a threshold)
+        the positive class wherever its probability reaches the threshold."""
+        threshold = self.threshold if threshold is None else threshold
+        if threshold is None:
+            return logits.argmax(-1)
+        return (logits.float().softmax(-1)[:, 1] >= threshold).long()
 
     def metric_names(self, examples: list[dict]) -> list[str]:
         """What :meth:`metrics` returns, known before any model runs."""
         per_class = ([f"f1_{label}" for label in self.labels]
                      if len(self.labels) <= MAX_LOGGED_CLASSES else [])
-        return ["accuracy", "macro_f1", *per_class]
+        return ["accuracy", "macro_f1", *per_class, *(["threshold"] if self.tune_threshold
+                                                      else [])]
 
     def metrics(self, model: nn.Module, examples: list[dict], batch_size: int,
                 precision: str) -> dict[str, float]:
-        """accuracy, macro_f1 and (up to 32 classes) f1_<label>, logged as val_*."""
-        report = self.final_report(model, examples, batch_size, precision)
+        """accuracy, macro_f1 and (up to 32 classes) f1_<label>, logged as val_*; with
+        ``threshold: auto`` at the threshold tuned on these very examples (also logged)."""
+        logits = predict_logits(model, self, examples, batch_size, precision)
+        threshold = self._tuned(logits, examples)[0] if self.tune_threshold else None
+        report = self._report(logits, examples, threshold)
         out = {"accuracy": round(report["accuracy"], 5), "macro_f1": round(report["macro_f1"], 5)}
         if len(self.labels) <= MAX_LOGGED_CLASSES:
             out.update({f"f1_{label}": round(s["f1"], 5)
                         for label, s in report["per_class"].items()})
+        if threshold is not None:
+            out["threshold"] = round(threshold, 5)
         return out
+
+    def _report(self, logits: torch.Tensor, examples: list[dict],
+                threshold: float | None = None) -> dict[str, Any]:
+        gold = [e["label"] for e in examples]
+        return classification_report(gold, self.decide(logits, threshold), self.labels)
+
+    def _tuned(self, logits: torch.Tensor, examples: list[dict]) -> tuple[float, float]:
+        """(threshold, metric value) that maximise ``threshold_metric`` on ``examples``."""
+        scores = logits.float().softmax(-1)[:, 1]
+        return tune_threshold(scores, [e["label"] for e in examples], self.threshold_metric)
 
     # -- hooks: the recipe's report, the head, labels.json ----------------------------
     def final_report(self, model: nn.Module, examples: list[dict], batch_size: int,
                      precision: str) -> dict[str, Any]:
-        """The full per-class report and confusion matrix (written to eval_classification.json)."""
+        """The full per-class report and confusion matrix (written to eval_classification.json),
+        at the decision threshold if there is one, with the argmax scores beside it."""
         logits = predict_logits(model, self, examples, batch_size, precision)
-        gold = [e["label"] for e in examples]
-        return classification_report(gold, logits.argmax(-1), self.labels)
+        report = self._report(logits, examples)
+        if self.threshold is not None:
+            argmax = classification_report([e["label"] for e in examples], logits.argmax(-1),
+                                           self.labels)
+            report["decision"] = {
+                "threshold": self.threshold, "metric": self.threshold_metric,
+                "tuned_on_this_set": self.tune_threshold,
+                "argmax": {k: argmax[k] for k in ("accuracy", "macro_f1")}
+                | {f"f1_{label}": s["f1"] for label, s in argmax["per_class"].items()}}
+        return report
+
+    def calibrate(self, model: nn.Module, examples: list[dict], batch_size: int,
+                  precision: str) -> None:
+        """``threshold: auto``: tune the decision threshold on the validation examples with
+        the final weights; :meth:`save` writes it to labels.json."""
+        if not self.tune_threshold:
+            return
+        logits = predict_logits(model, self, examples, batch_size, precision)
+        threshold, value = self._tuned(logits, examples)
+        at_argmax = self._report(logits, examples)
+        before = (at_argmax["per_class"][self.labels[1]]["f1"] if self.threshold_metric == "f1"
+                  else at_argmax[self.threshold_metric])
+        self.threshold = self.meta["threshold"] = threshold
+        print(f"classification: decision threshold {threshold:.4f} on p({self.labels[1]}), "
+              f"tuned on {len(examples)} validation rows: {self.threshold_metric} "
+              f"{value:.4f} (argmax: {before:.4f})")
 
     def prepare_model(self, model: nn.Module) -> None:
         """After ``method.apply``: a new head the method left frozen is trained (and saved) by
@@ -187,10 +260,17 @@ class ClassificationTask(Task):
 
     def restore(self, model: nn.Module, directory: str | Path) -> None:
         """What :meth:`save` wrote beyond the method's adapter: the head, if labels.json
-        names one (``peftlab eval`` calls this after loading the adapter)."""
+        names one, and the decision threshold (``peftlab eval`` calls this after loading the
+        adapter)."""
         directory = Path(directory)
-        if (directory / LABELS_FILE).is_file() and read_meta(directory).get("head_file"):
+        if not (directory / LABELS_FILE).is_file():
+            return
+        meta = read_meta(directory)
+        if meta.get("head_file"):
             load_head(model, directory / HEAD_FILE)
+        self.threshold = meta.get("threshold")
+        self.threshold_metric = meta.get("threshold_metric", self.threshold_metric)
+        self.tune_threshold = False  # the saved threshold is the one to use
 
 
 class VerbalizerTask(ClassificationTask):
@@ -199,8 +279,8 @@ class VerbalizerTask(ClassificationTask):
     peft_task_type = "CAUSAL_LM"
 
     def __init__(self, meta: dict[str, Any], pad_id: int,
-                 class_weights: list[float] | None = None):
-        super().__init__(meta, pad_id, class_weights)
+                 class_weights: list[float] | None = None, **options: Any):
+        super().__init__(meta, pad_id, class_weights, **options)
         self.label_token_ids = torch.tensor(meta["label_token_ids"], dtype=torch.long)
 
     def logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -214,6 +294,18 @@ class VerbalizerTask(ClassificationTask):
 
     def prepare_model(self, model: nn.Module) -> None:
         self.head_params = {}  # no new parameters
+
+
+def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed focal loss ``w_y * (1 - p_y) ** gamma * -log p_y`` (Lin et al., 2017): examples
+    the model already gets right count less, so the rare class's hard cases dominate.
+    ``gamma = 0`` is (weighted) cross-entropy."""
+    logp = F.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None]).squeeze(1)
+    loss = -((1 - logp.exp()).clamp(min=0) ** gamma) * logp
+    if weight is not None:
+        loss = loss * weight[labels]
+    return loss.sum()
 
 
 @torch.no_grad()
@@ -321,10 +413,11 @@ def make_encoder(meta: dict[str, Any], tokenizer):
     return lambda texts, pairs: encode_texts(tokenizer, texts, pairs, max_length)
 
 
-def task_from_meta(meta: dict[str, Any], tokenizer,
-                   class_weights: list[float] | None = None) -> ClassificationTask:
+def task_from_meta(meta: dict[str, Any], tokenizer, class_weights: list[float] | None = None,
+                   **options: Any) -> ClassificationTask:
+    """The task object for labels.json's ``meta`` (``options``: the training-only knobs)."""
     cls = VerbalizerTask if meta["mode"] == "verbalizer" else ClassificationTask
-    return cls(meta, pad_id=tokenizer.pad_token_id, class_weights=class_weights)
+    return cls(meta, pad_id=tokenizer.pad_token_id, class_weights=class_weights, **options)
 
 
 def build_classification_task(cfg: RunConfig, tokenizer: Any) -> PreparedTask:
@@ -348,11 +441,16 @@ def build_classification_task(cfg: RunConfig, tokenizer: Any) -> PreparedTask:
     encode = make_encoder(meta, tokenizer)
     train, train_stats = build_examples(rows, labels, encode)
     val, val_stats = build_examples(val_rows, labels, encode)
+    ccfg = cfg.task_config
     counts = list(train_stats["class_counts"].values())
-    weights = balanced_class_weights(counts) if cfg.task_config.class_weights == "balanced" else None
+    weights = balanced_class_weights(counts) if ccfg.class_weights == "balanced" else None
     report.update(labels=labels, train=train_stats, validation=val_stats,
                   class_weights=dict(zip(labels, weights, strict=True)) if weights else None)
-    task = task_from_meta(meta, tokenizer, weights)
+    if ccfg.threshold == "auto" and not val:
+        raise ConfigError("classification.threshold: auto tunes the threshold on validation "
+                          "data; set data.validation or data.validation_split")
+    task = task_from_meta(meta, tokenizer, weights, loss=ccfg.loss, focal_gamma=ccfg.focal_gamma,
+                          tune_threshold=ccfg.threshold == "auto")
     return PreparedTask(task, train, val, report, model_kind=model_kind,
                         model_kwargs=model_kwargs)
 
@@ -370,14 +468,22 @@ def read_classification_rows(
         raise DataError("data.train: no training file given")
     fields = (data.text_field, data.text_pair_field, data.label_field)
     rows, train_file = read_labelled(data.train, *fields, on_error=data.on_error,
-                                     max_rows=data.max_rows)
+                                     max_rows=data.max_rows, group_field=data.group_field)
     report: dict[str, Any] = {"train_file": train_file}
     labels = label_list([r.label for r in rows], data.labels)
     check_known_labels(rows, labels, data.label_field, what="data.labels")
     if data.validation:
+        # no groups needed: a separate validation file is held out already
         val_rows, val_file = read_labelled(data.validation, *fields, on_error=data.on_error)
         report["validation_file"] = val_file
         check_known_labels(val_rows, labels, data.label_field)
+    elif data.group_field and data.validation_split:
+        try:
+            rows, val_rows = grouped_split(rows, [r.group for r in rows], data.validation_split,
+                                           cfg.train.seed)
+        except ValueError as err:
+            raise DataError(f"{data.train}: data.group_field {data.group_field!r}: {err}") from None
+        report["validation_groups"] = sorted({r.group for r in val_rows})
     else:
         rows, val_rows = stratified_split(rows, [r.label for r in rows], data.validation_split,
                                           cfg.train.seed)
@@ -414,6 +520,8 @@ def classification_meta(cfg, labels: list[str], tokenizer) -> dict[str, Any]:
         "text_pair_field": data.text_pair_field,
         "label_field": data.label_field,
         "max_length": cfg.train.max_length,
+        "threshold": ccfg.threshold if isinstance(ccfg.threshold, float) else None,
+        "threshold_metric": ccfg.threshold_metric,
     }
     if ccfg.mode == "verbalizer":
         template = ccfg.prompt_template or default_template(data.text_pair_field)

@@ -1,0 +1,205 @@
+"""CLAUDETTE unfair-clause detection: the TF-IDF baseline vs a trained peftlab classifier.
+
+Two measurements, both on ../shared/data/claudette_unfair_tos/train.jsonl (40 documents; the
+held-back test documents are not available here):
+
+    # 1. the baseline, document-grouped 5-fold cross-validation over all 40 training documents
+    #    (C and the model chosen by an inner grouped CV on each outer training part: no peeking),
+    #    plus the baseline on the validation documents of configs/claudette_unfair.yaml
+    python benchmarks/claudette_unfair.py baseline
+
+    # 2. a run of configs/claudette_unfair.yaml (its adapter, with the saved threshold) on the
+    #    same validation documents
+    python benchmarks/claudette_unfair.py adapter --run runs/claudette_unfair --seconds 2400
+
+Both report unfair-class F1, macro-F1 and the recall of each unfair category (limitation of
+liability, unilateral termination, ...). Writes benchmarks/results/claudette_unfair.{json,md}.
+Machine: shared by several jobs, so times are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+
+from _common import REPO, RESULTS, read_jsonl, save_part, write_jsonl
+from sklearn.model_selection import StratifiedGroupKFold
+
+from peftlab.api import predict
+from peftlab.config import load_config
+from peftlab.data.classification import LabelledRow
+from peftlab.evaluation.metrics import classification_report
+from peftlab.lab.baseline import cross_validate, make_classifier, make_vectorizer, run_baseline
+from peftlab.tasks.classification.task import read_classification_rows
+
+CONFIG = REPO / "configs" / "claudette_unfair.yaml"
+OUT = RESULTS / "claudette_unfair.json"
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _config():
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the config's data path is relative to the repository
+    try:
+        cfg = load_config(CONFIG)
+        cfg.data.train = str((REPO / cfg.data.train).resolve())
+        return cfg
+    finally:
+        os.chdir(cwd)
+
+
+def _scores(gold: list[int], pred: list[int], categories: list[list[str]]) -> dict:
+    report = classification_report(gold, pred, ["0", "1"])
+    per_cat: dict[str, list[int]] = {}
+    for cats, p in zip(categories, pred, strict=True):
+        for c in cats:
+            per_cat.setdefault(c, []).append(p)
+    recall = {c: {"recall": round(sum(v) / len(v), 4), "sentences": len(v)}
+              for c, v in sorted(per_cat.items(), key=lambda kv: -len(kv[1]))}
+    one = report["per_class"]["1"]
+    return {"f1_unfair": one["f1"], "precision_unfair": one["precision"],
+            "recall_unfair": one["recall"], "macro_f1": report["macro_f1"],
+            "accuracy": report["accuracy"], "category_recall": recall,
+            "sentences": len(gold), "unfair": sum(gold)}
+
+
+def _categories(cfg, rows: list[LabelledRow]) -> list[list[str]]:
+    """unfair_categories of ``rows`` (matched by row number in the training file)."""
+    raw = read_jsonl(Path(cfg.data.train))
+    return [raw[r.row - 1]["unfair_categories"] for r in rows]
+
+
+def baseline_cv(folds: int = 5) -> dict:
+    cfg = _config()
+    cfg.data.validation_split = 0.0
+    rows, _, labels, _ = read_classification_rows(cfg)
+    cats = _categories(cfg, rows)
+    y = [labels.index(r.label) for r in rows]
+    texts = [r.text for r in rows]
+    pred = [0] * len(rows)
+    chosen = []
+    t0 = time.perf_counter()
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0)
+    for train_idx, test_idx in splitter.split(texts, y, [r.group for r in rows]):
+        inner = cross_validate([rows[i] for i in train_idx], labels, "f1", grouped=True)
+        p = inner["grid"][0]
+        chosen.append({k: p[k] for k in ("model", "C", "class_weight")})
+        vec = make_vectorizer()
+        clf = make_classifier(p["model"], p["C"], p["class_weight"], 0, 2)
+        clf.fit(vec.fit_transform([texts[i] for i in train_idx]), [y[i] for i in train_idx])
+        for i, v in zip(test_idx, clf.predict(vec.transform([texts[i] for i in test_idx])),
+                        strict=True):
+            pred[i] = int(v)
+    return {"folds": folds, "documents": len({r.group for r in rows}), "chosen": chosen,
+            "seconds": round(time.perf_counter() - t0, 1), **_scores(y, pred, cats)}
+
+
+def baseline_val() -> dict:
+    cfg = _config()
+    rows, val_rows, labels, report = read_classification_rows(cfg)
+    result = run_baseline(cfg, write=False)
+    vec = make_vectorizer()
+    p = result.params
+    clf = make_classifier(p["model"], p["C"], p["class_weight"], cfg.train.seed, 2)
+    clf.fit(vec.fit_transform([r.text for r in rows]), [labels.index(r.label) for r in rows])
+    pred = [int(v) for v in clf.predict(vec.transform([r.text for r in val_rows]))]
+    gold = [labels.index(r.label) for r in val_rows]
+    return {"name": result.name, "params": p, "cv_f1": result.cv["score"],
+            "seconds": round(result.seconds, 1), "validation_docs": report["validation_groups"],
+            **_scores(gold, pred, _categories(cfg, val_rows))}
+
+
+def adapter_val(run: Path, seconds: float | None, note: str) -> dict:
+    cfg = _config()
+    _, val_rows, labels, report = read_classification_rows(cfg)
+    work = run / "claudette_val.jsonl"
+    write_jsonl(work, [{"text": r.text, "unfair": r.label} for r in val_rows])
+    result = predict(run / "adapter", work)
+    pred = [labels.index(p["prediction"]) for p in result["predictions"]]
+    gold = [labels.index(r.label) for r in val_rows]
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = max((h.get("step", 0) for h in history), default=0)
+    return {"run": str(run), "threshold": result["threshold"], "steps": steps,
+            "train_seconds": seconds, "note": note,
+            "validation_docs": report["validation_groups"],
+            **_scores(gold, pred, _categories(cfg, val_rows))}
+
+
+def _row(name: str, r: dict, seconds: float | None) -> str:
+    return (f"| {name} | {100 * r['f1_unfair']:.1f} | {100 * r['precision_unfair']:.1f} | "
+            f"{100 * r['recall_unfair']:.1f} | {100 * r['macro_f1']:.1f} | "
+            + ("-" if seconds is None else f"{seconds:.0f}") + " |")
+
+
+def tables(results: dict) -> str:
+    machine = results.get("machine", {})
+    lines = ["# CLAUDETTE unfair-ToS: baseline vs peftlab", "",
+             f"CPU: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores shared with "
+             "other jobs (times are indicative).", ""]
+    if "baseline_cv" in results:
+        b = results["baseline_cv"]
+        lines += [f"## TF-IDF baseline, document-grouped {b['folds']}-fold CV over "
+                  f"{b['documents']} training documents ({b['sentences']} sentences)", "",
+                  "| method | unfair F1 | P | R | macro-F1 | s |", "|---|---|---|---|---|---|",
+                  _row("TF-IDF + linear (C by inner grouped CV)", b, b["seconds"]), ""]
+    val = [(k, results[k]) for k in ("baseline_val", "adapter_val") if k in results]
+    if val:
+        r0 = val[0][1]
+        lines += [f"## Validation documents of configs/claudette_unfair.yaml ("
+                  f"{r0['sentences']} sentences, {r0['unfair']} unfair, "
+                  f"{len(r0['validation_docs'])} documents)", "",
+                  "| method | unfair F1 | P | R | macro-F1 | s |", "|---|---|---|---|---|---|"]
+        for k, r in val:
+            name = (f"baseline {r['name']} (C={r['params']['C']}, "
+                    f"{r['params']['class_weight'] or 'no'} class weights)" if k == "baseline_val"
+                    else f"minilm-l6 + LoRA, threshold {r['threshold']:.3f} ({r['note']})")
+            lines.append(_row(name, r, r.get("seconds", r.get("train_seconds"))))
+        lines.append("")
+    cats = Counter()
+    for k in ("baseline_cv", "baseline_val", "adapter_val"):
+        if k in results:
+            cats.update(results[k]["category_recall"].keys())
+    if cats:
+        cols = [k for k in ("baseline_cv", "baseline_val", "adapter_val") if k in results]
+        lines += ["## Recall per unfair category", "",
+                  "| category | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for c in cats:
+            cells = []
+            for k in cols:
+                e = results[k]["category_recall"].get(c)
+                cells.append("-" if e is None else f"{100 * e['recall']:.0f} (n={e['sentences']})")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("what", choices=["baseline", "adapter"])
+    p.add_argument("--run", type=Path, help="output_dir of a configs/claudette_unfair.yaml run")
+    p.add_argument("--seconds", type=float, default=None, help="its training time")
+    p.add_argument("--note", default="", help="what the run's budget was")
+    args = p.parse_args()
+    save_part(OUT, "machine", {"cpu": _cpu(),
+                               "cores": os.cpu_count(), "shared": True}, tables)
+    if args.what == "baseline":
+        save_part(OUT, "baseline_cv", baseline_cv(), tables)
+        print(save_part(OUT, "baseline_val", baseline_val(), tables))
+    else:
+        print(save_part(OUT, "adapter_val", adapter_val(args.run, args.seconds, args.note),
+                        tables))
+
+
+if __name__ == "__main__":
+    main()
