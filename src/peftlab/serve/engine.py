@@ -21,6 +21,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from peftlab.data.sft import encode_prompt
 from peftlab.evaluation.generate import stop_token_ids
 from peftlab.methods import lora, method_for_adapter_dir
+from peftlab.methods.chain import recorded_chain
 from peftlab.models import load_model
 
 
@@ -63,6 +64,10 @@ class Engine:
             if name == self.base_name:
                 raise ValueError(f"adapter name {name!r} is the base model's name; pick another")
             method = method_for_adapter_dir(directory)
+            if recorded_chain(directory):
+                raise ValueError(f"{directory}: trained on top of other adapters (init_from), so "
+                                 "it needs its own base; export it merged (peftlab export --hf) "
+                                 "and serve that")
             if method.name != "lora":
                 raise ValueError(f"{directory}: a {method.name} adapter; serving switches between "
                                  "LoRA adapters only (merge or serve others on their own)")
