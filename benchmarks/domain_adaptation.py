@@ -239,7 +239,7 @@ def run_part(name: str, args: argparse.Namespace, data: dict, work: Path) -> dic
     result["pretrain"] = train(pretrain_cfg(spec, files, args.threads, False, args.quick), dapt)
     result["pretrain"].update(pretrain_numbers(dapt))
     print(f"{name} pretrain: {result['pretrain']}", flush=True)
-    if spec["replay"]:
+    if spec["replay"] and not args.no_replay:
         run = work / f"{name}_dapt_replay"
         result["pretrain_replay"] = train(pretrain_cfg(spec, files, args.threads, True,
                                                        args.quick), run)
@@ -340,6 +340,8 @@ def main() -> None:
     p.add_argument("--domain-val-sentences", type=int, default=50)
     p.add_argument("--work", default=None, help="run directory (default: runs/bench_domain)")
     p.add_argument("--quick", action="store_true", help="3 steps per run: a smoke test")
+    p.add_argument("--no-replay", action="store_true",
+                   help="skip the SmolLM2 pre-training run with WikiText-2 replay")
     args = p.parse_args()
     if not CLAUDETTE.is_file() or not WIKI_TEST.is_file() or not WIKI_VALID.is_file():
         sys.exit(f"real data not found under {SHARED} (claudette_unfair_tos, wikitext2_raw, "
