@@ -15,6 +15,7 @@ from peftlab.files import check_can_write
 from peftlab.lab.baseline import BaselineResult, run_baseline
 from peftlab.lab.sweep import parse_grid, run_sweep
 from peftlab.methods import get_method, method_for_adapter_dir, method_names, methods_on
+from peftlab.methods.chain import init_chain, load_adapter, merge_chain
 from peftlab.models import load_model, load_tokenizer
 from peftlab.runtime.precision import resolve_precision
 from peftlab.tasks import build_task
@@ -111,11 +112,12 @@ def export(model: str, adapter: str | Path | None = None, gguf: str | Path | Non
 
 
 def load(model: str, adapter: str | Path | None = None, kind: str = "causal_lm"):
-    """Load a base model (+ a saved adapter, any registered method) and its tokenizer."""
+    """Load a base model (+ a saved adapter, any registered method, after the adapters of
+    the runs it was chained on with ``init_from``) and its tokenizer."""
 
     base, tokenizer = load_model(model, kind=kind)
     if adapter is not None:
-        method_for_adapter_dir(adapter).load(base, adapter, adapter_name="default")
+        load_adapter(base, adapter)
     base.eval()
     return base, tokenizer
 
@@ -151,8 +153,10 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
     adapter's task report where the task has one (classification: per-class scores at the
     saved decision threshold).
 
-    For ``task: sft`` also, as configured: forgetting (``eval.forgetting_corpus``: perplexity
-    of base and adapter, compared) and generation (``eval.generate``: the adapter's answers,
+    With ``init_from`` the "base" is the run's starting point (the earlier adapters merged).
+    For ``task: sft`` and ``pretrain`` also, as configured: forgetting
+    (``eval.forgetting_corpus``: perplexity of base and adapter, compared); for ``sft``
+    generation (``eval.generate``: the adapter's answers,
     plus the base model's with ``eval.compare_base`` or when there is no adapter; written to
     OUTPUT_DIR/eval_predictions.jsonl and eval_generation_metrics.json).
     """
@@ -162,9 +166,11 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
     tokenizer = load_tokenizer(cfg.model)
     prepared = build_task(cfg, tokenizer)
     task, val = prepared.task, prepared.validation
-    model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
     if not val:
         raise ValueError("eval needs validation data: set data.validation or data.validation_split")
+    chain = init_chain(cfg.init_from, cfg.model) if cfg.init_from else []
+    model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
+    merge_chain(model, chain)  # "base" is the run's starting point
 
     bs, prec = cfg.eval.batch_size, resolve_precision(cfg.train.precision)
     results: dict[str, Any] = {"examples": len(val)}
@@ -173,15 +179,23 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
     adapter_dir = Path(adapter) if adapter else Path(cfg.output_dir) / "adapter"
     if adapter and not adapter_dir.is_dir():  # not silently the base model's numbers
         raise FileNotFoundError(f"--adapter: {adapter}: no such adapter directory")
-    forgetting = cfg.eval.forgetting_corpus is not None
+    # A task that measures forgetting itself (pretrain: MLM loss for encoders) does it in its
+    # before/after hooks, here without the validation set (its loss is computed above).
+    own_forgetting = task.measures_forgetting
+    forgetting = cfg.eval.forgetting_corpus is not None and not own_forgetting
     gen_examples = sft_eval.generation_examples(val, cfg.eval.generate_max_rows)
     runs: dict[str, Any] = {}
+    if own_forgetting:
+        task.baseline(model, [], bs, prec)
     if forgetting:
         results["base"]["forgetting"] = sft_eval.measure_forgetting(model, tokenizer, cfg, prec)
     if cfg.eval.generate and (cfg.eval.compare_base or not adapter_dir.is_dir()):
         runs["base"] = sft_eval.generate(model, tokenizer, gen_examples, cfg, prec)
     if adapter_dir.is_dir():
-        method_for_adapter_dir(adapter_dir).load(model, adapter_dir, adapter_name="default")
+        if chain:  # already merged above
+            method_for_adapter_dir(adapter_dir).load(model, adapter_dir, adapter_name="default")
+        else:
+            load_adapter(model, adapter_dir)
         task.restore(model, adapter_dir)  # e.g. a classifier head the task saved
         loss = evaluate_loss(model, task, val, bs, prec)
         results["adapter"] = {"path": str(adapter_dir), "val_loss": loss,
@@ -194,6 +208,10 @@ def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None 
             results["adapter"]["forgetting"] = after
             results["forgetting"] = sft_eval.forgetting_summary(results["base"]["forgetting"],
                                                                 after)
+        if own_forgetting:
+            report = task.final_report(model, [], bs, prec) or {}
+            if report.get("forgetting"):
+                results["forgetting"] = report["forgetting"]
         if cfg.eval.generate:
             runs["tuned"] = sft_eval.generate(model, tokenizer, gen_examples, cfg, prec)
     out = Path(cfg.output_dir)

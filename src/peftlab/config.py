@@ -300,6 +300,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/latest"
+    # Start from an earlier run's result: its adapter (a run directory or an adapter
+    # directory) is loaded into ``model`` and merged before this run's method is applied
+    # (peftlab.methods.chain), e.g. classification after continued pre-training.
+    init_from: str | None = None
     sections: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -317,6 +321,7 @@ class RunConfig:
             "train": dataclasses.asdict(self.train),
             "eval": dataclasses.asdict(self.eval),
             "output_dir": self.output_dir,
+            "init_from": self.init_from,
             **{name: dataclasses.asdict(section) for name, section in self.sections.items()},
         }
 
@@ -327,7 +332,7 @@ class RunConfig:
         Path(path).write_text(self.to_yaml())
 
 
-_CORE_KEYS = ["model", "task", "method", "data", "train", "eval", "output_dir"]
+_CORE_KEYS = ["model", "task", "method", "data", "train", "eval", "output_dir", "init_from"]
 _CORE_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
 
 def task_sections() -> dict[str, type]:
@@ -370,6 +375,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         train=_build(TrainConfig, raw.get("train") or {}, "train"),
         eval=_build(EvalConfig, raw.get("eval") or {}, "eval"),
         output_dir=str(raw.get("output_dir", "runs/latest")),
+        init_from=_coerce(raw.get("init_from"), str | None, "init_from"),
         sections={section: _build(cls, raw.get(section) or {}, section)
                   for section, cls in task_sections().items()},
     )

@@ -33,13 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import DataConfig
-from peftlab.data.readers import MAX_REPORTED_ERRORS, DataError, read_records
+from peftlab.data.readers import MAX_REPORTED_ERRORS, TEXT_SUFFIXES, DataError, read_records
 from peftlab.data.sft import SFTStats
 
 # Keys of a mixture entry that override the same-named data.* option for that source.
 OVERRIDES = ("format", "template", "system_prompt", "messages_field", "instruction_field",
              "input_field", "output_field", "max_rows")
-TEXT_SUFFIXES = (".txt", ".raw", ".text")
 
 Rows = list[tuple[int, dict[str, Any]]]  # (1-based file row, record)
 Build = Callable[[Rows], tuple[list[dict[str, Any]], SFTStats]]

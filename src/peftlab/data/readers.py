@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+TEXT_SUFFIXES = (".txt", ".raw", ".text")  # plain text: read by read_text_documents
 MAX_REPORTED_ERRORS = 20
 
 
@@ -132,6 +133,43 @@ def read_records(
         if max_rows != 0:
             raise DataError(f"{name}: file is empty (no data rows)")
     return records, report
+
+
+def read_text_documents(path: str | Path, split: str = "auto") -> list[tuple[int, str]]:
+    """Documents of a plain-text file as ``(first line number, text)``.
+
+    ``split``: ``line`` (one document per non-blank line), ``paragraph`` (documents separated
+    by blank lines; their lines are kept, joined by newlines) or ``auto`` (``paragraph`` when
+    the file has a blank line between two non-blank ones, else ``line``).
+    """
+    if split not in ("auto", "line", "paragraph"):
+        raise ValueError(f"split must be 'auto', 'line' or 'paragraph', got {split!r}")
+    p = Path(path)
+    name = str(path)
+    if not p.exists():
+        raise DataError(f"{name}: file not found")
+    if not p.is_file():
+        raise DataError(f"{name}: not a file")
+    lines = _read_text(p, name).splitlines()
+    if split == "auto":
+        filled = [i for i, line in enumerate(lines) if line.strip()]
+        gap = bool(filled) and filled[-1] - filled[0] + 1 > len(filled)  # a blank line inside
+        split = "paragraph" if gap else "line"
+    docs: list[tuple[int, str]] = []
+    if split == "line":
+        docs = [(n, line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
+    else:
+        start, current = 0, []
+        for n, line in enumerate(lines + [""], start=1):
+            if line.strip():
+                start = start or n
+                current.append(line.rstrip())
+            elif current:
+                docs.append((start, "\n".join(current)))
+                start, current = 0, []
+    if not docs:
+        raise DataError(f"{name}: file is empty (no non-blank lines)")
+    return docs
 
 
 def _jsonl_rows(p: Path, name: str) -> Iterator[Row]:

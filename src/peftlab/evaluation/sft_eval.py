@@ -31,16 +31,17 @@ from peftlab.evaluation.text_metrics import generation_report, text_metrics
 from peftlab.runtime.precision import autocast_for
 
 METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "bleu")
+FORGETTING_TASKS = ("sft", "pretrain")  # pretrain measures it itself (Task.measures_forgetting)
 
 
 def check_eval_config(cfg: RunConfig) -> None:
     """Fail before any work if the evaluation can't run (errors name the key)."""
     e = cfg.eval
-    for key, on in (("forgetting_corpus", e.forgetting_corpus is not None),
-                    ("generate", e.generate)):
-        if on and cfg.task != "sft":
-            raise ConfigError(f"eval.{key}: only runs for task: sft (this run is "
-                              f"task: {cfg.task})")
+    for key, on, tasks in (("forgetting_corpus", e.forgetting_corpus is not None,
+                            FORGETTING_TASKS), ("generate", e.generate, ("sft",))):
+        if on and cfg.task not in tasks:
+            raise ConfigError(f"eval.{key}: only runs for task: {' or '.join(tasks)} (this run "
+                              f"is task: {cfg.task})")
     if e.forgetting_corpus is not None and not Path(e.forgetting_corpus).is_file():
         raise ConfigError(f"eval.forgetting_corpus: file not found: {e.forgetting_corpus}")
 
@@ -153,9 +154,12 @@ class RunEvaluation:
     """The evaluation of one training run: :meth:`before` on the base model (before the
     method is applied), :meth:`after` on the trained model."""
 
-    def __init__(self, cfg: RunConfig, tokenizer: Any, validation: list[dict[str, Any]]):
+    def __init__(self, cfg: RunConfig, tokenizer: Any, validation: list[dict[str, Any]],
+                 forgetting: bool = True):
+        """``forgetting=False``: leave ``eval.forgetting_corpus`` to the task."""
         check_eval_config(cfg)
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.forgetting = forgetting and cfg.eval.forgetting_corpus is not None
         self.examples: list[dict[str, Any]] = []
         if cfg.eval.generate:
             if not validation:
@@ -167,13 +171,13 @@ class RunEvaluation:
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.eval.forgetting_corpus is not None or self.cfg.eval.generate
+        return self.forgetting or self.cfg.eval.generate
 
     def before(self, model: nn.Module) -> None:
         cfg, precision = self.cfg, self.cfg.train.precision
         rng = torch.get_rng_state()
         try:
-            if cfg.eval.forgetting_corpus is not None:
+            if self.forgetting:
                 self.base_forgetting = measure_forgetting(model, self.tokenizer, cfg, precision)
                 print(f"forgetting corpus: base perplexity "
                       f"{self.base_forgetting['perplexity']:.3f} over "

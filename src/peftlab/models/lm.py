@@ -1,5 +1,6 @@
 """Language-model maths shared by every task and evaluation: hidden states without the LM
-head, a memory-bounded cross-entropy through a frozen head, and completion log-probs.
+head, a memory-bounded cross-entropy through a frozen head, completion log-probs, and the
+masked-LM loss on masked positions only.
 
 The LM head runs only on positions whose next token carries a label, so prompt and
 padding positions never materialise full-vocabulary logits -- a large saving on a CPU,
@@ -122,3 +123,29 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
     out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     return out.index_add(0, rows, token_logps)
+
+
+def masked_lm_head(model: nn.Module) -> nn.Module:
+    """The MLM head of a transformers ``*ForMaskedLM`` model: its one child besides the
+    backbone (BERT's ``cls``, RoBERTa's ``lm_head``), which maps hidden states to logits."""
+    backbone = model.base_model
+    heads = [m for m in model.children() if m is not backbone and not isinstance(m, nn.ModuleDict)]
+    if backbone is model or len(heads) != 1:
+        raise TypeError(f"{type(model).__name__}: cannot find one masked-LM head next to the "
+                        "backbone (expected a transformers *ForMaskedLM model such as "
+                        "BertForMaskedLM)")
+    return heads[0]
+
+
+def masked_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of a masked LM over the labelled (masked) positions only.
+
+    The head (transform + vocabulary projection) runs on those ~15% of positions, not on
+    every position as ``model(labels=...)`` would.
+    """
+    keep = labels != IGNORE_INDEX
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    logits = masked_lm_head(model)(hidden[keep]).float()
+    return F.cross_entropy(logits, labels[keep], reduction="sum")

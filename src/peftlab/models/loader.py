@@ -20,6 +20,7 @@ from huggingface_hub import constants, snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 MODEL_CLASSES = {
     "causal_lm": AutoModelForCausalLM,
     "sequence_classification": AutoModelForSequenceClassification,
+    # BERT-style encoders with their MLM head (task: pretrain). A checkpoint saved without the
+    # head (e.g. the embedded MiniLM sentence encoder) gets a new one; its decoder is tied to
+    # the word embeddings, so only the small transform and the output bias are new.
+    "masked_lm": AutoModelForMaskedLM,
 }
 
 
@@ -47,8 +52,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer for ``spec``; the model's mode (train/eval) is left to the caller.
 
-    kind: "causal_lm" or "sequence_classification" (``labels`` names the classes and sets
-    id2label/label2id; ``num_labels`` alone gives anonymous classes). ``quiet``: no
+    kind: "causal_lm", "masked_lm" or "sequence_classification" (``labels`` names the classes
+    and sets id2label/label2id; ``num_labels`` alone gives anonymous classes). ``quiet``: no
     transformers load report, for a caller that restores the missing weights (a saved
     classification head) right after.
     """

@@ -19,6 +19,7 @@ from pathlib import Path
 from peftlab.data.sft import encode_prompt
 from peftlab.evaluation.generate import stop_token_ids
 from peftlab.methods import lora, method_for_adapter_dir
+from peftlab.methods.chain import recorded_chain
 from peftlab.models import load_model
 from peftlab.serve.scheduler import Event, Job, NotRunning, QueueFull, Sampling, Scheduler
 from peftlab.serve.text import TextStream
@@ -71,6 +72,10 @@ class Engine:
         for name, directory in adapters.items():
             directory = Path(directory)
             method = method_for_adapter_dir(directory)
+            if recorded_chain(directory):
+                raise ValueError(f"{directory}: trained on top of other adapters (init_from), so "
+                                 "it needs its own base; export it merged (peftlab export --hf) "
+                                 "and serve that")
             if method.name != "lora":
                 raise ValueError(f"{directory}: a {method.name} adapter; serving batches LoRA "
                                  "adapters only (merge or serve others on their own)")

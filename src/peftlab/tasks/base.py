@@ -31,8 +31,11 @@ class Task:
     normalise exactly across gradient-accumulation micro-batches of unequal sizes.
     """
 
-    peft_task_type: str = "CAUSAL_LM"  # written into adapter_config.json
+    peft_task_type: str | None = "CAUSAL_LM"  # written into adapter_config.json
     own_loop: bool = False  # True: the recipe calls fit() instead of running the Trainer
+    # True: the task measures eval.forgetting_corpus itself (in baseline and final_report),
+    # so the recipe's generic before/after evaluation leaves it out.
+    measures_forgetting: bool = False
 
     # -- the training contract ---------------------------------------------------------
     def length(self, example: dict[str, Any]) -> int:
@@ -54,6 +57,12 @@ class Task:
     # -- optional hooks ------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
         """After the method is applied, before training (e.g. make a new head trainable)."""
+
+    def baseline(self, model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
+                 precision: str) -> None:
+        """Measure the starting model (after ``init_from``, before the method is applied),
+        e.g. the held-out perplexity :meth:`final_report` compares with. The recipe restores
+        the torch RNG afterwards, so measuring does not change the training run."""
 
     def metric_names(self, examples: list[dict[str, Any]]) -> list[str]:
         """What :meth:`metrics` returns for ``examples``, known before any model runs (so
@@ -80,6 +89,10 @@ class Task:
                      precision: str) -> dict[str, Any] | None:
         """A report on the validation set after training (written to eval_<task>.json)."""
         return None
+
+    def report_lines(self, report: dict[str, Any]) -> list[str]:
+        """Markdown lines for report.md from :meth:`final_report`'s result."""
+        return []
 
     def fit(self, model: nn.Module, tokenizer: Any, train: list[dict[str, Any]],
             validation: list[dict[str, Any]], cfg: RunConfig, output_dir: Path,

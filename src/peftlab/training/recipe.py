@@ -22,6 +22,7 @@ from peftlab.config import ConfigError, RunConfig
 from peftlab.evaluation.sft_eval import RunEvaluation, check_eval_config, report_lines
 from peftlab.files import write_text_atomic
 from peftlab.methods import Method, get_method
+from peftlab.methods.chain import init_chain, merge_chain, write_chain
 from peftlab.models import load_model, load_tokenizer
 from peftlab.runtime.distributed import World, init_world
 from peftlab.runtime.plots import plot_loss_curve
@@ -98,13 +99,24 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
                               "torch.distributed yet; run it in one process")
     else:
         check_best_metric(cfg.train.best_metric, task, val)
+    chain = init_chain(cfg.init_from, cfg.model) if cfg.init_from else []
     if model is None:
         model, _ = load_model(cfg.model, kind=prepared.model_kind, **prepared.model_kwargs)
+    if chain:  # start from the earlier run's adapted weights
+        merge_chain(model, chain)
+        print(f"init_from: merged {len(chain)} earlier adapter(s) into the base weights: "
+              + ", ".join(str(d) for d in chain))
     _print_data_report(data_report)
 
-    evaluation = RunEvaluation(cfg, tokenizer, val)
-    if evaluation.enabled and world.main:  # on the base model, before the method is applied
-        evaluation.before(model)
+    evaluation = RunEvaluation(cfg, tokenizer, val, forgetting=not task.measures_forgetting)
+    if world.main:  # on the starting model, before the method is applied
+        rng = torch.get_rng_state()
+        try:
+            task.baseline(model, val, cfg.eval.batch_size, cfg.train.precision)
+        finally:
+            torch.set_rng_state(rng)
+        if evaluation.enabled:
+            evaluation.before(model)
 
     method = get_method(cfg.method_name)
     method.apply(model, cfg.method, "default")
@@ -119,7 +131,7 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
                           world=world)
     if world.main:  # whatever would make the final save fail must fail now, not after training
         preflight_save(lambda directory: _save_adapter(cfg, method, task, model, tokenizer,
-                                                       directory), out)
+                                                       directory, chain), out)
 
     # -- 2. the run writes from here on ---------------------------------------------------
     if world.main:
@@ -138,26 +150,30 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
         return RunSummary(out, adapter_dir, result, trainable, total, data_report)
     if val:
         task.calibrate(model, val, cfg.eval.batch_size, cfg.train.precision)
-    _save_adapter(cfg, method, task, model, tokenizer, adapter_dir)
-    report = task.final_report(model, val, cfg.eval.batch_size, cfg.train.precision) if val else None
+    _save_adapter(cfg, method, task, model, tokenizer, adapter_dir, chain)
+    report = (task.final_report(model, val, cfg.eval.batch_size, cfg.train.precision)
+              if val or task.measures_forgetting else None)
     if report is not None:  # e.g. per-class scores and the confusion matrix
         (out / f"eval_{cfg.task}.json").write_text(json.dumps(report, indent=2))
     evaluated = evaluation.after(model, out) if evaluation.enabled else {}
     if result.history:
         plot_loss_curve(result.history, out / "loss.png", title=f"{cfg.method_name} on {cfg.model}")
     summary = RunSummary(out, adapter_dir, result, trainable, total, data_report, evaluated)
-    _write_report(cfg, summary, time.perf_counter() - started)
+    _write_report(cfg, summary, time.perf_counter() - started,
+                  task.report_lines(report) if report is not None else [])
     print(f"saved adapter to {adapter_dir}")
     return summary
 
 
 def _save_adapter(cfg: RunConfig, method: Method, task: Task, model: torch.nn.Module,
-                  tokenizer: Any, directory: Path) -> None:
-    """The adapter (peft format), the tokenizer and the task's extras (e.g. labels.json)."""
+                  tokenizer: Any, directory: Path, chain: list[Path]) -> None:
+    """The adapter (peft format), the tokenizer, the task's extras (e.g. labels.json) and,
+    for a chained run, the adapters it starts from (init_from.json)."""
     method.save(model, directory, adapter_name="default", base_model_name_or_path=cfg.model,
                 task_type=task.peft_task_type)
     tokenizer.save_pretrained(directory)
     task.save(model, directory)
+    write_chain(directory, chain)
 
 
 def preflight_save(save: Callable[[Path], None], out: Path) -> None:
@@ -198,12 +214,14 @@ def _print_data_report(report: dict[str, Any]) -> None:
             print(f"data {f['path']}: skipped {f['rows_skipped']} bad rows, e.g. {f['skipped'][:1]}")
 
 
-def _write_report(cfg: RunConfig, s: RunSummary, seconds: float) -> None:
+def _write_report(cfg: RunConfig, s: RunSummary, seconds: float,
+                  task_lines: list[str]) -> None:
     r = s.result
     lines = [
         f"# peftlab run: {cfg.method_name} on {cfg.model}", "",
         "| what | value |", "|---|---|",
         f"| task | {cfg.task} |",
+        *([f"| started from | {cfg.init_from} (init_from) |"] if cfg.init_from else []),
         f"| trainable parameters | {s.trainable_params:,} of {s.total_params:,} "
         f"({100 * s.trainable_params / s.total_params:.3f}%) |",
         f"| training examples | {s.data_report.get('train', {}).get('kept', '?')} |",
@@ -214,6 +232,7 @@ def _write_report(cfg: RunConfig, s: RunSummary, seconds: float) -> None:
         f"| training time | {r.seconds:.1f} s ({r.tokens / max(r.seconds, 1e-9):.0f} tokens/s) |",
         f"| wall time | {seconds:.1f} s |",
         "", "![loss curve](loss.png)", "",
+        *task_lines,
         *report_lines(s.evaluation, r.history),
     ]
     (s.output_dir / "report.md").write_text("\n".join(lines))

@@ -12,7 +12,7 @@ from torch import nn
 
 from peftlab.data.classification import LabelledRow, build_examples, labelled_row, read_labelled
 from peftlab.files import read_json
-from peftlab.methods import method_for_adapter_dir
+from peftlab.methods.chain import load_adapter
 from peftlab.models import load_model
 from peftlab.tasks.classification.task import (
     make_encoder,
@@ -46,7 +46,8 @@ class Classifier:
 
 def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier:
     """Load the base model (``model``, default: the adapter's base_model_name_or_path), apply
-    the saved adapter (any registered method) and the task's saved head, if any.
+    the saved adapter (any registered method; a chained run's earlier adapters are merged
+    first) and the task's saved head, if any.
 
     The model loads quietly: transformers would report the new head as MISSING, although it
     is restored from the adapter right after."""
@@ -59,7 +60,7 @@ def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier
     else:
         base, tokenizer = load_model(model, kind="sequence_classification",
                                      labels=meta["labels"], quiet=True)
-    method_for_adapter_dir(adapter).load(base, adapter, adapter_name="default")
+    load_adapter(base, adapter)  # after the chain it was trained on (init_from), if any
     task = task_from_meta(meta, tokenizer)
     task.restore(base, adapter)  # the head, when the task saved it itself; the threshold
     base.eval()

@@ -18,7 +18,7 @@ import torch
 from peftlab.config import ConfigError
 from peftlab.data.preference import Messages, encode_exchange
 from peftlab.files import read_json
-from peftlab.methods import method_for_adapter_dir
+from peftlab.methods.chain import load_adapter
 from peftlab.models import load_model
 from peftlab.tasks.classification.predict import load_classifier
 from peftlab.tasks.heads import load_head
@@ -54,7 +54,7 @@ class RewardModelScorer:
         adapter = adapter_dir_of(path)
         self.model, self.tokenizer = load_model(base_model_of(adapter),
                                                 kind="sequence_classification", num_labels=1)
-        method_for_adapter_dir(adapter).load(self.model, adapter, adapter_name="default")
+        load_adapter(self.model, adapter)
         if (adapter / HEAD_FILE).is_file():
             load_head(self.model, adapter / HEAD_FILE)
         self.model.eval()
