@@ -21,7 +21,7 @@ import torch
 from peftlab.config import ConfigError, RunConfig
 from peftlab.evaluation.sft_eval import RunEvaluation, check_eval_config, report_lines
 from peftlab.files import write_text_atomic
-from peftlab.methods import Method, get_method
+from peftlab.methods import Method, get_method, optimizer_param_groups
 from peftlab.models import load_model, load_tokenizer
 from peftlab.runtime.distributed import World, init_world
 from peftlab.runtime.plots import plot_loss_curve
@@ -116,7 +116,8 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     trainer = None
     if not task.own_loop:
         trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress,
-                          world=world)
+                          world=world,
+                          param_groups=optimizer_param_groups(model, method, cfg.method))
     if world.main:  # whatever would make the final save fail must fail now, not after training
         preflight_save(lambda directory: _save_adapter(cfg, method, task, model, tokenizer,
                                                        directory), out)

@@ -86,11 +86,16 @@ def check_best_metric(best_metric: str, task: Task, val_examples: list[dict] | N
 
 
 class Trainer:
-    """Fits ``model``'s trainable parameters on ``train_examples`` through ``task``."""
+    """Fits ``model``'s trainable parameters on ``train_examples`` through ``task``.
+
+    ``param_groups``: the optimizer groups of those parameters, as the method declares them
+    (``methods.optimizer_param_groups``, e.g. LoRA+); default one group.
+    """
 
     def __init__(self, model: nn.Module, task: Task, train_examples: list[dict],
                  val_examples: list[dict] | None, cfg: TrainConfig, output_dir: str | Path,
-                 progress: bool = True, world: World | None = None):
+                 progress: bool = True, world: World | None = None,
+                 param_groups: list[dict[str, Any]] | None = None):
         if not train_examples:
             raise ValueError("no training examples left after data preparation")
         self.model, self.task, self.cfg = model, task, cfg
@@ -100,14 +105,16 @@ class Trainer:
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", writes=self.world.main)
         self.progress = progress and self.world.main
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        if param_groups is None:
+            param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self.params = [p for group in param_groups for p in group["params"]]
         if not self.params:
             raise ValueError("the model has no trainable parameters (did the method apply?)")
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         if cfg.compile:
             compile_blocks(model)
-        self.optimizer = make_optimizer(self.params, cfg)
+        self.optimizer = make_optimizer(param_groups, cfg)
         self.lengths = [task.length(e) for e in train_examples]
         self.batches_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
         # one optimizer step consumes grad_accum micro-batches on every rank
