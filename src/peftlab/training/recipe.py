@@ -89,7 +89,7 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     task, train, val, data_report = (prepared.task, prepared.train, prepared.validation,
                                      prepared.report)
     if task.own_loop:  # e.g. task: ppo
-        for key in ("activation_checkpointing", "compile"):
+        for key in ("activation_checkpointing", "compile", "neftune_alpha"):
             if getattr(cfg.train, key):
                 raise ConfigError(f"train.{key} is not supported by task {cfg.task!r} (it runs "
                                   "its own loop); set it to false")

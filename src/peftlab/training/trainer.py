@@ -23,6 +23,7 @@ from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.runtime import checkpoint as ckpt
 from peftlab.runtime.distributed import World
 from peftlab.runtime.metrics_log import MetricsLog
+from peftlab.runtime.neftune import neftune
 from peftlab.runtime.optim import make_optimizer, set_lr, warmup_steps
 from peftlab.runtime.precision import autocast_for
 from peftlab.runtime.result import TrainResult
@@ -153,7 +154,8 @@ class Trainer:
                    desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
         t0 = time.perf_counter()
         window_tokens, window_start = 0, time.perf_counter()
-        try:  # the bar is closed before any error line is printed
+        # the bar is closed before any error line is printed; NEFTune's hook is removed
+        with neftune(self.model, cfg.neftune_alpha), bar:
             for group in self._step_groups(micro):
                 if step >= self.total_steps:
                     break
@@ -224,8 +226,6 @@ class Trainer:
                               f"for {state['bad_evals']} evaluations")
                     self._save_step(dict(state, step=step, micro=micro))
                     break
-        finally:
-            bar.close()
         seconds = time.perf_counter() - t0
         best_dir = self.ckpt_dir / "best"
         if (state["best_step"] is not None and state["best_step"] != step and best_dir.exists()
