@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import random
@@ -109,7 +110,7 @@ def machine_info() -> dict[str, Any]:
 
 def write_tables(results: dict) -> str:
     base = results.get("base", {})
-    runs = {k: v for k, v in results.items() if k in RUNS}
+    runs = {k: results[k] for k in RUNS if k in results}  # in RUNS order, however written
     out = ["# LoRA options at equal steps (Alpaca)", ""]
     if not runs:
         return "\n".join(out)
@@ -149,9 +150,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default 40 (quick: 4)")
     ap.add_argument("--eval-every", type=int, default=None, help="default 20 (quick: 2)")
     ap.add_argument("--no-base", action="store_true", help="skip the base model's val loss")
+    ap.add_argument("--tables", action="store_true",
+                    help="only rewrite the Markdown from the JSON results (runs nothing)")
     ap.add_argument("--work", default=str(REPO / "runs" / "bench_lora_options"))
     ap.add_argument("--results", default=str(RESULTS / "lora_options.json"))
     args = ap.parse_args()
+    if args.tables:
+        path = Path(args.results)
+        path.with_suffix(".md").write_text(write_tables(json.loads(path.read_text())))
+        return
     args.steps = args.steps or (4 if args.quick else 40)
     args.eval_every = args.eval_every or (2 if args.quick else 20)
     if not (SHARED / "alpaca").is_dir():
