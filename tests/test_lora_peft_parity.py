@@ -234,7 +234,8 @@ def _edit_config(directory, **changes):
     ({"alpha_pattern": {"q_proj": 8}}, "alpha_pattern"),
     ({"peft_type": "IA3"}, "peft_type"),
     ({"r": 0}, "'r'"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),
+    ({"init_lora_weights": "corda"}, "init_lora_weights"),
     ({"bias": "all"}, "bias"),
 ])
 def test_bad_config_key_names_file_and_key(saved, changes, key):

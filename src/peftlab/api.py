@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,12 @@ from peftlab.evaluation import sft_eval
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.export.gguf import DTYPES, export_gguf
 from peftlab.export.gguf_lora import export_gguf_lora
-from peftlab.files import check_can_write
+from peftlab.files import check_can_write, write_text_atomic
 from peftlab.lab.baseline import BaselineResult, run_baseline
 from peftlab.lab.sweep import parse_grid, run_sweep
 from peftlab.methods import get_method, method_for_adapter_dir, method_names, methods_on
 from peftlab.methods.chain import init_chain, load_adapter, merge_chain
+from peftlab.methods.lora_merge import merge_lora_adapters, save_merged
 from peftlab.models import load_model, load_tokenizer
 from peftlab.runtime.precision import resolve_precision
 from peftlab.tasks import build_task
@@ -145,6 +147,50 @@ def merge(model):
     for method in present:
         method.merge(model)
     return model
+
+
+# tokenizer files a training run saves next to its adapter (copied into a merged adapter)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
+                    "vocab.txt", "tokenizer.model")
+
+
+def merge_adapters(adapters: list[str | Path], output: str | Path,
+                   weights: list[float] | None = None, combination: str = "linear",
+                   density: float | None = None, majority_sign: str = "total",
+                   rank: int | None = None, seed: int = 0,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Combine LoRA adapters of one base model into one adapter in ``output`` (peft format),
+    e.g. a multi-task adapter from single-task ones: ``combination`` linear (weighted sum,
+    exact), ties, dare_linear or dare_ties (``density``: share of each update kept; ``seed``:
+    DARE's masks), stored at ``rank`` (default: the sum of the input ranks). See
+    peftlab.methods.lora_merge. Returns a summary (also written to ``output``/merge.json)."""
+
+    out = Path(output)
+    if any(out.resolve() == Path(a).resolve() for a in adapters):
+        raise ValueError(f"--output: {out} is one of the adapters being merged")
+    check_can_write(out, "--output", directory=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--output: {out} exists and is not empty (--overwrite replaces its "
+                         "adapter files)")
+    merged = merge_lora_adapters(adapters, weights, combination, density, majority_sign, rank,
+                                 seed)
+    save_merged(merged, out)
+    tokenizer_from = Path(adapters[0])
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_from / name).is_file():
+            shutil.copyfile(tokenizer_from / name, out / name)
+    errors = list(merged.errors.values())
+    summary = {
+        "output": str(out), "adapters": [str(a) for a in adapters],
+        "weights": merged.weights, "combination": combination, "density": density,
+        "majority_sign": majority_sign if combination in ("ties", "dare_ties") else None,
+        "seed": seed if combination.startswith("dare") else None, "rank": merged.rank,
+        "modules": len(errors), "max_relative_error": round(max(errors), 6),
+        "mean_relative_error": round(sum(errors) / len(errors), 6),
+    }
+    write_text_atomic(out / "merge.json", json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def evaluate(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,

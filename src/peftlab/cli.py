@@ -1,4 +1,4 @@
-"""Command line: ``peftlab train|sweep|eval|predict|chat|serve|export|demo``. Thin: every command calls peftlab.api."""
+"""Command line: ``peftlab train|sweep|baseline|eval|predict|chat|serve|export|merge-adapters|demo``. Thin: every command calls peftlab.api."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from transformers.utils import logging as hf_logging
 
-from peftlab.api import baseline, evaluate, export, load, predict, sweep, train
+from peftlab.api import baseline, evaluate, export, load, merge_adapters, predict, sweep, train
 from peftlab.evaluation.generate import generate_replies
 from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
 from peftlab.lab.baseline import describe as describe_baseline
@@ -127,6 +127,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="llama.cpp pre-tokenizer name (e.g. smollm, llama-bpe; default: GPT-2)")
     p.add_argument("--hf", default=None, metavar="DIR",
                    help="write a merged transformers model (safetensors + tokenizer) here")
+
+    p = sub.add_parser("merge-adapters", help="combine LoRA adapters of one base model into "
+                       "one (linear, TIES, DARE), e.g. multi-task from single-task adapters")
+    p.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                   help="a LoRA adapter directory (repeat for each adapter)")
+    p.add_argument("--output", required=True, metavar="DIR", help="write the merged adapter here")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...",
+                   help="one weight per adapter (default: 1/n each for linear and dare_linear, "
+                        "1 each for ties and dare_ties)")
+    p.add_argument("--combination", default="linear",
+                   help="linear (weighted sum, exact) | ties | dare_linear | dare_ties")
+    p.add_argument("--density", type=float, default=None,
+                   help="ties/dare: share of each adapter's update kept, in (0, 1]")
+    p.add_argument("--majority-sign", default="total", help="ties: total | frequency")
+    p.add_argument("--rank", type=int, default=None,
+                   help="rank of the merged adapter (default: the sum of the input ranks; "
+                        "linear below that is a truncated SVD)")
+    p.add_argument("--seed", type=int, default=0, help="dare: seed of the random masks")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output directory")
 
     p = sub.add_parser("demo", help="LoRA-tune the embedded SmolLM2 on generated facts")
     p.add_argument("--output-dir", default="runs/demo")
@@ -336,14 +356,33 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_adapters(args: argparse.Namespace) -> int:
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--weights {args.weights!r}: expected numbers separated by "
+                             "commas, e.g. 0.5,0.5") from None
+    summary = merge_adapters(args.adapter, args.output, weights=weights,
+                             combination=args.combination, density=args.density,
+                             majority_sign=args.majority_sign, rank=args.rank, seed=args.seed,
+                             overwrite=args.overwrite)
+    print(f"merged {len(args.adapter)} adapters ({summary['combination']}, weights "
+          f"{summary['weights']}) into {summary['output']}: rank {summary['rank']}, "
+          f"{summary['modules']} modules, relative error of the rank truncation "
+          f"max {summary['max_relative_error']:.4f}, mean {summary['mean_relative_error']:.4f}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     run_demo(args.output_dir, overrides=args.overrides)
     return 0
 
 
 _COMMANDS = {"train": _train, "sweep": _sweep, "baseline": _baseline, "eval": _eval,
-             "predict": _predict,
-             "chat": _chat, "serve": _serve, "export": _export, "demo": _demo}
+             "predict": _predict, "chat": _chat, "serve": _serve, "export": _export,
+             "merge-adapters": _merge_adapters, "demo": _demo}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -233,6 +233,9 @@ class TrainConfig:
     # torch.compile (inductor) each transformer block: fused element-wise ops, fewer saved
     # activations. The first run compiles (~30 s for SmolLM2); later runs reuse the disk cache.
     compile: bool = False
+    # NEFTune: uniform noise alpha/sqrt(L*d) on the input embeddings in training steps only
+    # (peftlab.runtime.neftune; TRL's neftune_noise_alpha; the paper uses 5-15)
+    neftune_alpha: float | None = None
 
     def validate(self, where: str) -> None:
         choice(f"{where}.scheduler", self.scheduler, ["cosine", "linear", "constant"])
@@ -244,6 +247,9 @@ class TrainConfig:
             raise ConfigError(f"{where}.epochs must be > 0 (or set {where}.max_steps)")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if self.neftune_alpha is not None and not self.neftune_alpha > 0:
+            raise ConfigError(f"{where}.neftune_alpha must be > 0 (or null: off), "
+                              f"got {self.neftune_alpha}")
         if self.activation_checkpointing and self.compile:
             raise ConfigError(f"{where}.compile and {where}.activation_checkpointing together "
                               "are not supported (untested); pick one")

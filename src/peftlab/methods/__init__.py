@@ -15,8 +15,9 @@ from peftlab.methods.registry import (
     method_for_adapter_dir,
     method_names,
     methods_on,
+    optimizer_param_groups,
     register,
 )
 
 __all__ = ["Method", "get_method", "has_virtual_tokens", "method_for_adapter_dir", "method_names",
-           "methods_on", "register"]
+           "methods_on", "optimizer_param_groups", "register"]

@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from os import PathLike
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,17 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.config import ConfigError
 from peftlab.methods import layers, peft_format
+from peftlab.methods.lora_init import (
+    BASE_CHANGING_INITS,
+    as_plain_lora,
+    check_rank,
+    initial_factors,
+    plain_alpha,
+)
 from peftlab.methods.registry import Method, register
 from peftlab.models.targets import find_target_modules
 
-INITS = ("kaiming", "gaussian", "random")
+INITS = ("kaiming", "gaussian", "random", *BASE_CHANGING_INITS)
 
 
 @dataclass
@@ -38,7 +46,12 @@ class LoraConfig:
     """LoRA hyper-parameters (simple field types: the YAML loader coerces by type hints).
 
     init: "kaiming" (peft default: A kaiming-uniform, B zero, so the model is unchanged at
-    step 0), "gaussian" (A ~ N(0, 1/r), B zero) or "random" (B random too; for tests).
+    step 0), "gaussian" (A ~ N(0, 1/r), B zero), "random" (B random too; for tests), or
+    "pissa" / "olora": the adapter starts as W's principal singular / QR directions and the
+    frozen base holds the residual (peftlab.methods.lora_init); such an adapter must be the
+    only one on the model, and it is saved as a plain rank-2r LoRA of the original base.
+    lora_plus_ratio: LoRA+ (Hayou et al. 2024): lora_B (and other 1-D trainable parameters,
+    as in peft's ``create_loraplus_optimizer``) train at ``train.lr`` times this ratio.
     modules_to_save: extra modules (e.g. a fresh classifier head) trained in full and saved
     with the adapter, as in peft. They are trained in place, shared by all adapters, and
     ``disable_adapters`` does not undo them.
@@ -53,6 +66,7 @@ class LoraConfig:
     use_dora: bool = False
     init: str = "kaiming"
     modules_to_save: list[str] | None = None
+    lora_plus_ratio: float | None = None
 
     @property
     def scaling(self) -> float:
@@ -68,6 +82,12 @@ class LoraConfig:
             raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ConfigError(f"{where}.init: {self.init!r} is not one of {list(INITS)}")
+        if self.init in BASE_CHANGING_INITS and self.use_dora:
+            raise ConfigError(f"{where}.init: {self.init!r} with use_dora is not supported (the "
+                              "adapter could not be saved relative to the original base weight)")
+        if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
+            raise ConfigError(f"{where}.lora_plus_ratio must be > 0 (LoRA+ uses e.g. 16), "
+                              f"got {self.lora_plus_ratio!r}")
         if not self.target_modules:
             raise ConfigError(f"{where}.target_modules must not be empty")
         if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):
@@ -124,9 +144,11 @@ class _FusedLora(torch.autograd.Function):
 class LoraLinear(layers.Wrapper):
     """A Linear/Conv1D plus any number of named low-rank adapters, one of them active.
 
-    The base module is kept untouched as ``base_layer`` (frozen); each adapter owns
+    The base module is kept as ``base_layer`` (frozen); each adapter owns
     ``lora_A[name]`` (in -> r), ``lora_B[name]`` (r -> out) and, for DoRA, a per-output-row
-    magnitude ``lora_magnitude_vector[name]``.
+    magnitude ``lora_magnitude_vector[name]``. A PiSSA/OLoRA adapter (``residual_adapter``)
+    rewrites the base weight as W - scaling * B0 A0 and keeps its initial factors as buffers
+    ``residual_A``/``residual_B``: disabled, the layer adds them back and computes W x.
 
     Plain LoRA on a frozen base runs through :class:`_FusedLora` (set ``fused = False`` on a
     layer, or the class, to use the module-by-module path); DoRA always takes the latter.
@@ -156,6 +178,10 @@ class LoraLinear(layers.Wrapper):
         self._merged_norm: Tensor | None = None  # DoRA: the norm used at merge time, to unmerge
         self.row_adapters: RowAdapters | None = None
         self._stacked: _Stacked | None = None  # this layer's share of row_adapters
+        self.residual_adapter: str | None = None  # the PiSSA/OLoRA adapter that changed the base
+        # buffers: they follow .to(), but are not parameters (never trained, never checkpointed)
+        self.register_buffer("residual_A", None, persistent=False)
+        self.register_buffer("residual_B", None, persistent=False)
 
     def base_weight(self) -> Tensor:
         """The base weight as (out, in), whatever the storage layout."""
@@ -167,6 +193,9 @@ class LoraLinear(layers.Wrapper):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if self.merged_adapter is not None:
             raise RuntimeError("unmerge the model before adding an adapter")
+        if self.residual_adapter is not None or (cfg.init in BASE_CHANGING_INITS and self.lora_A):
+            raise ValueError("a PiSSA/OLoRA adapter changes the base weight, so it must be the "
+                             "only adapter on its layers")
         w = self.base_layer.weight
         # Keep LoRA params in fp32 even on a bf16/fp16 base: they are the trained master copy.
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -181,6 +210,8 @@ class LoraLinear(layers.Wrapper):
                 nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
             else:
                 nn.init.zeros_(b.weight)  # B = 0: the model is unchanged at step 0
+            if cfg.init in BASE_CHANGING_INITS:
+                self._init_from_base(name, cfg, a, b)
         self.lora_A[name] = a
         self.lora_B[name] = b
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -190,6 +221,17 @@ class LoraLinear(layers.Wrapper):
             # m starts as ||W + scaling*BA|| per output row, so DoRA too starts at the base output
             # (or at plain LoRA's output when B is random).
             self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).to(dtype))
+
+    @torch.no_grad()
+    def _init_from_base(self, name: str, cfg: LoraConfig, a: nn.Linear, b: nn.Linear) -> None:
+        """PiSSA/OLoRA: A, B from the base weight; the base keeps W - scaling * B A."""
+        a0, b0 = initial_factors(cfg.init, self.base_weight(), cfg.r, cfg.scaling)
+        a.weight.copy_(a0)
+        b.weight.copy_(b0)
+        self._write_base_weight(self.base_weight().float() - cfg.scaling * (b0 @ a0))
+        self.residual_A = a0.to(a.weight.dtype)
+        self.residual_B = b0.to(b.weight.dtype)
+        self.residual_adapter = name
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params = [self.lora_A[name].weight, self.lora_B[name].weight]
@@ -216,7 +258,13 @@ class LoraLinear(layers.Wrapper):
         if self.disabled and self.merged_adapter is not None:
             raise RuntimeError("cannot disable a merged LoRA layer; unmerge it first")
         if name is None or self.disabled or self.merged_adapter is not None:
-            return self.base_layer(x)
+            result = self.base_layer(x)
+            if self.residual_adapter is None or self.merged_adapter is not None:
+                return result
+            # the base holds W - s B0 A0: add the initial adapter back to compute W x
+            a0, b0 = self.residual_A.to(x.dtype), self.residual_B.to(x.dtype)
+            scaling = self.scaling[self.residual_adapter]
+            return (result + F.linear(F.linear(x, a0), b0) * scaling).to(result.dtype)
         if name not in self.lora_magnitude_vector:
             dtype = self._fused_dtype(x)
             if dtype is not None:
@@ -457,15 +505,45 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default")
 
 
 def _inject(model: nn.Module, targets: list[str], cfg: LoraConfig, adapter_name: str) -> None:
-    layers.check_new_adapter_name(lora_layers(model), adapter_name)
+    existing = lora_layers(model)
+    layers.check_new_adapter_name(existing, adapter_name)
     # fail before touching the model
     peft_format.check_targets_outside_saved(model, targets, cfg.modules_to_save)
+    _check_base_changing(model, existing, targets, cfg)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module)
             model.set_submodule(name, module)
         module.add_adapter(adapter_name, cfg)
+
+
+def _check_base_changing(model: nn.Module, existing: dict[str, LoraLinear], targets: list[str],
+                         cfg: LoraConfig) -> None:
+    """A PiSSA/OLoRA adapter rewrites the shared base weight, so it must be the only adapter."""
+    owner = next((layer.residual_adapter for layer in existing.values()
+                  if layer.residual_adapter is not None), None)
+    if owner is not None:
+        raise ValueError(f"the model holds PiSSA/OLoRA adapter {owner!r}, which changed the base "
+                         "weights; no other adapter can be added (load the saved adapter, a "
+                         "plain LoRA, into a fresh model instead)")
+    if cfg.init not in BASE_CHANGING_INITS:
+        return
+    if existing:
+        raise ValueError(f"init {cfg.init!r} changes the base weights, so it must be the only "
+                         f"adapter; the model already has {adapter_names(model)}")
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, (nn.Linear, Conv1D)):
+            problem = check_rank(cfg.init, cfg.r, name, *_out_in(module))
+            if problem:
+                raise ConfigError(f"method.r: {problem}")
+
+
+def _out_in(module: nn.Linear | Conv1D) -> tuple[int, int]:
+    """(out, in) of a Linear or (GPT-2) Conv1D, whose weight is stored (in, out)."""
+    out_features, in_features = module.weight.shape
+    return (in_features, out_features) if isinstance(module, Conv1D) else (out_features, in_features)
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
@@ -493,6 +571,28 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return layers.replace_with_base(model, _require_layers(model))
 
 
+def param_groups(model: nn.Module, cfg: LoraConfig) -> list[dict[str, Any]]:
+    """Optimizer groups; with ``lora_plus_ratio``, LoRA+ by the rule of peft's
+    ``create_loraplus_optimizer``: lora_B and every 1-D trainable parameter (DoRA magnitudes,
+    biases and norms of modules_to_save) at lr x ratio -- without weight decay for biases and
+    LayerNorm weights -- and the rest (lora_A, 2-D weights of modules_to_save) at lr."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.lora_plus_ratio is None:
+        return [{"params": [p for _, p in params]}]
+    modules = dict(model.named_modules())
+    slow, fast, fast_no_decay = [], [], []
+    for name, p in params:
+        if "lora_B" in name or p.ndim == 1:
+            owner = modules.get(name.rpartition(".")[0])
+            no_decay = "bias" in name or isinstance(owner, nn.LayerNorm)
+            (fast_no_decay if no_decay else fast).append(p)
+        else:
+            slow.append(p)
+    ratio = cfg.lora_plus_ratio
+    return [{"params": slow}, {"params": fast, "lr_scale": ratio},
+            {"params": fast_no_decay, "lr_scale": ratio, "weight_decay": 0.0}]
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
@@ -517,21 +617,26 @@ def save_lora(
     saved, cfg = layers.adapter_to_save(model, LoraLinear, adapter_name)
     prefix = peft_format.PREFIX
     tensors: dict[str, Tensor] = {}
+    # PiSSA/OLoRA: written as the rank-2r plain LoRA relative to the original base weight
+    to_plain = cfg.init in BASE_CHANGING_INITS
     for name, layer in saved.items():
-        tensors[f"{prefix}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-        tensors[f"{prefix}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if to_plain:
+            a, b = as_plain_lora(a.detach(), b.detach(), layer.residual_A, layer.residual_B)
+        tensors[f"{prefix}{name}.lora_A.weight"] = a
+        tensors[f"{prefix}{name}.lora_B.weight"] = b
         if adapter_name in layer.lora_magnitude_vector:
             tensors[f"{prefix}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
     tensors.update(peft_format.modules_to_save_tensors(model, cfg.modules_to_save))
     config = peft_format.peft_config_dict(
-        r=cfg.r,
-        alpha=cfg.alpha,
+        r=2 * cfg.r if to_plain else cfg.r,
+        alpha=plain_alpha(cfg.alpha, cfg.use_rslora) if to_plain else cfg.alpha,
         dropout=cfg.dropout,
         target_modules=list(saved),  # full names: unambiguous for peft and for us
         layers_to_transform=cfg.layers_to_transform,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
-        init=cfg.init,
+        init="kaiming" if to_plain else cfg.init,
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in saved.values()),
         modules_to_save=cfg.modules_to_save,
         base_model_name_or_path=base_model_name_or_path,
@@ -587,6 +692,8 @@ def load_lora(model: nn.Module, directory: str | PathLike, adapter_name: str = "
                                  f"(module listed in {config_path} target_modules)")
     pairs = peft_format.match_modules_to_save(model, cfg.modules_to_save, extra, weights_path,
                                               "a LoRA tensor of a Linear/Conv1D module")
+    if cfg.init in BASE_CHANGING_INITS:
+        cfg = _to_plain_lora(modules, per_module, cfg, weights_path)
 
     _inject(model, sorted(per_module), cfg, adapter_name)  # the init is overwritten just below
     with torch.no_grad():
@@ -604,6 +711,30 @@ def load_lora(model: nn.Module, directory: str | PathLike, adapter_name: str = "
     return cfg
 
 
+def _to_plain_lora(modules: dict[str, nn.Module], per_module: dict[str, dict[str, Tensor]],
+                   cfg: LoraConfig, weights_path: PathLike) -> LoraConfig:
+    """A peft PiSSA/OLoRA adapter saved unconverted holds A, B relative to the residual peft
+    computes from the base at load time; compute the same initial factors from this (original)
+    base and load ``[A; A0], [B | -B0]``, a plain LoRA on the unmodified base (in place)."""
+    for name, kinds in per_module.items():
+        module = modules[name]
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        out_features, in_features = _out_in(base)
+        problem = check_rank(cfg.init, cfg.r, name, out_features, in_features)
+        if problem:
+            raise ValueError(f"{weights_path}: {problem}")
+        for kind, shape in (("lora_A", (cfg.r, in_features)), ("lora_B", (out_features, cfg.r))):
+            if tuple(kinds[kind].shape) != shape:
+                raise ValueError(f"{weights_path}: key {_key(name, kind)!r} has shape "
+                                 f"{tuple(kinds[kind].shape)}, the model expects {shape}")
+        weight = base.weight.T if isinstance(base, Conv1D) else base.weight
+        a0, b0 = initial_factors(cfg.init, weight, cfg.r, cfg.scaling)
+        kinds["lora_A"], kinds["lora_B"] = as_plain_lora(kinds["lora_A"].float(),
+                                                         kinds["lora_B"].float(), a0, b0)
+    return replace(cfg, r=2 * cfg.r, alpha=plain_alpha(cfg.alpha, cfg.use_rslora),
+                   init="kaiming")
+
+
 def _key(module: str, kind: str) -> str:
     suffix = {v: k for k, v in peft_format.TENSOR_KINDS.items()}[kind]
     return f"{peft_format.PREFIX}{module}{suffix}"
@@ -612,4 +743,4 @@ def _key(module: str, kind: str) -> str:
 register(Method(name="lora", config_cls=LoraConfig, apply=apply_lora, save=save_lora,
                 load=load_lora, peft_type="LORA",
                 present=lambda m: bool(lora_layers(m)), merge=merge_and_unload,
-                disable=disable_adapters))
+                disable=disable_adapters, param_groups=param_groups))

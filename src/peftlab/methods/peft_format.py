@@ -52,10 +52,13 @@ _MUST_BE_EMPTY = (
     "loftq_config",
 )
 # init_lora_weights values whose adapter only makes sense on a base that peft modified
-# (PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ rewrite W) or that select another forward (MiCA).
+# (PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ rewrite W) or that select another forward (MiCA). Exactly
+# "pissa" and "olora" are deterministic functions of W, so peftlab recomputes them at load
+# time and loads such an adapter as a plain LoRA (methods.lora_init); randomized PiSSA
+# ("pissa_niter_<k>") and the data-dependent inits cannot be recomputed.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "mica")
 _INIT_FROM_PEFT = {True: "kaiming", False: "random", "gaussian": "gaussian",
-                   "eva": "kaiming", "orthogonal": "kaiming"}
+                   "eva": "kaiming", "orthogonal": "kaiming", "pissa": "pissa", "olora": "olora"}
 INIT_TO_PEFT: dict[str, bool | str] = {"kaiming": True, "gaussian": "gaussian", "random": False}
 
 
@@ -141,10 +144,12 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         raise ConfigError(f"{path}: key 'bias' = {raw['bias']!r} is not supported (only 'none')")
 
     init_raw = raw.get("init_lora_weights", True)
-    if isinstance(init_raw, str) and init_raw.lower().startswith(_BASE_CHANGING_INITS):
+    if (isinstance(init_raw, str) and init_raw.lower().startswith(_BASE_CHANGING_INITS)
+            and init_raw.lower() not in _INIT_FROM_PEFT):
         raise ConfigError(
             f"{path}: key 'init_lora_weights' = {init_raw!r} is not supported: that adapter only "
-            "works on a base model that peft modified (or uses another forward pass)"
+            "works on a base model that peft modified (or uses another forward pass); of those, "
+            "peftlab loads 'pissa' and 'olora'"
         )
     init_key = init_raw.lower() if isinstance(init_raw, str) else init_raw
     if init_key not in _INIT_FROM_PEFT:

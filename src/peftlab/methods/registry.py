@@ -31,7 +31,9 @@ class Method:
     ``disable(model)``: a context in which the model computes its base output in place --
     the frozen reference of DPO and PPO without a second copy (declared where that use is
     tested); ``virtual_tokens``: the method puts extra positions in front of the input, so
-    packed rows and our own KV-cache decoding loop cannot be used with it.
+    packed rows and our own KV-cache decoding loop cannot be used with it;
+    ``param_groups(model, config)``: optimizer groups for the model's trainable parameters
+    (e.g. LoRA+ trains lora_B at a larger lr), see :func:`optimizer_param_groups`.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Method:
     merge: Callable[[nn.Module], Any] | None = None
     disable: Callable[[nn.Module], AbstractContextManager[None]] | None = None
     virtual_tokens: bool = False
+    param_groups: Callable[[nn.Module, Any], list[dict[str, Any]]] | None = None
 
     def option_names(self) -> list[str]:
         return [f.name for f in fields(self.config_cls)]
@@ -59,6 +62,31 @@ def get_method(name: str) -> Method:
 
 def method_names() -> list[str]:
     return METHODS.names()
+
+
+def optimizer_param_groups(model: nn.Module, method: Method, config: Any) -> list[dict[str, Any]]:
+    """``model``'s trainable parameters as optimizer groups, for every training loop.
+
+    A group is ``{"params": [...]}`` plus optionally ``lr_scale`` (its lr is ``train.lr``
+    times that) and ``weight_decay``; ``runtime.optim.make_optimizer`` reads both. Without a
+    ``param_groups`` capability there is one group. Trainable parameters the method's groups
+    leave out (nothing it owns) form a last, plain group; a parameter in two groups, or one
+    that is frozen, is a bug in the method and raises.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if method.param_groups is None:
+        return [{"params": trainable}]
+    groups = [g for g in method.param_groups(model, config) if g["params"]]
+    wanted = {id(p) for p in trainable}
+    seen: set[int] = set()
+    for group in groups:
+        for p in group["params"]:
+            if id(p) in seen or id(p) not in wanted:
+                raise RuntimeError(f"method {method.name!r}: param_groups lists a parameter "
+                                   "twice, or a frozen one")
+            seen.add(id(p))
+    rest = [p for p in trainable if id(p) not in seen]
+    return groups + ([{"params": rest}] if rest else [])
 
 
 def methods_on(model: nn.Module) -> list[Method]:

@@ -21,7 +21,7 @@ import torch
 from peftlab.config import ConfigError, RunConfig
 from peftlab.evaluation.sft_eval import RunEvaluation, check_eval_config, report_lines
 from peftlab.files import write_text_atomic
-from peftlab.methods import Method, get_method
+from peftlab.methods import Method, get_method, optimizer_param_groups
 from peftlab.methods.chain import init_chain, merge_chain, write_chain
 from peftlab.models import load_model, load_tokenizer
 from peftlab.runtime.distributed import World, init_world
@@ -90,7 +90,7 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     task, train, val, data_report = (prepared.task, prepared.train, prepared.validation,
                                      prepared.report)
     if task.own_loop:  # e.g. task: ppo
-        for key in ("activation_checkpointing", "compile"):
+        for key in ("activation_checkpointing", "compile", "neftune_alpha"):
             if getattr(cfg.train, key):
                 raise ConfigError(f"train.{key} is not supported by task {cfg.task!r} (it runs "
                                   "its own loop); set it to false")
@@ -128,7 +128,8 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     trainer = None
     if not task.own_loop:
         trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress,
-                          world=world)
+                          world=world,
+                          param_groups=optimizer_param_groups(model, method, cfg.method))
     if world.main:  # whatever would make the final save fail must fail now, not after training
         preflight_save(lambda directory: _save_adapter(cfg, method, task, model, tokenizer,
                                                        directory, chain), out)

@@ -23,6 +23,7 @@ from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.runtime import checkpoint as ckpt
 from peftlab.runtime.distributed import World
 from peftlab.runtime.metrics_log import LogWindow, MetricsLog
+from peftlab.runtime.neftune import neftune
 from peftlab.runtime.optim import make_optimizer, set_lr, warmup_steps
 from peftlab.runtime.precision import autocast_for
 from peftlab.runtime.result import TrainResult
@@ -86,11 +87,16 @@ def check_best_metric(best_metric: str, task: Task, val_examples: list[dict] | N
 
 
 class Trainer:
-    """Fits ``model``'s trainable parameters on ``train_examples`` through ``task``."""
+    """Fits ``model``'s trainable parameters on ``train_examples`` through ``task``.
+
+    ``param_groups``: the optimizer groups of those parameters, as the method declares them
+    (``methods.optimizer_param_groups``, e.g. LoRA+); default one group.
+    """
 
     def __init__(self, model: nn.Module, task: Task, train_examples: list[dict],
                  val_examples: list[dict] | None, cfg: TrainConfig, output_dir: str | Path,
-                 progress: bool = True, world: World | None = None):
+                 progress: bool = True, world: World | None = None,
+                 param_groups: list[dict[str, Any]] | None = None):
         if not train_examples:
             raise ValueError("no training examples left after data preparation")
         self.model, self.task, self.cfg = model, task, cfg
@@ -100,14 +106,16 @@ class Trainer:
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", writes=self.world.main)
         self.progress = progress and self.world.main
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        if param_groups is None:
+            param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self.params = [p for group in param_groups for p in group["params"]]
         if not self.params:
             raise ValueError("the model has no trainable parameters (did the method apply?)")
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         if cfg.compile:
             compile_blocks(model)
-        self.optimizer = make_optimizer(self.params, cfg)
+        self.optimizer = make_optimizer(param_groups, cfg)
         self.lengths = [task.length(e) for e in train_examples]
         self.batches_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
         # one optimizer step consumes grad_accum micro-batches on every rank
@@ -147,7 +155,8 @@ class Trainer:
         t0 = time.perf_counter()
         window = LogWindow()  # a resumed run logs the same means as a straight one
         window.loss_sum, window.steps = state["window"]
-        try:  # the bar is closed before any error line is printed
+        # the bar is closed before any error line is printed; NEFTune's hook is removed
+        with neftune(self.model, cfg.neftune_alpha), bar:
             for group in self._step_groups(micro):
                 if step >= self.total_steps:
                     break
@@ -223,8 +232,6 @@ class Trainer:
                               f"for {state['bad_evals']} evaluations")
                     self._save_step(dict(state, step=step, micro=micro))
                     break
-        finally:
-            bar.close()
         seconds = time.perf_counter() - t0
         best_dir = self.ckpt_dir / "best"
         if (state["best_step"] is not None and state["best_step"] != step and best_dir.exists()

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from peftlab.config import RunConfig
 from peftlab.evaluation.generate import stop_token_ids
+from peftlab.methods import get_method, optimizer_param_groups
 from peftlab.methods.reference import reference_policy
 from peftlab.models.lm import backbone_hidden_states
 from peftlab.runtime import checkpoint as ckpt
@@ -251,12 +252,18 @@ class PPOTrainer:
         self.scorer, self.progress = scorer, progress
         hidden = model.get_output_embeddings().weight.shape[1]
         self.value_head = ValueHead(hidden)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        groups = optimizer_param_groups(model, get_method(cfg.method_name), cfg.method)
+        self.params = [p for group in groups for p in group["params"]]
         if not self.params:
             raise ValueError("the model has no trainable parameters (did the method apply?)")
-        self.params += list(self.value_head.parameters())
+        head = list(self.value_head.parameters())
+        if groups[-1].keys() == {"params"}:  # a plain group (as checkpoints before groups had)
+            groups[-1] = {"params": groups[-1]["params"] + head}
+        else:
+            groups.append({"params": head})
+        self.params += head
         tcfg = cfg.train
-        self.optimizer = make_optimizer(self.params, tcfg)
+        self.optimizer = make_optimizer(groups, tcfg)
         self.kl = KLController(self.ppo.kl_coef, self.ppo.adaptive_kl, self.ppo.target_kl,
                                self.ppo.kl_horizon)
         self.warmup = warmup_steps(tcfg, self.ppo.iterations)
