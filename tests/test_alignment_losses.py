@@ -206,6 +206,13 @@ def test_kto_loss_by_hand():
         kto_loss(policy, ref, desirable, kl=t(0.0)[0], beta=0.5, loss_type="kto2")
 
 
+def test_kto_reference_point_is_a_clamped_batch_mean():
+    from peftlab.tasks.kto.task import kl_reference_point
+
+    assert_close(kl_reference_point(t(-1.0, -2.0, -0.5), t(-1.5, -1.5, -1.0)), t(0.5 / 3)[0])
+    assert_close(kl_reference_point(t(-2.0, -2.0), t(-1.0, -1.5)), t(0.0)[0])  # mean -0.75
+
+
 # ----------------------------------------------------------------------------- GRPO
 
 

@@ -198,6 +198,10 @@ def test_orpo_loss_and_gradients_equal_trl(tiny_chat_model_dir, tmp_path):
 
 
 def _kto_batch(tokenizer) -> tuple[KTOTask, dict, dict]:
+    """Our batch, and TRL's built from the same token ids by TRL's own collator, with the
+    mismatched KL answers paired by TRL's rule: (x_1, y_n), (x_2, y_1), ..., (x_n, y_n-1)."""
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
     rows = generate_demo_data(seed=0)["train"][:3]
     records = [{"prompt": r["instruction"], "completion": r["output"], "label": True}
                for r in rows]
@@ -207,13 +211,13 @@ def _kto_batch(tokenizer) -> tuple[KTOTask, dict, dict]:
     examples, _ = build_kto_examples(records, tokenizer, DataConfig(), 256, "unpaired")
     task = KTOTask(tokenizer.pad_token_id, KTOConfig(beta=0.2, desirable_weight=1.3,
                                                      undesirable_weight=0.8))
-    batch = task.collate(examples)
-    theirs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "completion_mask": (batch["labels"] != -100).long(),
-              "KL_input_ids": batch["kl_input_ids"], "KL_attention_mask": batch["kl_attention_mask"],
-              "KL_completion_mask": (batch["kl_labels"] != -100).long(),
-              "label": batch["desirable"].long()}
-    return task, batch, theirs
+    completions = [ex["completion_ids"] for ex in examples]
+    kl_completions = completions[-1:] + completions[:-1]
+    theirs = DataCollatorForUnpairedPreference(pad_token_id=tokenizer.pad_token_id)(
+        [{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["completion_ids"],
+          "KL_completion_ids": kl, "label": ex["label"]}
+         for ex, kl in zip(examples, kl_completions, strict=True)])
+    return task, task.collate(examples), theirs
 
 
 def test_kto_loss_and_gradients_equal_trl(tiny_chat_model_dir, tmp_path):

@@ -53,6 +53,12 @@ def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Ten
     return losses, beta * ratio.detach()
 
 
+def kl_reference_point(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """KTO's z: the batch mean of log pi/ref on the mismatched pairs, clamped at 0 (a KL is
+    never negative; the estimate from a few pairs can be)."""
+    return (policy - reference).mean().clamp(min=0)
+
+
 def _pad(prompts: list[list[int]], answers: list[list[int]], pad_id: int,
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded prompt + answer rows with labels on the answers only."""
@@ -103,7 +109,7 @@ class KTOTask(Task):
             with reference_policy(model):
                 reference = completion_logps(model, *args)
                 if self.cfg.loss_type == "kto":
-                    kl = (kl_policy - completion_logps(model, *kl_args)).mean().clamp(min=0)
+                    kl = kl_reference_point(kl_policy, completion_logps(model, *kl_args))
         cfg = self.cfg
         losses, rewards = kto_loss(policy, reference, batch["desirable"], kl, cfg.beta,
                                    cfg.desirable_weight, cfg.undesirable_weight, cfg.loss_type)
