@@ -460,7 +460,7 @@ def write_tables(results: dict) -> str:
                        f"{p['train_seconds'] / 60:.1f} min |")
         out += ["", "Implicit-reward accuracy: the share of held-out pairs where "
                 "log pi/base of the chosen answer exceeds that of the rejected one (DPO's reward "
-                "accuracy, 0.5 for the untrained adapter; computed for every objective against the "
+                "accuracy, chance level 0.5; computed for every objective against the "
                 "adapter-off base).", ""]
     return "\n".join(out)
 
