@@ -251,3 +251,26 @@ def test_arithmetic_problems_and_their_reward(tiny_chat_model_dir, tmp_path):
                                 f"data.validation={paths['validation']}"])
     prepared = build_task(cfg, load_tokenizer(str(tiny_chat_model_dir)))
     assert len(prepared.train) == 20 and "answer" in prepared.train[0]["row"]
+
+
+def test_a_classifier_reward_is_weighted_after_the_functions(tiny_chat_model_dir, tmp_path,
+                                                             monkeypatch):
+    texts = tmp_path / "sentiment.jsonl"
+    rows = [("great and lovely", "pos"), ("awful and bad", "neg")] * 4
+    texts.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    run_training(from_dict({
+        "model": str(tiny_chat_model_dir), "task": "classification",
+        "method": {"name": "lora", "r": 4, "alpha": 8}, "data": {"train": str(texts)},
+        "train": {"max_steps": 1, "batch_size": 4, "precision": "fp32", "num_threads": 1},
+        "output_dir": str(tmp_path / "clf")}), progress=False)
+    (tmp_path / "grpo_one_reward.py").write_text(
+        "def one(prompts, completions):\n    return [1.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = _prompts(tmp_path / "p.jsonl", n=4)
+    grpo = {"reward_function": "grpo_one_reward:one", "reward_classifier": str(tmp_path / "clf"),
+            "reward_label": "pos", "reward_weights": [1.0, 0.5], "generation_batch_size": 8}
+    first = run_training(from_dict(_cfg(tiny_chat_model_dir, data, tmp_path / "o", grpo,
+                                        max_steps=1, batch_size=8)),
+                         progress=False).result.history[0]
+    assert 0.0 < first["reward/classifier"] < 1.0
+    assert first["reward_mean"] == pytest.approx(1.0 + 0.5 * first["reward/classifier"])
