@@ -343,6 +343,7 @@ def run_grpo(work: Path, quick: bool, threads: int | None) -> dict:
     t0 = time.perf_counter()
     summary = peftlab.train(cfg, progress=True, overwrite=True)
     seconds = time.perf_counter() - t0
+    room = grpo_room_check(work / "grpo", paths["validation"])
     lines = [json.loads(x) for x in (work / "grpo" / "metrics.jsonl").read_text().splitlines()]
     vals = [(r["step"], r["val_reward_mean"]) for r in lines if "val_reward_mean" in r]
     hist = summary.result.history
@@ -362,7 +363,36 @@ def run_grpo(work: Path, quick: bool, threads: int | None) -> dict:
         "completion_length_last": hist[-1]["completion_length"],
         "kl_last": hist[-1].get("kl"), "reward_curve_png": str(png.relative_to(REPO)),
         "seconds": round(seconds, 1), "train_seconds": round(summary.result.seconds, 1),
+        "room_check": room,
     }
+
+
+def grpo_room_check(run: Path, validation: Path, max_new_tokens: int = 128) -> dict:
+    """Greedy held-out accuracy of the base (adapter off) and the tuned policy with room to
+    finish (``max_new_tokens``, vs the 48 of training): how much of the gain is shorter answers
+    that now fit, and how much is answers that are right."""
+    import peftlab
+    from peftlab.evaluation.generate import generate_replies
+    from peftlab.lab.arithmetic import exact_answer
+    from peftlab.methods.lora import disable_adapters
+
+    rows = [json.loads(x) for x in validation.open()]
+    convs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    answers = [r["answer"] for r in rows]
+    model, tokenizer = peftlab.load("smollm2-135m-instruct", run / "adapter")
+    out = {"max_new_tokens": max_new_tokens, "problems": len(rows)}
+    tuned = generate_replies(model, tokenizer, convs, max_new_tokens=max_new_tokens,
+                             batch_size=16)
+    with disable_adapters(model):
+        base = generate_replies(model, tokenizer, convs, max_new_tokens=max_new_tokens,
+                                batch_size=16)
+    for name, replies in (("base", base), ("tuned", tuned)):
+        right = exact_answer([""] * len(rows), replies, answer=answers)
+        out[f"{name}_accuracy"] = round(sum(right) / len(rows), 4)
+        out[f"{name}_mean_words"] = round(sum(len(r.split()) for r in replies) / len(rows), 1)
+    out["samples"] = [{"prompt": r["prompt"], "answer": r["answer"], "base": b, "tuned": t}
+                      for r, b, t in list(zip(rows, base, tuned, strict=True))[:3]]
+    return out
 
 
 # One round of 16 answers (4 problems x 4) took 1-2 min here under load; 24 rounds and two
@@ -438,6 +468,13 @@ def write_tables(results: dict) -> str:
                 f"{gr['completion_length_first']:.0f} -> {gr['completion_length_last']:.0f} | "
                 f"{gr['kl_last'] or 0:.4f} | {gr['seconds'] / 60:.1f} min |", "",
                 f"![GRPO reward curve]({Path(gr['reward_curve_png']).name})", ""]
+        rc = gr.get("room_check")
+        if rc:
+            out += [f"With room to finish ({rc['max_new_tokens']} new tokens instead of "
+                    f"{o['max_completion_length']}), greedy held-out accuracy is "
+                    f"{rc['base_accuracy']:.3f} (base, {rc['base_mean_words']:.0f} words per "
+                    f"answer) -> {rc['tuned_accuracy']:.3f} (tuned, "
+                    f"{rc['tuned_mean_words']:.0f} words).", ""]
     prefs = [results[f"pref-{t}"] for t in PREF_TASKS if f"pref-{t}" in results]
     if prefs:
         p0 = prefs[0]

@@ -47,14 +47,17 @@ def test_tables_render_the_new_parts(bench):
             "sum_prefers_chosen_after": 0.55, "avg_prefers_chosen_before": 0.5,
             "avg_prefers_chosen_after": 0.6, "train_seconds": 600.0}
     grpo = {"options": {"generation_batch_size": 16, "num_generations": 4, "temperature": 0.8,
-                        "beta": 0.04, "loss_type": "dapo"},
+                        "beta": 0.04, "loss_type": "dapo", "max_completion_length": 48},
             "policy": "p", "steps": 24, "prompts_seen": 96, "lr": 1e-4, "val_problems": 150,
             "val_accuracy_before": 0.27, "val_accuracy_after": 0.3, "train_reward_first": 0.1,
             "train_reward_last5": 0.2, "completion_length_first": 44,
             "completion_length_last": 30, "kl_last": 0.004,
-            "reward_curve_png": "benchmarks/results/alignment_grpo_reward.png", "seconds": 1800}
+            "reward_curve_png": "benchmarks/results/alignment_grpo_reward.png", "seconds": 1800,
+            "room_check": {"max_new_tokens": 128, "base_accuracy": 0.35, "tuned_accuracy": 0.4,
+                           "base_mean_words": 40.0, "tuned_mean_words": 25.0}}
     text = bench.write_tables({"grpo": grpo, "pref-simpo": pref,
                                "pref-kto": dict(pref, task="kto")})
     assert "| 0.270 | 0.300 |" in text and "alignment_grpo_reward.png" in text
+    assert "(128 new tokens instead of 48)" in text and "0.350 (base, 40 words" in text
     assert "| simpo | beta 2.0 | 0.600 |" in text and "| kto |" in text
     assert text.index("| simpo |") > text.index("| kto |")  # the table follows PREF_TASKS order
