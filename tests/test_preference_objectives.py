@@ -22,7 +22,9 @@ from peftlab.data.readers import DataError
 from peftlab.lab.demo_data import generate_demo_data
 from peftlab.models import load_model, load_tokenizer
 from peftlab.tasks import build_task
+from peftlab.tasks.kto.config import KTOConfig
 from peftlab.tasks.kto.data import build_kto_examples, desirable, record_to_unpaired
+from peftlab.tasks.kto.task import KTOTask
 
 HH_CHOSEN = "\n\nHuman: What is the capital of Italy?\n\nAssistant: Rome."
 HH_REJECTED = "\n\nHuman: What is the capital of Italy?\n\nAssistant: I would rather not say."
@@ -143,9 +145,6 @@ def test_kto_rows_unpaired_and_pairs_split_in_two(tiny_chat_model_dir):
     assert tok.decode(first["completion_ids"]).startswith("Rome.")
     assert examples[0]["prompt_ids"] == examples[1]["prompt_ids"]  # one prompt, two answers
     # the KL batch pairs each prompt with the previous example's answer
-    from peftlab.tasks.kto.config import KTOConfig
-    from peftlab.tasks.kto.task import KTOTask
-
     batch = KTOTask(tok.pad_token_id, KTOConfig()).collate(examples)
     row0 = batch["kl_input_ids"][0][batch["kl_attention_mask"][0].bool()].tolist()
     assert row0 == examples[0]["prompt_ids"] + examples[2]["completion_ids"]

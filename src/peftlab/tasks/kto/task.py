@@ -143,16 +143,19 @@ class KTOTask(Task):
                 kls.append(float(terms["kl"]))
         model.train(was_training)
         good = torch.tensor([bool(ex["label"]) for ex in examples])
-        mean = (lambda x: float(x.mean()) if len(x) else 0.0)  # noqa: E731
         out = {"kl": round(sum(kls) / len(kls), 5),
-               "desirable_reward": round(mean(rewards[good]), 5),
-               "undesirable_reward": round(mean(rewards[~good]), 5)}
+               "desirable_reward": round(_mean(rewards[good]), 5),
+               "undesirable_reward": round(_mean(rewards[~good]), 5)}
         out["margin"] = round(out["desirable_reward"] - out["undesirable_reward"], 5)
         pairs = _pairs(examples)
         if pairs:
             wins = [float(rewards[g] > rewards[b]) for g, b in pairs]
             out["reward_accuracy"] = round(sum(wins) / len(wins), 5)
         return out
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.mean()) if len(x) else 0.0
 
 
 def _pairs(examples: list[dict[str, Any]]) -> list[tuple[int, int]]:
