@@ -49,6 +49,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
+trl_cpo = pytest.importorskip("trl.experimental.cpo")
+trl_orpo = pytest.importorskip("trl.experimental.orpo")
+trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -139,17 +142,15 @@ def _trl_pair_batch(batch: dict) -> dict:
     {"beta": 2.5, "simpo_gamma": 0.5, "label_smoothing": 0.1, "cpo_alpha": 0.7},  # CPO-SimPO
 ], ids=["simpo", "cpo-simpo"])
 def test_simpo_loss_and_gradients_equal_trl(options, tiny_chat_model_dir, tmp_path):
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
-
     ours, theirs = twin_models(tiny_chat_model_dir)
     tok = load_tokenizer(str(tiny_chat_model_dir))
     batch = _pairs_batch(tok)
     cfg = SimPOConfig(**options)
-    args = _trl_args(CPOConfig, tmp_path, loss_type="simpo", beta=cfg.beta,
+    args = _trl_args(trl_cpo.CPOConfig, tmp_path, loss_type="simpo", beta=cfg.beta,
                      simpo_gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing,
                      cpo_alpha=cfg.cpo_alpha)
     data = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
-    trainer = CPOTrainer(model=theirs, args=args, train_dataset=data, processing_class=tok,
+    trainer = trl_cpo.CPOTrainer(model=theirs, args=args, train_dataset=data, processing_class=tok,
                          peft_config=peft_config())
     theirs = trainer.model
     sync(ours, theirs)
@@ -164,14 +165,12 @@ def test_simpo_loss_and_gradients_equal_trl(options, tiny_chat_model_dir, tmp_pa
 
 def test_orpo_loss_and_gradients_equal_trl(tiny_chat_model_dir, tmp_path):
     """With ``nll_on_prompt: true`` (TRL's NLL over the whole chosen sequence)."""
-    from trl.experimental.orpo import ORPOConfig as TRLORPOConfig
-    from trl.experimental.orpo import ORPOTrainer
-
     ours, theirs = twin_models(tiny_chat_model_dir)
     tok = load_tokenizer(str(tiny_chat_model_dir))
     batch = _pairs_batch(tok)
     data = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
-    trainer = ORPOTrainer(model=theirs, args=_trl_args(TRLORPOConfig, tmp_path, beta=0.3),
+    trainer = trl_orpo.ORPOTrainer(model=theirs,
+                                   args=_trl_args(trl_orpo.ORPOConfig, tmp_path, beta=0.3),
                           train_dataset=data, processing_class=tok, peft_config=peft_config())
     theirs = trainer.model
     sync(ours, theirs)
@@ -200,8 +199,6 @@ def test_orpo_loss_and_gradients_equal_trl(tiny_chat_model_dir, tmp_path):
 def _kto_batch(tokenizer) -> tuple[KTOTask, dict, dict]:
     """Our batch, and TRL's built from the same token ids by TRL's own collator, with the
     mismatched KL answers paired by TRL's rule: (x_1, y_n), (x_2, y_1), ..., (x_n, y_n-1)."""
-    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
-
     rows = generate_demo_data(seed=0)["train"][:3]
     records = [{"prompt": r["instruction"], "completion": r["output"], "label": True}
                for r in rows]
@@ -213,7 +210,7 @@ def _kto_batch(tokenizer) -> tuple[KTOTask, dict, dict]:
                                                      undesirable_weight=0.8))
     completions = [ex["completion_ids"] for ex in examples]
     kl_completions = completions[-1:] + completions[:-1]
-    theirs = DataCollatorForUnpairedPreference(pad_token_id=tokenizer.pad_token_id)(
+    theirs = trl_kto.DataCollatorForUnpairedPreference(pad_token_id=tokenizer.pad_token_id)(
         [{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["completion_ids"],
           "KL_completion_ids": kl, "label": ex["label"]}
          for ex, kl in zip(examples, kl_completions, strict=True)])
@@ -221,17 +218,14 @@ def _kto_batch(tokenizer) -> tuple[KTOTask, dict, dict]:
 
 
 def test_kto_loss_and_gradients_equal_trl(tiny_chat_model_dir, tmp_path):
-    from trl import KTOConfig as TRLKTOConfig
-    from trl import KTOTrainer
-
     ours, theirs = twin_models(tiny_chat_model_dir)
     tok = load_tokenizer(str(tiny_chat_model_dir))
     task, batch, trl_batch = _kto_batch(tok)
     data = datasets.Dataset.from_list([{"prompt": "a", "completion": "b", "label": True},
                                        {"prompt": "c", "completion": "d", "label": False}])
-    args = _trl_args(TRLKTOConfig, tmp_path, beta=0.2, desirable_weight=1.3,
+    args = _trl_args(trl.KTOConfig, tmp_path, beta=0.2, desirable_weight=1.3,
                      undesirable_weight=0.8, per_device_train_batch_size=2)
-    trainer = KTOTrainer(model=theirs, args=args, train_dataset=data, processing_class=tok,
+    trainer = trl.KTOTrainer(model=theirs, args=args, train_dataset=data, processing_class=tok,
                          peft_config=peft_config())
     assert trainer.calculate_KL and trainer.ref_model is None  # reference: adapter off
     theirs = trainer.model
@@ -279,13 +273,10 @@ def _trl_grpo_inputs(prompts: list[list[int]], answers: list[list[int]], pad_id:
 
 
 def _grpo_trainer(theirs, tok, tmp_path, **options):
-    from trl import GRPOConfig as TRLGRPOConfig
-    from trl import GRPOTrainer
-
     data = datasets.Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}])
-    args = _trl_args(TRLGRPOConfig, tmp_path, per_device_train_batch_size=8,
+    args = _trl_args(trl.GRPOConfig, tmp_path, per_device_train_batch_size=8,
                      num_generations=2, max_completion_length=6, **options)
-    return GRPOTrainer(model=theirs, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+    return trl.GRPOTrainer(model=theirs, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                        args=args, train_dataset=data, processing_class=tok,
                        peft_config=peft_config())
 
@@ -366,13 +357,10 @@ def test_grpo_advantages_equal_trl(scale_rewards, tiny_chat_model_dir, tmp_path)
     def reward(completions, **kwargs):
         return [float(len(set(c)) % 4) for c in completions]
 
-    from trl import GRPOConfig as TRLGRPOConfig
-    from trl import GRPOTrainer
-
     data = datasets.Dataset.from_list([{"prompt": f"say {w}"} for w in ("hi", "yes", "no")])
-    args = _trl_args(TRLGRPOConfig, tmp_path, per_device_train_batch_size=12, num_generations=4,
+    args = _trl_args(trl.GRPOConfig, tmp_path, per_device_train_batch_size=12, num_generations=4,
                      max_completion_length=6, scale_rewards=scale_rewards, beta=0.0)
-    trainer = GRPOTrainer(model=theirs, reward_funcs=reward, args=args, train_dataset=data,
+    trainer = trl.GRPOTrainer(model=theirs, reward_funcs=reward, args=args, train_dataset=data,
                           processing_class=tok, peft_config=peft_config())
     torch.manual_seed(0)
     batch = [{"prompt": f"say {w}"} for w in ("hi", "yes", "no") for _ in range(4)]
