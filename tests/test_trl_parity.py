@@ -150,8 +150,8 @@ def test_simpo_loss_and_gradients_equal_trl(options, tiny_chat_model_dir, tmp_pa
                      simpo_gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing,
                      cpo_alpha=cfg.cpo_alpha)
     data = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
-    trainer = trl_cpo.CPOTrainer(model=theirs, args=args, train_dataset=data, processing_class=tok,
-                         peft_config=peft_config())
+    trainer = trl_cpo.CPOTrainer(model=theirs, args=args, train_dataset=data,
+                                 processing_class=tok, peft_config=peft_config())
     theirs = trainer.model
     sync(ours, theirs)
     expected, _ = trainer.get_batch_loss_metrics(trainer.model, _trl_pair_batch(batch))
@@ -171,7 +171,8 @@ def test_orpo_loss_and_gradients_equal_trl(tiny_chat_model_dir, tmp_path):
     data = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
     trainer = trl_orpo.ORPOTrainer(model=theirs,
                                    args=_trl_args(trl_orpo.ORPOConfig, tmp_path, beta=0.3),
-                          train_dataset=data, processing_class=tok, peft_config=peft_config())
+                                   train_dataset=data, processing_class=tok,
+                                   peft_config=peft_config())
     theirs = trainer.model
     sync(ours, theirs)
     expected, metrics = trainer.get_batch_loss_metrics(trainer.model, _trl_pair_batch(batch))
@@ -225,8 +226,8 @@ def test_kto_loss_and_gradients_equal_trl(tiny_chat_model_dir, tmp_path):
                                        {"prompt": "c", "completion": "d", "label": False}])
     args = _trl_args(trl.KTOConfig, tmp_path, beta=0.2, desirable_weight=1.3,
                      undesirable_weight=0.8, per_device_train_batch_size=2)
-    trainer = trl.KTOTrainer(model=theirs, args=args, train_dataset=data, processing_class=tok,
-                         peft_config=peft_config())
+    trainer = trl.KTOTrainer(model=theirs, args=args, train_dataset=data,
+                             processing_class=tok, peft_config=peft_config())
     assert trainer.calculate_KL and trainer.ref_model is None  # reference: adapter off
     theirs = trainer.model
     sync(ours, theirs)
@@ -276,9 +277,11 @@ def _grpo_trainer(theirs, tok, tmp_path, **options):
     data = datasets.Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}])
     args = _trl_args(trl.GRPOConfig, tmp_path, per_device_train_batch_size=8,
                      num_generations=2, max_completion_length=6, **options)
-    return trl.GRPOTrainer(model=theirs, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-                       args=args, train_dataset=data, processing_class=tok,
-                       peft_config=peft_config())
+    def no_reward(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    return trl.GRPOTrainer(model=theirs, reward_funcs=no_reward, args=args, train_dataset=data,
+                           processing_class=tok, peft_config=peft_config())
 
 
 @pytest.mark.parametrize(("loss_type", "bias_correction"), [
@@ -361,7 +364,7 @@ def test_grpo_advantages_equal_trl(scale_rewards, tiny_chat_model_dir, tmp_path)
     args = _trl_args(trl.GRPOConfig, tmp_path, per_device_train_batch_size=12, num_generations=4,
                      max_completion_length=6, scale_rewards=scale_rewards, beta=0.0)
     trainer = trl.GRPOTrainer(model=theirs, reward_funcs=reward, args=args, train_dataset=data,
-                          processing_class=tok, peft_config=peft_config())
+                              processing_class=tok, peft_config=peft_config())
     torch.manual_seed(0)
     batch = [{"prompt": f"say {w}"} for w in ("hi", "yes", "no") for _ in range(4)]
     out = trainer._generate_and_score_completions(batch)
