@@ -146,3 +146,118 @@ def test_adaptive_kl_controller_by_hand():
     assert ctl.value == pytest.approx(0.1 * 1.02)
     ctl.update(5.4, 10)  # error -0.1: x (1 - 0.1 * 10 / 100)
     assert ctl.value == pytest.approx(0.1 * 1.02 * 0.99)
+
+
+# ----------------------------------------------------------------------------- SimPO, ORPO, KTO
+
+
+def test_simpo_loss_by_hand():
+    from peftlab.tasks.simpo.task import simpo_loss
+
+    # average log-probs: pair 1 chosen -0.5 vs rejected -1.0; pair 2 chosen -2.0 vs -1.0
+    c, r = t(-0.5, -2.0), t(-1.0, -1.0)
+    losses, cr, rr = simpo_loss(c, r, beta=2.0, gamma=0.4)
+    # h = beta (c - r) - gamma = 0.6, -2.4; loss = -log sigmoid(h) = softplus(-h)
+    assert_close(losses, t(softplus(-0.6), softplus(2.4)))
+    assert_close(cr, t(-1.0, -4.0))
+    assert_close(rr, t(-2.0, -2.0))
+    smooth, _, _ = simpo_loss(c, r, beta=2.0, gamma=0.4, label_smoothing=0.2)
+    assert_close(smooth, t(0.8 * softplus(-0.6) + 0.2 * softplus(0.6),
+                           0.8 * softplus(2.4) + 0.2 * softplus(-2.4)))
+
+
+def test_orpo_odds_ratio_by_hand():
+    from peftlab.tasks.orpo.task import log1mexp, odds_ratio_loss
+
+    # log(1 - e^x) on both sides of -log 2, including where the naive form loses precision
+    for x in (-5.0, -1.0, -0.6931, -0.3, -1e-6):
+        assert_close(log1mexp(t(x)), t(math.log(-math.expm1(x))), rtol=1e-5, atol=1e-6)
+    c, r = t(-0.2, -1.5), t(-0.9, -0.4)
+    losses, log_odds = odds_ratio_loss(c, r, beta=0.5)
+
+    def log_odds_by_hand(a: float, b: float) -> float:
+        pa, pb = math.exp(a), math.exp(b)
+        return math.log(pa / (1 - pa)) - math.log(pb / (1 - pb))
+
+    expected = [log_odds_by_hand(-0.2, -0.9), log_odds_by_hand(-1.5, -0.4)]
+    assert_close(log_odds, t(*expected))
+    # -beta log sigmoid(z) = beta softplus(-z)
+    assert_close(losses, t(*(0.5 * softplus(-z) for z in expected)))
+
+
+def test_kto_loss_by_hand():
+    from peftlab.tasks.kto.task import kto_loss
+
+    policy, ref = t(-1.0, -2.0, -3.0), t(-1.5, -1.0, -3.5)  # ratios 0.5, -1.0, 0.5
+    desirable = torch.tensor([True, False, False])
+    losses, rewards = kto_loss(policy, ref, desirable, kl=t(0.2)[0], beta=0.5,
+                               desirable_weight=2.0, undesirable_weight=0.5)
+
+    def sigmoid(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    # desirable: w_d (1 - s(beta (r - z))); undesirable: w_u (1 - s(beta (z - r)))
+    assert_close(losses, t(2.0 * (1 - sigmoid(0.5 * 0.3)), 0.5 * (1 - sigmoid(0.5 * 1.2)),
+                           0.5 * (1 - sigmoid(0.5 * -0.3))))
+    assert_close(rewards, t(0.25, -0.5, 0.25))
+    apo, _ = kto_loss(policy, ref, desirable, kl=t(0.2)[0], beta=0.5, loss_type="apo_zero_unpaired")
+    assert_close(apo, t(1 - sigmoid(0.25), sigmoid(-0.5), sigmoid(0.25)))  # no reference point
+    with pytest.raises(ValueError, match="kto.loss_type"):
+        kto_loss(policy, ref, desirable, kl=t(0.0)[0], beta=0.5, loss_type="kto2")
+
+
+def test_kto_reference_point_is_a_clamped_batch_mean():
+    from peftlab.tasks.kto.task import kl_reference_point
+
+    assert_close(kl_reference_point(t(-1.0, -2.0, -0.5), t(-1.5, -1.5, -1.0)), t(0.5 / 3)[0])
+    assert_close(kl_reference_point(t(-2.0, -2.0), t(-1.0, -1.5)), t(0.0)[0])  # mean -0.75
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def test_group_advantages_by_hand():
+    from peftlab.tasks.grpo.loop import group_advantages
+
+    rewards = t(1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0)  # two groups of 4
+    adv, std = group_advantages(rewards, 4, "group")
+    s = math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)  # Bessel-corrected std of (1, 0, 0, 0)
+    assert_close(adv, t(0.75 / (s + 1e-4), -0.25 / (s + 1e-4), -0.25 / (s + 1e-4),
+                        -0.25 / (s + 1e-4), 0.0, 0.0, 0.0, 0.0))
+    assert_close(std, t(s, s, s, s, 0.0, 0.0, 0.0, 0.0))  # group 2: no signal
+    none, _ = group_advantages(rewards, 4, "none")
+    assert_close(none, t(0.75, -0.25, -0.25, -0.25, 0.0, 0.0, 0.0, 0.0))
+    batch, _ = group_advantages(rewards, 4, "batch")
+    assert_close(batch, none / (rewards.std() + 1e-4))
+
+
+def test_grpo_token_losses_and_aggregation_by_hand():
+    from peftlab.tasks.grpo.loop import aggregate, grpo_token_losses
+
+    # two answers (3 and 2 tokens); advantages +1 and -1; ratios 1.5, 1.0, 0.5 | 0.5, 1.1
+    old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[1.5, 1.0, 0.5], [0.5, 1.1, 1.0]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = t(1.0, -1.0)
+    out = grpo_token_losses(logp, old, adv, None, beta=0.0, epsilon=0.2)
+    # -min(r A, clip(r) A): A=+1: -min(1.5, 1.2), -1, -min(0.5, 0.8); A=-1: -min(-.5, -.8), 1.1
+    expected = torch.tensor([[-1.2, -1.0, -0.5], [0.8, 1.1, 0.0]])
+    assert_close(out["loss"] * mask, expected)
+    assert out["clipped"].tolist() == [[True, False, False], [True, False, False]]
+    total = float((expected * mask).sum())  # 0.1
+    assert_close(aggregate(out["loss"], mask, "dapo", 2, 5.0, 1, 4), torch.tensor(total / 5))
+    assert_close(aggregate(out["loss"], mask, "bnpo", 2, 5.0, 2, 4), torch.tensor(total / 5 / 2))
+    assert_close(aggregate(out["loss"], mask, "dr_grpo", 2, 5.0, 1, 4),
+                 torch.tensor(total / (2 * 4)))
+    assert_close(aggregate(out["loss"], mask, "grpo", 2, 5.0, 1, 4),
+                 torch.tensor((-2.7 / 3 + 1.9 / 2) / 2))
+    # the KL term: k3 = e^d - d - 1 with d = ref - logp, times the ratio (bias correction)
+    ref = torch.zeros(2, 3)
+    with_kl = grpo_token_losses(logp, old, adv, ref, beta=0.1, epsilon=0.2)
+    d = ref - logp
+    k3 = torch.exp(d) - d - 1
+    assert_close(with_kl["kl"], k3)
+    assert_close(with_kl["loss"], out["loss"] + 0.1 * k3 * torch.exp(logp))
+    plain = grpo_token_losses(logp, old, adv, ref, beta=0.1, epsilon=0.2,
+                              bias_correction_kl=False)
+    assert_close(plain["loss"], out["loss"] + 0.1 * k3)

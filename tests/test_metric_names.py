@@ -34,6 +34,12 @@ def _configs(tmp: Path, demo: dict[str, Path]) -> dict[str, dict]:
                                               "validation_split": 0.5}},
         "dpo": {"task": "dpo", "data": {"train": _jsonl(tmp / "d.jsonl", _pairs(8)),
                                         "validation_split": 0.5}},
+        **{task: {"task": task, "data": {"train": _jsonl(tmp / f"{task}.jsonl", _pairs(8)),
+                                         "validation_split": 0.5}}
+           for task in ("kto", "orpo", "simpo")},
+        "kto unpaired": {"task": "kto", "data": {"train": _jsonl(tmp / "u.jsonl", [
+            {"prompt": f"Say {i}", "completion": f"{i}", "label": i % 2 == 0}
+            for i in range(8)]), "validation_split": 0.5}},
         "sft mixture": {"task": "sft", "data": {"mixture": [
             {"name": "a", "train": str(demo["train"]), "validation": str(demo["validation"]),
              "max_rows": 8},
@@ -42,7 +48,8 @@ def _configs(tmp: Path, demo: dict[str, Path]) -> dict[str, dict]:
     }
 
 
-@pytest.mark.parametrize("name", ["classification", "reward", "dpo", "sft mixture"])
+@pytest.mark.parametrize("name", ["classification", "reward", "dpo", "kto", "kto unpaired",
+                                  "orpo", "simpo", "sft mixture"])
 def test_metric_names_match_metrics(name, tiny_chat_model_dir, demo_data_dir, tmp_path):
     raw = {"model": str(tiny_chat_model_dir), "method": {"name": "lora", "r": 2},
            "output_dir": str(tmp_path / "out"), **_configs(tmp_path, demo_data_dir)[name]}

@@ -93,10 +93,11 @@ class DataConfig:
     system_prompt: str | None = None
     on_error: str = "raise"  # raise | skip
     max_rows: int | None = None
-    # preference pairs (task: reward, dpo) and prompts (task: ppo)
+    # preference pairs (task: reward, dpo, orpo, simpo, kto) and prompts (task: ppo, grpo)
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
+    completion_field: str = "completion"  # task: kto, unpaired rows (prompt, completion, label)
     # classification
     text_field: str = "text"
     text_pair_field: str | None = None

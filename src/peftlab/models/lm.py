@@ -149,3 +149,25 @@ def masked_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     logits = masked_lm_head(model)(hidden[keep]).float()
     return F.cross_entropy(logits, labels[keep], reduction="sum")
+
+
+def token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                keep: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Log-prob of each next token, ``[batch, length - 1]`` in fp32, 0 where ``keep`` is False.
+
+    ``keep[:, t]`` selects the prediction of token ``t + 1``; the LM head runs only there. One
+    backbone pass serves several sums over different masks (e.g. ORPO's answer log-probs and
+    its NLL over the whole sequence).
+    """
+    targets = input_ids[:, 1:]
+    hidden = backbone_hidden_states(model, input_ids, attention_mask)[:, :-1][keep]
+    targets = targets[keep]
+    head = model.get_output_embeddings()
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = head(hidden[start:start + chunk_size]).float()
+        pieces.append(-F.cross_entropy(logits, targets[start:start + chunk_size], reduction="none"))
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=input_ids.device)
+    if pieces:
+        out = out.masked_scatter(keep, torch.cat(pieces))
+    return out

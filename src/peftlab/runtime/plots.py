@@ -30,7 +30,9 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, title: str 
 
 
 def plot_reward_curve(history: list[dict[str, Any]], path: str | Path, title: str = "",
-                      initial_val: float | None = None) -> Path:
+                      initial_val: float | None = None, xlabel: str = "PPO iteration",
+                      kl_label: str = "KL(policy || reference), nats per answer") -> Path:
+    """Mean reward per iteration/round, validation reward, and KL (if logged) on a twin axis."""
     steps = [r["step"] for r in history]
     fig = Figure(figsize=(6.4, 4.0), dpi=110)
     ax = fig.subplots()
@@ -40,14 +42,17 @@ def plot_reward_curve(history: list[dict[str, Any]], path: str | Path, title: st
         val.insert(0, (0, initial_val))
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation reward", lw=1.4)
-    ax.set_xlabel("PPO iteration")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("reward")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r["kl"] for r in history], color="tab:red", lw=1.0, alpha=0.6, label="KL")
-    ax2.set_ylabel("KL(policy || reference), nats per answer")
     lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best")
+    kl = [(r["step"], r["kl"]) for r in history if "kl" in r]
+    if kl:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*kl, strict=True), color="tab:red", lw=1.0, alpha=0.6, label="KL")
+        ax2.set_ylabel(kl_label)
+        lines2 = ax2.get_legend_handles_labels()
+        lines = (lines[0] + lines2[0], lines[1] + lines2[1])
+    ax.legend(*lines, loc="best")
     ax.set_title(title or "PPO")
     ax.grid(alpha=0.3)
     fig.tight_layout()

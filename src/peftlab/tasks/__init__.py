@@ -3,7 +3,18 @@
 Each built-in task is a subpackage that registers a :class:`TaskSpec` when imported.
 """
 
-from peftlab.tasks import classification, dpo, ppo, pretrain, reward, sft  # noqa: F401  (register)
+from peftlab.tasks import (  # noqa: F401  (register)
+    classification,
+    dpo,
+    grpo,
+    kto,
+    orpo,
+    ppo,
+    pretrain,
+    reward,
+    sft,
+    simpo,
+)
 from peftlab.tasks.base import PreparedTask, Task, TaskSpec, build_task, register_task, task_names
 
 __all__ = ["PreparedTask", "Task", "TaskSpec", "build_task", "register_task", "task_names"]

@@ -11,8 +11,11 @@ from peftlab.data.sft import encode_prompt
 from peftlab.data.splits import split_off
 
 
-def prepare_prompts(cfg: RunConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Read, split and encode the prompts; drop those leaving no room for max_new_tokens."""
+def prepare_prompts(cfg: RunConfig, tokenizer, max_new_tokens: int | None = None,
+                    ) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Read, split and encode the prompts; drop those leaving no room for ``max_new_tokens``
+    (default: the ``ppo`` section's). Each example keeps its data ``row`` (GRPO's reward
+    functions read its other columns, e.g. a problem's exact answer)."""
     data = cfg.data
     if not data.train:
         raise DataError("data.train: no training file given")
@@ -30,7 +33,9 @@ def prepare_prompts(cfg: RunConfig, tokenizer) -> tuple[list[dict], list[dict], 
     else:
         records, val_records = split_off(records, data.validation_split, cfg.train.seed)
         rows = val_rows = None
-    room = cfg.train.max_length - cfg.task_config.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = cfg.task_config.max_new_tokens
+    room = cfg.train.max_length - max_new_tokens
 
     def encode(recs: list[dict], source: str, numbers: list[int] | None):
         stats = {"source": source, "rows": len(recs), "kept": 0, "dropped_invalid": 0,
@@ -48,7 +53,7 @@ def prepare_prompts(cfg: RunConfig, tokenizer) -> tuple[list[dict], list[dict], 
             if len(ids) > room:
                 stats["dropped_too_long"] += 1
                 continue
-            out.append({"input_ids": ids, "messages": messages})
+            out.append({"input_ids": ids, "messages": messages, "row": record})
             stats["max_len"] = max(stats["max_len"], len(ids))
         stats["kept"] = len(out)
         return out, stats

@@ -199,6 +199,14 @@ def response_forward(model: nn.Module, batch: Rollouts, temperature: float,
 @torch.no_grad()
 def generate_rollouts(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: PPOConfig,
                       ) -> Rollouts:
+    """Sample one answer per prompt with the ``ppo`` section's sampling settings."""
+    return sample_rollouts(model, tokenizer, prompts, cfg.temperature, cfg.top_k, cfg.top_p,
+                           cfg.max_new_tokens)
+
+
+@torch.no_grad()
+def sample_rollouts(model: nn.Module, tokenizer, prompts: list[list[int]], temperature: float,
+                    top_k: int, top_p: float, max_new_tokens: int) -> Rollouts:
     """Sample one answer per prompt (left-padded batch, KV cache); cut after the stop token."""
     stop_ids = stop_token_ids(tokenizer)
     old_side = tokenizer.padding_side
@@ -207,8 +215,8 @@ def generate_rollouts(model: nn.Module, tokenizer, prompts: list[list[int]], cfg
         enc = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
     finally:
         tokenizer.padding_side = old_side
-    out = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
-                         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+    out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=top_k,
+                         top_p=top_p, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
     answers = []
     for row in out[:, enc["input_ids"].shape[1]:].tolist():

@@ -124,18 +124,18 @@ class FunctionScorer:
         return torch.tensor(values, dtype=torch.float32)
 
 
-def load_function(spec: str) -> Callable:
-    """``"package.module:function"`` -> the function."""
+def load_function(spec: str, key: str = "ppo.reward_function") -> Callable:
+    """``"package.module:function"`` -> the function; errors name the config ``key``."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"ppo.reward_function: expected 'module:function', got {spec!r}")
+        raise ConfigError(f"{key}: expected 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"ppo.reward_function: cannot import {module_name!r} ({exc})") from None
+        raise ConfigError(f"{key}: cannot import {module_name!r} ({exc})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ConfigError(f"ppo.reward_function: {module_name!r} has no function {attr!r}")
+        raise ConfigError(f"{key}: {module_name!r} has no function {attr!r}")
     return fn
 
 
