@@ -65,12 +65,12 @@ class Param:
         """The points the grid sampler visits: the choices, or the stepped range."""
         if self.kind == "categorical":
             return list(self.choices)
-        if self.step is None and self.kind == "float":
-            raise ConfigError(f"{where}: {self.key}: the grid sampler needs a 'step' (or "
-                              "'choices') for a float range")
         if self.log:
-            raise ConfigError(f"{where}: {self.key}: the grid sampler cannot walk a log "
+            raise ConfigError(f"{where}: params.{self.key}: the grid sampler cannot walk a log "
                               "range; list the values as 'choices'")
+        if self.step is None and self.kind == "float":
+            raise ConfigError(f"{where}: params.{self.key}: the grid sampler needs a 'step' "
+                              "(or 'choices') for a float range")
         step = self.step or 1
         n = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
         values = [self.low + i * step for i in range(n)]
@@ -90,8 +90,10 @@ class SearchSpace:
     source: str = "space"
 
     def suggest(self, trial: optuna.Trial) -> dict[str, str]:
-        """Sample every param for ``trial``; returns ``{key: YAML value}`` config overrides."""
-        return {p.key: override_text(p.suggest(trial)) for p in self.params}
+        """Sample every param for ``trial``; returns ``{key: YAML value}`` config overrides,
+        a whole block before its keys (``method`` before ``method.r``, which it would reset)."""
+        ordered = sorted(self.params, key=lambda p: p.key.count("."))
+        return {p.key: override_text(p.suggest(trial)) for p in ordered}
 
     def grid(self) -> dict[str, list[Scalar]]:
         return {p.key: p.grid_values(self.source) for p in self.params}

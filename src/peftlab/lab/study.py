@@ -20,7 +20,6 @@ after it). The report is ``peftlab.lab.sweep.write_report``'s, plus Optuna's imp
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -235,6 +234,7 @@ def run_trial(trial: optuna.Trial, base: dict[str, Any], space: SearchSpace, out
     directory = _trial_dir(out, trial.number, overrides)
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("directory", str(directory))
+    trial.set_user_attr("pid", os.getpid())  # which worker process ran it
     record = Trial(trial.number, overrides, str(directory), "failed", metric)
     print(f"sweep: trial {trial.number} {overrides} -> {directory}")
     reporter = _Reporter(trial, metric)
@@ -254,8 +254,7 @@ def run_trial(trial: optuna.Trial, base: dict[str, Any], space: SearchSpace, out
         print(f"sweep: trial {trial.number} failed: {record.error}")
         raise TrialFailed(record.error) from exc
     record_summary(record, summary, rss.peak_mb)
-    del summary
-    gc.collect()
+    del summary  # the model goes with it (Optuna collects garbage after each trial)
     if reporter.pruned_at is not None:
         record.status = "pruned"
         record.error = f"pruned at step {reporter.pruned_at}"
