@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import RunConfig, from_dict, load_config
+from peftlab.data.hf_datasets import resolve_data_objects
 from peftlab.evaluation import sft_eval
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.export.gguf import DTYPES, export_gguf
@@ -29,6 +30,8 @@ def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | Non
             return load_config(overrides=overrides, base=config.to_dict())
         return config
     if isinstance(config, dict):
+        if isinstance(config.get("data"), dict):  # datasets.Dataset objects in place of paths
+            config = dict(config, data=resolve_data_objects(config["data"]))
         return load_config(overrides=overrides, base=config) if overrides else from_dict(config)
     return load_config(config, overrides)
 
