@@ -45,11 +45,11 @@ def test_summary_table_and_time_to_reach(bench):
                         "cpu": "Fake CPU", "cores": 2, "note": "shared"},
                "arms": {"grid": g, "tpe_asha": s}}
     text = bench.table(results)
-    assert "| grid | 84.0 | 200 | 200 | 3 | 0 | 0 |" in text
-    assert "| tpe_asha | 86.0 | 250 | 150 | 3 | 1 | 1 |" in text
+    assert "| grid | 84.0 | 200 | 200 | 3 | 0 | 0 | 300 |" in text
+    assert "| tpe_asha | 86.0 | 250 | 150 | 3 | 1 | 1 | 250 |" in text
     assert "Fake CPU (2 cores), shared with other jobs" in text
     results["arms"]["tpe_asha"] = bench.summarize(tpe[:2], t0)
-    assert "| tpe_asha | 78.0 | 90 | never | 1 | 1 | 0 |" in bench.table(results)
+    assert "| tpe_asha | 78.0 | 90 | never | 1 | 1 | 0 | 110 |" in bench.table(results)
 
 
 def test_arm_spaces_and_config_are_valid(bench, tmp_path):
