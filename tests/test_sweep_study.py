@@ -213,7 +213,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_chat_model_dir, demo_dat
     config.write_text(yaml.safe_dump(_cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "s")))
     space = tmp_path / "space.yaml"
     space.write_text("params: {train.lr: {low: 1.0e-3, hgh: 1.0e-2}}\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("params: {train.lrr: [1.0e-3, 1.0e-2], method: [{name: lora}, {name: nope}]}"
+                    "\ntrials: 2\n")
     cases = [(["--space", str(space)], "'hgh' (did you mean 'high'?)"),
+             (["--space", str(typo)], "params.train.lrr: value 0.001 does not apply to the "
+                                      "config: --set train.lrr: train has no key 'lrr' (did you "
+                                      "mean 'lr'?)"),
              (["--space", str(space), "--grid", "train.lr=1,2"], "either --grid"),
              (["--grid", "train.lr=1e-3", "--workers", "2"], "workers needs a search space"),
              ([], "either --grid")]

@@ -35,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from peftlab.config import ConfigError, RunConfig, load_config
 from peftlab.files import CorruptFileError, read_json
 from peftlab.lab.peak_rss import PeakRSS
-from peftlab.lab.search_space import SearchSpace
+from peftlab.lab.search_space import SearchSpace, override_text
 from peftlab.lab.sweep import (
     TRIAL_FILE,
     SweepResult,
@@ -80,6 +80,7 @@ def run_study(config: RunConfig, space: SearchSpace, progress: bool = True) -> S
         space.trials = space.grid_size
     if space.sampler == "grid":
         space.grid()  # a range the grid cannot walk fails here, before any trial
+    check_space(space, config)
     _check_or_write_settings(out, config, space)
     storage = _storage(out)
     study = open_study(out, space, config.train.best_metric, storage=storage)
@@ -91,6 +92,21 @@ def run_study(config: RunConfig, space: SearchSpace, progress: bool = True) -> S
     result = collect(study, out, config.train.best_metric)
     write_report(result)
     return result
+
+
+def check_space(space: SearchSpace, config: RunConfig) -> None:
+    """Each param's values (its choices, or both ends of its range) applied alone to the base
+    config must validate: a misspelt key or an unknown method fails now, naming the key, not
+    as a failed trial after trial."""
+    base = config.to_dict()
+    for p in space.params:
+        values = p.choices if p.kind == "categorical" else [p.low, p.high]
+        for value in values:
+            try:
+                load_config(overrides=[f"{p.key}={override_text(value)}"], base=base)
+            except ConfigError as exc:
+                raise ConfigError(f"{space.source}: params.{p.key}: value {value!r} does not "
+                                  f"apply to the config: {exc}") from None
 
 
 def _check_or_write_settings(out: Path, config: RunConfig, space: SearchSpace) -> None:
@@ -171,6 +187,7 @@ def _recover_interrupted(study: optuna.Study, storage: RDBStorage, out: Path,
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
         overrides = t.user_attrs.get("overrides", {})
         directory = Path(t.user_attrs.get("directory") or _trial_dir(out, t.number, overrides))
+        storage.set_trial_user_attr(trial_id, "directory", str(directory))
         record = Trial(t.number, overrides, str(directory), "failed", metric,
                        error="interrupted: the sweep stopped during this trial; its "
                              "parameters were queued to run again")
@@ -253,6 +270,12 @@ def run_trial(trial: optuna.Trial, base: dict[str, Any], space: SearchSpace, out
         write_json(directory / TRIAL_FILE, record.__dict__)
         print(f"sweep: trial {trial.number} failed: {record.error}")
         raise TrialFailed(record.error) from exc
+    except KeyboardInterrupt:  # Ctrl-C: Optuna marks it failed; the next run retries it
+        trial.set_user_attr(INTERRUPTED, True)
+        trial.study.enqueue_trial(trial.params, skip_if_exists=False)
+        record.error = "interrupted (Ctrl-C); its parameters were queued to run again"
+        write_json(directory / TRIAL_FILE, record.__dict__)
+        raise
     record_summary(record, summary, rss.peak_mb)
     del summary  # the model goes with it (Optuna collects garbage after each trial)
     if reporter.pruned_at is not None:
@@ -288,13 +311,15 @@ def collect(study: optuna.Study, out: Path, metric: str) -> SweepResult:
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.WAITING, TrialState.RUNNING):
             continue
-        path = Path(t.user_attrs.get("directory", "")) / TRIAL_FILE
+        directory = t.user_attrs.get("directory")
         try:
-            trials.append(Trial(**read_json(path)))
-        except (CorruptFileError, OSError, TypeError):
+            if directory is None:
+                raise OSError("the trial never started")
+            trials.append(Trial(**read_json(Path(directory) / TRIAL_FILE)))
+        except (CorruptFileError, OSError, TypeError) as exc:
             trials.append(Trial(t.number, t.user_attrs.get("overrides", {}),
-                                str(path.parent), "failed", metric,
-                                error=f"no readable record at {path}"))
+                                str(directory or ""), "failed", metric,
+                                error=f"no readable trial record ({exc})"))
     return SweepResult(out, metric, lower_is_better(metric), trials, importances(study))
 
 
