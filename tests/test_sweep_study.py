@@ -266,6 +266,8 @@ def test_report_counts_pareto_front_and_importances(tmp_path):
               _t(4, None, "nope", 0, 0.0, 0.0, status="failed")]
     assert [t.index for t in pareto_front(trials[:3], lower_is_better=False)] == [0, 1]
     assert [t.index for t in pareto_front(trials[:3], lower_is_better=True)] == [2, 1]
+    tie = _t(5, 0.85, "ia3", 100, 9.0, 450)  # as good as 1 everywhere but slower: dominated
+    assert [t.index for t in pareto_front([*trials[:3], tie], lower_is_better=False)] == [0, 1]
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(lambda t: t.suggest_float("x", 0, 1) * 10 + 0 * t.suggest_float("y", 0, 1),
