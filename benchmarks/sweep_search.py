@@ -122,7 +122,8 @@ def table(results: dict[str, Any]) -> str:
         "# Sweep search: TPE + ASHA vs the grid, same wall-clock budget", "",
         f"SST-2, {meta['n_train']} train rows, {meta['n_dev']} dev rows, minilm-l6 + LoRA "
         f"(1 epoch, eval every {meta['eval_every']} steps); {meta['budget_s']:.0f} s per arm, "
-        "both arms at once, 1 thread each. "
+        f"both arms at once, 1 thread each; TPE capped at {meta.get('tpe_trial_cap', '?')} "
+        "trials. "
         f"CPU: {meta['cpu']} ({meta['cores']} cores), shared with other jobs: {meta['note']}.",
         "",
         "| arm | best dev accuracy | reached at (s) | reaches the grid's best at (s) | "
@@ -166,7 +167,8 @@ def main() -> None:
     p.add_argument("--n-dev", type=int, default=None)
     p.add_argument("--budget", type=float, default=None, help="seconds per arm")
     p.add_argument("--eval-every", type=int, default=12)
-    p.add_argument("--trials", type=int, default=16, help="TPE arm's trial cap")
+    p.add_argument("--trials", type=int, default=200,
+                   help="TPE arm's trial cap (the budget should be what stops it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/peftlab-sweep-search")
     p.add_argument("--out", default=str(RESULTS))
@@ -202,6 +204,7 @@ def main() -> None:
     arms = {name: summarize(read_study(work / name), started) for name in ARMS}
     results = {"meta": {"n_train": n_train, "n_dev": n_dev, "budget_s": budget,
                         "eval_every": args.eval_every, "threads": args.threads,
+                        "tpe_trial_cap": args.trials,
                         "cpu": cpu_name(), "cores": os.cpu_count(),
                         "note": f"{args.note} (load average {load:.1f} at start)",
                         "wall_s": round(time.time() - started, 1)},
