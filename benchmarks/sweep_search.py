@@ -12,7 +12,7 @@ For each arm: the best dev accuracy of a finished trial, when it was first reach
 from the arm's start, from Optuna's trial timestamps), trials finished/pruned/failed, and for
 the TPE arm the time at which it first matched the grid's best accuracy.
 
-    python benchmarks/sweep_search.py                # 1,500 train rows, 400 dev rows, 10 min/arm
+    python benchmarks/sweep_search.py                # 1,200 train rows, 300 dev rows, 11 min/arm
     python benchmarks/sweep_search.py --quick        # 400 rows, 150 dev rows, 2 min/arm
 
 A trial running when the budget ends finishes (Optuna's timeout starts no new trial), so an
@@ -166,7 +166,7 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-dev", type=int, default=None)
     p.add_argument("--budget", type=float, default=None, help="seconds per arm")
-    p.add_argument("--eval-every", type=int, default=12)
+    p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--trials", type=int, default=200,
                    help="TPE arm's trial cap (the budget should be what stops it)")
     p.add_argument("--threads", type=int, default=1)
@@ -180,9 +180,9 @@ def main() -> None:
     if args.arm:
         arm_worker(args)
         return
-    n_train = args.n_train or (400 if args.quick else 1500)
-    n_dev = args.n_dev or (150 if args.quick else 400)
-    budget = args.budget or (120.0 if args.quick else 600.0)
+    n_train = args.n_train or (400 if args.quick else 1200)
+    n_dev = args.n_dev or (150 if args.quick else 300)
+    budget = args.budget or (120.0 if args.quick else 660.0)
     if not (SHARED / "sst2" / "train.tsv").is_file():
         sys.exit(f"sweep_search: {SHARED / 'sst2'} not found (the shared SST-2 data)")
     work = Path(args.work)

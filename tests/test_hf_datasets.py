@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def test_missing_datasets_package_is_one_clear_error(demo_data_dir, tmp_path, mo
         read_records(directory)
 
 
-def test_api_accepts_dataset_objects(tiny_chat_model_dir, demo_data_dir, tmp_path):
+def test_api_accepts_dataset_objects(tiny_chat_model_dir, demo_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the saved copies land here
     rows, val = _rows(demo_data_dir["train"]), _rows(demo_data_dir["validation"])
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:16]),
                                "validation": datasets.Dataset.from_list(val[:8])})
@@ -78,6 +80,7 @@ def test_api_accepts_dataset_objects(tiny_chat_model_dir, demo_data_dir, tmp_pat
     assert summary.data_report["train"]["kept"] == 16
     assert summary.data_report["validation"]["kept"] == 8  # the DatasetDict's validation split
     assert read_records(written["train"])[0] == rows[:16]
+    assert Path(written["train"]).parent == tmp_path
     # a .select view is what is read, not the whole table it came from
     view = datasets.Dataset.from_list(rows).select(range(3, 6))
     assert read_records(resolve_data_objects({"train": view})["train"])[0] == rows[3:6]
