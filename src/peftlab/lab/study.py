@@ -183,11 +183,12 @@ def _recover_interrupted(study: optuna.Study, storage: RDBStorage, out: Path,
     study_id = storage.get_study_id_from_name(STUDY_NAME)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
         overrides = t.user_attrs.get("overrides", {})
         directory = Path(t.user_attrs.get("directory") or _trial_dir(out, t.number, overrides))
+        # attributes first: a finished trial can no longer be updated
         storage.set_trial_user_attr(trial_id, "directory", str(directory))
+        storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
         record = Trial(t.number, overrides, str(directory), "failed", metric,
                        error="interrupted: the sweep stopped during this trial; its "
                              "parameters were queued to run again")
