@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import RunConfig, from_dict, load_config
+from peftlab.data.hf_datasets import resolve_data_objects
 from peftlab.evaluation import sft_eval
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.export.gguf import DTYPES, export_gguf
 from peftlab.export.gguf_lora import export_gguf_lora
 from peftlab.files import check_can_write, write_text_atomic
 from peftlab.lab.baseline import BaselineResult, run_baseline
+from peftlab.lab.search_space import apply_settings, load_space, space_from_dict
+from peftlab.lab.study import run_study
 from peftlab.lab.sweep import parse_grid, run_sweep
 from peftlab.methods import get_method, method_for_adapter_dir, method_names, methods_on
 from peftlab.methods.chain import init_chain, load_adapter, merge_chain
@@ -31,6 +34,8 @@ def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | Non
             return load_config(overrides=overrides, base=config.to_dict())
         return config
     if isinstance(config, dict):
+        if isinstance(config.get("data"), dict):  # datasets.Dataset objects in place of paths
+            config = dict(config, data=resolve_data_objects(config["data"]))
         return load_config(overrides=overrides, base=config) if overrides else from_dict(config)
     return load_config(config, overrides)
 
@@ -47,16 +52,35 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
                         overwrite=overwrite)
 
 
-def sweep(config: RunConfig | dict | str | Path, grid: list[str] | dict[str, list],
-          overrides: list[str] | None = None, trials: int | None = None, seed: int = 0,
-          progress: bool = True):
-    """Hyper-parameter search / method comparison: train the config once per grid point
-    (``{"train.lr": [1e-4, 3e-4]}`` or ``["train.lr=1e-4,3e-4"]``), or a seeded sample of
-    ``trials`` points, into OUTPUT_DIR/trials/; returns a SweepResult ranked by
-    ``train.best_metric`` (also OUTPUT_DIR/sweep.md, sweep.json, sweep.png)."""
+def sweep(config: RunConfig | dict | str | Path, grid: list[str] | dict[str, list] | None = None,
+          overrides: list[str] | None = None, trials: int | None = None, seed: int | None = None,
+          progress: bool = True, space: str | Path | dict | None = None,
+          sampler: str | None = None, pruner: str | None = None, timeout: float | None = None,
+          workers: int | None = None):
+    """Hyper-parameter search / method comparison; returns a SweepResult ranked by
+    ``train.best_metric`` (also OUTPUT_DIR/sweep.md, sweep.json, sweep.png).
 
-    return run_sweep(_as_config(config, overrides), parse_grid(grid), trials=trials, seed=seed,
-                     progress=progress)
+    ``grid``: train the config once per grid point (``{"train.lr": [1e-4, 3e-4]}`` or
+    ``["train.lr=1e-4,3e-4"]``), or a seeded sample of ``trials`` points. ``space`` (a
+    SPACE.yaml path or its dict) instead: an Optuna study (``sampler`` tpe|random|grid,
+    ``pruner`` median|asha|none, ``trials``/``timeout`` budget, ``workers`` processes) stored
+    in OUTPUT_DIR/study.db, resumed when run again. Arguments given here override SPACE.yaml."""
+
+    if (grid is None) == (space is None):
+        raise ValueError("sweep: give either a grid (--grid) or a search space (--space)")
+    cfg = _as_config(config, overrides)
+    if grid is not None:
+        for name, value in (("sampler", sampler), ("pruner", pruner), ("timeout", timeout),
+                            ("workers", workers)):
+            if value is not None:
+                raise ValueError(f"sweep: {name} needs a search space (--space), not --grid")
+        return run_sweep(cfg, parse_grid(grid), trials=trials, seed=seed or 0,
+                         progress=progress)
+    parsed = (space_from_dict(space, "space") if isinstance(space, dict) else load_space(space))
+    apply_settings(parsed, {"sampler": sampler, "pruner": pruner, "trials": trials,
+                            "timeout": timeout, "workers": workers, "seed": seed},
+                   "sweep")
+    return run_study(cfg, parsed, progress=progress)
 
 
 def baseline(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,

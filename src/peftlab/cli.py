@@ -44,14 +44,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("sweep", help="hyper-parameter search / method comparison: one run per "
-                       "grid point, ranked by train.best_metric")
+                       "grid point, or an Optuna search with pruning (--space); ranked by "
+                       "train.best_metric")
     p.add_argument("config")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="values to try for a config key, e.g. --grid train.lr=1e-4,3e-4 "
                         "--grid method.name=lora,ia3 (repeatable; all combinations)")
+    p.add_argument("--space", default=None, metavar="SPACE.yaml",
+                   help="search space (ranges/choices per config key) for an Optuna study "
+                        "stored in OUTPUT_DIR/study.db (resumed when run again)")
+    p.add_argument("--sampler", default=None, help="--space: tpe | random | grid (default tpe)")
+    p.add_argument("--pruner", default=None,
+                   help="--space: median | asha | none (default none): stop hopeless trials "
+                        "at an evaluation")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="--space: start no new trial after this many seconds")
+    p.add_argument("--workers", type=int, default=None,
+                   help="--space: trials in parallel, as processes sharing the study, each "
+                        "with cores/workers threads")
     p.add_argument("--trials", type=int, default=None,
-                   help="train only this many grid points, a seeded random sample")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --trials sample")
+                   help="--grid: train only this many grid points, a seeded random sample; "
+                        "--space: trials in the study in total")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sample / the sampler")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key for every trial")
     p.add_argument("--no-progress", action="store_true")
@@ -215,8 +229,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    result = sweep(args.config, args.grid, overrides=args.overrides, trials=args.trials,
-                   seed=args.seed, progress=not args.no_progress)
+    if bool(args.grid) == (args.space is not None):
+        raise ValueError("give either --grid KEY=V1,V2 (repeatable) or --space SPACE.yaml")
+    result = sweep(args.config, args.grid or None, overrides=args.overrides, trials=args.trials,
+                   seed=args.seed, progress=not args.no_progress, space=args.space,
+                   sampler=args.sampler, pruner=args.pruner, timeout=args.timeout,
+                   workers=args.workers)
+    counts = result.counts()
+    print(f"{counts['done']} finished, {counts['pruned']} pruned, {counts['failed']} failed")
     print(table(result))
     best = result.best
     if best is None:

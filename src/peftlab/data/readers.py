@@ -84,25 +84,31 @@ Row = tuple[int, "dict[str, Any] | DataError"]
 def read_records(
     path: str | Path, on_error: str = "raise", max_rows: int | None = None
 ) -> tuple[list[dict[str, Any]], ReadReport]:
-    """Read up to ``max_rows`` records; bad rows raise or, with ``on_error="skip"``, are counted."""
+    """Read up to ``max_rows`` records; bad rows raise or, with ``on_error="skip"``, are counted.
+    ``path`` is a data file or a Hugging Face ``Dataset.save_to_disk`` directory."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     p = Path(path)
     name = str(path)
     suffix = p.suffix.lower()
-    if suffix not in SUPPORTED_EXTENSIONS:
+    if p.is_dir() and _is_dataset_dir(p):
+        rows: Iterator[Row] = _dataset_dir_rows(p, name)
+    elif p.is_dir():
+        raise DataError(f"{name}: a directory, but not one written by datasets' save_to_disk "
+                        "(no state.json); give a data file "
+                        f"({', '.join(SUPPORTED_EXTENSIONS)}) or such a directory")
+    elif suffix not in SUPPORTED_EXTENSIONS:
         raise DataError(
             f"{name}: unsupported file type {suffix or '(no extension)'!r}; "
             f"supported: {', '.join(SUPPORTED_EXTENSIONS)}"
         )
-    if not p.exists():
+    elif not p.exists():
         raise DataError(f"{name}: file not found")
-    if not p.is_file():
+    elif not p.is_file():
         raise DataError(f"{name}: not a file")
-    if p.stat().st_size == 0:
+    elif p.stat().st_size == 0:
         raise DataError(f"{name}: file is empty")
-
-    if suffix in (".jsonl", ".ndjson"):
+    elif suffix in (".jsonl", ".ndjson"):
         rows = _jsonl_rows(p, name)
     elif suffix == ".json":
         rows = _json_rows(p, name)
@@ -262,6 +268,31 @@ def _csv_rows(p: Path, name: str, delimiter: str) -> Iterator[Row]:
         raise DataError(
             f"{name}:{reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({exc})"
         ) from None
+
+
+def _is_dataset_dir(p: Path) -> bool:
+    """What ``Dataset.save_to_disk`` (state.json) or ``DatasetDict.save_to_disk``
+    (dataset_dict.json) writes."""
+    return (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
+
+
+def _dataset_dir_rows(p: Path, name: str) -> Iterator[Row]:
+    if (p / "dataset_dict.json").is_file():
+        splits = sorted(d.name for d in p.iterdir() if (d / "state.json").is_file())
+        raise DataError(f"{name}: a DatasetDict directory (splits: {', '.join(splits)}); name "
+                        f"one split's directory, e.g. {p / (splits[0] if splits else 'train')}")
+    try:
+        import datasets  # optional dependency, needed only for these directories
+    except ImportError:
+        raise DataError(f"{name}: a Hugging Face datasets directory; reading it needs the "
+                        "'datasets' package (pip install 'peftlab[datasets]')") from None
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{name}: not a readable save_to_disk directory ({first})") from None
+    for index, row in enumerate(ds, start=1):
+        yield index, dict(row)
 
 
 def _parquet_rows(p: Path, name: str) -> Iterator[Row]:

@@ -7,7 +7,12 @@ A finished trial leaves ``trial.json``; re-running the sweep skips it, so an int
 resumes where it stopped. A trial whose overrides are invalid, or whose run fails on bad
 input, is recorded with its error and the sweep goes on. Trials are ranked by the base
 config's ``train.best_metric`` (e.g. ``val_loss``, ``val_accuracy``): ``sweep.md``,
-``sweep.json`` and ``sweep.png`` in OUTPUT_DIR.
+``sweep.json`` and ``sweep.png`` in OUTPUT_DIR, with the finished/pruned/failed counts, the
+optimisation history (``sweep_history.png``) and the Pareto front of metric vs trainable
+parameters vs training seconds vs peak RSS (``peftlab.lab.pareto``).
+
+The Optuna-driven search (``--space``: TPE/random/grid sampling, pruning, resumable SQLite
+storage, parallel workers) is ``peftlab.lab.study``; it writes the same trial records and report.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from matplotlib.figure import Figure
 from peftlab.config import ConfigError, RunConfig, load_config
 from peftlab.files import CorruptFileError, read_json
 from peftlab.lab.baseline import run_baseline
+from peftlab.lab.pareto import pareto_front
+from peftlab.lab.peak_rss import PeakRSS
 from peftlab.training.recipe import run_training
 
 TRIAL_FILE = "trial.json"
@@ -39,7 +46,7 @@ class Trial:
     index: int
     overrides: dict[str, str]
     directory: str
-    status: str  # done | failed
+    status: str  # done | failed | pruned
     metric: str
     best_value: float | None = None
     best_step: int | None = None
@@ -47,6 +54,9 @@ class Trial:
     trainable_params: int | None = None
     seconds: float | None = None
     error: str | None = None
+    peak_rss_mb: float | None = None
+    method: str | None = None
+    steps: int | None = None
 
 
 @dataclass
@@ -58,16 +68,21 @@ class SweepResult:
     # task: classification: the TF-IDF baseline on the base config's data (name, value of
     # ``metric``, seconds), the table's first row: the bar every trial has to beat
     baseline: dict[str, Any] | None = None
+    importances: dict[str, float] | None = None  # Optuna's evaluator, --space sweeps only
 
     @property
     def ranked(self) -> list[Trial]:
-        """Finished trials with a metric value, best first."""
-        done = [t for t in self.trials if t.best_value is not None]
+        """Finished (not pruned) trials with a metric value, best first."""
+        done = [t for t in self.trials if t.status == "done" and t.best_value is not None]
         return sorted(done, key=lambda t: t.best_value if self.lower_is_better else -t.best_value)
 
     @property
     def best(self) -> Trial | None:
         return self.ranked[0] if self.ranked else None
+
+    def counts(self) -> dict[str, int]:
+        return {status: sum(t.status == status for t in self.trials)
+                for status in ("done", "pruned", "failed")}
 
 
 def parse_grid(specs: list[str] | dict[str, list[Any]]) -> dict[str, list[str]]:
@@ -135,7 +150,7 @@ def combinations(grid: dict[str, list[str]], trials: int | None = None,
     return points
 
 
-def _slug(overrides: dict[str, str]) -> str:
+def slug(overrides: dict[str, str]) -> str:
     text = "-".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
     return re.sub(r"[^A-Za-z0-9=.+_-]+", "_", text)[:80]
 
@@ -152,7 +167,7 @@ def run_sweep(config: RunConfig, grid: dict[str, list[str]], trials: int | None 
     points = combinations(grid, trials, seed)
     bar = baseline_row(config, metric)
     for i, point in enumerate(points):
-        directory = out / "trials" / f"{i:02d}-{_slug(point)}"
+        directory = out / "trials" / f"{i:02d}-{slug(point)}"
         done = _read_trial(directory / TRIAL_FILE, point)
         if done is not None:
             print(f"sweep: trial {i + 1}/{len(points)} {point} already done, skipped")
@@ -163,22 +178,16 @@ def run_sweep(config: RunConfig, grid: dict[str, list[str]], trials: int | None 
         try:
             overrides = [f"{k}={v}" for k, v in point.items()] + [f"output_dir={directory}"]
             cfg = load_config(overrides=overrides, base=base)
+            trial.method = cfg.method_name
             # a trial without a record did not finish: it starts again from scratch
-            summary = run_training(cfg, progress=progress, overwrite=True)
+            with PeakRSS() as rss:
+                summary = run_training(cfg, progress=progress, overwrite=True)
         except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
             trial.error = f"{type(exc).__name__}: {exc}"
             print(f"sweep: trial {i + 1} failed: {trial.error}")
         else:
-            r = summary.result
-            trial.status = "done"
-            trial.best_value, trial.best_step = r.best_value, r.best_step
-            trial.final_train_loss, trial.seconds = r.final_train_loss, round(r.seconds, 2)
-            trial.trainable_params = summary.trainable_params
-            if r.best_metric != metric:
-                trial.error = f"ranked by {metric} but the run tracked {r.best_metric}"
-            elif r.best_value is None:
-                trial.error = f"no {metric} logged (no validation data?)"
-            _write_json(directory / TRIAL_FILE, asdict(trial))
+            record_summary(trial, summary, rss.peak_mb)
+            write_json(directory / TRIAL_FILE, asdict(trial))
             del summary
         gc.collect()
         results.append(trial)
@@ -205,6 +214,20 @@ def baseline_row(config: RunConfig, metric: str) -> dict[str, Any] | None:
             "note": note}
 
 
+def record_summary(trial: Trial, summary: Any, peak_rss_mb: float) -> None:
+    """Fill a finished run's numbers (a training.recipe.RunSummary) into ``trial``."""
+    r = summary.result
+    trial.status = "done"
+    trial.best_value, trial.best_step = r.best_value, r.best_step
+    trial.final_train_loss, trial.seconds = r.final_train_loss, round(r.seconds, 2)
+    trial.trainable_params, trial.steps = summary.trainable_params, r.steps
+    trial.peak_rss_mb = round(peak_rss_mb, 1)
+    if r.best_metric != trial.metric:
+        trial.error = f"ranked by {trial.metric} but the run tracked {r.best_metric}"
+    elif r.best_value is None:
+        trial.error = f"no {trial.metric} logged (no validation data?)"
+
+
 def _read_trial(path: Path, point: dict[str, str]) -> Trial | None:
     if not path.is_file():
         return None
@@ -219,7 +242,7 @@ def _read_trial(path: Path, point: dict[str, str]) -> Trial | None:
     return trial
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic: a crash never leaves a half-written record that would skip a trial."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -231,7 +254,7 @@ def table(result: SweepResult) -> str:
     """Markdown: trials ranked best first, then the failed ones."""
     keys = list(dict.fromkeys(k for t in result.trials for k in t.overrides))
     head = ["rank", "trial", *keys, f"best {result.metric}", "at step", "final train loss",
-            "trainable params", "seconds", "note"]
+            "trainable params", "seconds", "peak RSS MB", "status", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ranked = result.ranked
     rest = [t for t in result.trials if t not in ranked]
@@ -245,7 +268,8 @@ def table(result: SweepResult) -> str:
                  *(t.overrides.get(k, "") for k in keys),
                  _num(t.best_value), str(t.best_step or ""), _num(t.final_train_loss),
                  f"{t.trainable_params:,}" if t.trainable_params else "",
-                 _num(t.seconds, ".1f"), (t.error or "").replace("|", "/")]
+                 _num(t.seconds, ".1f"), _num(t.peak_rss_mb, ".0f"), t.status,
+                 (t.error or "").replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -258,13 +282,19 @@ def write_report(result: SweepResult) -> None:
     out = result.output_dir
     out.mkdir(parents=True, exist_ok=True)
     best = result.best
+    counts = result.counts()
+    front = pareto_front(result.ranked, result.lower_is_better)
     summary = {"metric": result.metric, "lower_is_better": result.lower_is_better,
-               "best": asdict(best) if best else None, "baseline": result.baseline,
+               "counts": counts, "best": asdict(best) if best else None,
+               "baseline": result.baseline, "importances": result.importances,
+               "pareto_front": [t.index for t in front],
                "trials": [asdict(t) for t in result.trials]}
-    _write_json(out / "sweep.json", summary)
+    write_json(out / "sweep.json", summary)
     direction = "lower" if result.lower_is_better else "higher"
     text = [f"# Sweep: {len(result.trials)} trials ranked by {result.metric} ({direction} is "
-            "better)", ""]
+            "better)", "",
+            f"{counts['done']} finished, {counts['pruned']} pruned, {counts['failed']} failed.",
+            ""]
     if best:
         text += [f"Best: trial {best.index:02d} {best.overrides} -> {result.metric} "
                  f"{best.best_value:.4f}; adapter in {best.directory}/adapter.", ""]
@@ -272,7 +302,70 @@ def write_report(result: SweepResult) -> None:
     if result.ranked:
         text += ["![trials](sweep.png)", ""]
         _plot(result, out / "sweep.png")
+    if any(t.best_value is not None for t in result.trials):
+        text += ["## Optimisation history", "", "![history](sweep_history.png)", ""]
+        _plot_history(result, out / "sweep_history.png")
+    if result.importances:
+        text += ["## Hyper-parameter importance", "",
+                 "Optuna's importance evaluator over the finished trials (sums to 1).", "",
+                 "| parameter | importance |", "|---|---|",
+                 *(f"| {k} | {v:.3f} |" for k, v in result.importances.items()), ""]
+    if front:
+        text += ["## Pareto front", "", pareto_table(result, front), ""]
     (out / "sweep.md").write_text("\n".join(text))
+
+
+def pareto_table(result: SweepResult, front: list[Trial]) -> str:
+    """Markdown: the non-dominated trials (best metric vs trainable parameters vs training
+    seconds vs peak RSS), then the best trial of each method and whether it is on the front."""
+    head = ["trial", "method", f"best {result.metric}", "trainable params", "seconds",
+            "peak RSS MB"]
+    lines = ["Trials no other trial beats on all four axes at once (metric, trainable "
+             "parameters, training seconds, peak RSS).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [_pareto_row(t) for t in front]
+    by_method: dict[str, Trial] = {}
+    for t in result.ranked:  # best first: the first of each method is its best
+        by_method.setdefault(t.method or "?", t)
+    if len(by_method) > 1:
+        lines += ["", "Best trial of each method:", "",
+                  "| " + " | ".join([*head, "on the front"]) + " |",
+                  "|" + "---|" * (len(head) + 1)]
+        lines += [_pareto_row(t, "yes" if t in front else "no") for t in by_method.values()]
+    return "\n".join(lines)
+
+
+def _pareto_row(t: Trial, *extra: str) -> str:
+    cells = [f"{t.index:02d}", t.method or "", _num(t.best_value),
+             f"{t.trainable_params:,}" if t.trainable_params else "", _num(t.seconds, ".1f"),
+             _num(t.peak_rss_mb, ".0f"), *extra]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _plot_history(result: SweepResult, path: Path) -> None:
+    """Each trial's best metric in trial order (pruned ones hollow) and the best so far."""
+    fig = Figure(figsize=(7.0, 3.6), dpi=110)
+    ax = fig.subplots()
+    for status, style in (("done", {"color": "tab:blue"}),
+                          ("pruned", {"facecolors": "none", "edgecolors": "tab:gray"})):
+        pts = [t for t in result.trials if t.status == status and t.best_value is not None]
+        if pts:
+            ax.scatter([t.index for t in pts], [t.best_value for t in pts], label=status,
+                       zorder=3, **style)
+    best, xs, ys = None, [], []
+    for t in sorted(result.ranked, key=lambda t: t.index):
+        if best is None or (t.best_value < best if result.lower_is_better else t.best_value > best):
+            best = t.best_value
+        xs.append(t.index)
+        ys.append(best)
+    if xs:
+        ax.step(xs, ys, where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"best {result.metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _plot(result: SweepResult, path: Path) -> None:

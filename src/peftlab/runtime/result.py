@@ -16,3 +16,4 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    stopped_by_hook: bool = False  # the Trainer's on_evaluate asked to stop (e.g. pruned)

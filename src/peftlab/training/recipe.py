@@ -30,7 +30,7 @@ from peftlab.runtime.precision import prepare_precision, resolve_precision
 from peftlab.runtime.result import TrainResult
 from peftlab.tasks import Task, build_task
 from peftlab.training.run_dir import check_output_dir, clear_earlier_run
-from peftlab.training.trainer import Trainer, check_best_metric
+from peftlab.training.trainer import EvalHook, Trainer, check_best_metric
 
 
 @dataclass
@@ -50,8 +50,10 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = True,
-                 model=None, tokenizer=None, overwrite: bool = False) -> RunSummary:
+                 model=None, tokenizer=None, overwrite: bool = False,
+                 on_evaluate: EvalHook | None = None) -> RunSummary:
     """Run one fine-tuning job end to end. ``model``/``tokenizer`` may be passed pre-loaded.
+    ``on_evaluate`` goes to the Trainer (a task with its own loop, e.g. PPO, never calls it).
 
     Everything that can fail on bad input (config, data, model, the adapter's save, the
     output directory) is checked before ``output_dir`` is touched. An earlier run there is
@@ -63,13 +65,13 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
     """
     world = init_world()
     if world.main:
-        return _run(cfg, resume, progress, model, tokenizer, world, overwrite)
+        return _run(cfg, resume, progress, model, tokenizer, world, overwrite, on_evaluate)
     with contextlib.redirect_stdout(io.StringIO()):
-        return _run(cfg, resume, False, model, tokenizer, world, overwrite)
+        return _run(cfg, resume, False, model, tokenizer, world, overwrite, on_evaluate)
 
 
 def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
-         world: World, overwrite: bool) -> RunSummary:
+         world: World, overwrite: bool, on_evaluate: EvalHook | None) -> RunSummary:
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     # -- 1. check everything; nothing is written until the end of this block ----------
@@ -128,7 +130,7 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     trainer = None
     if not task.own_loop:
         trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress,
-                          world=world,
+                          world=world, on_evaluate=on_evaluate,
                           param_groups=optimizer_param_groups(model, method, cfg.method))
     if world.main:  # whatever would make the final save fail must fail now, not after training
         preflight_save(lambda directory: _save_adapter(cfg, method, task, model, tokenizer,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,23 +86,33 @@ def check_best_metric(best_metric: str, task: Task, val_examples: list[dict] | N
                           f"{suggest(best_metric, available)}; available: {', '.join(available)}")
 
 
+# Called after every evaluation with (step, the logged record: step, epoch, val_*); True stops
+# training at once (e.g. a sweep's pruner judging a hopeless trial).
+EvalHook = Callable[[int, dict[str, Any]], bool]
+
+
 class Trainer:
     """Fits ``model``'s trainable parameters on ``train_examples`` through ``task``.
 
     ``param_groups``: the optimizer groups of those parameters, as the method declares them
     (``methods.optimizer_param_groups``, e.g. LoRA+); default one group.
+    ``on_evaluate``: an :data:`EvalHook`; when it returns True the run stops after that
+    evaluation like an early stop (a step checkpoint is saved, the best weights restored) and
+    ``TrainResult.stopped_by_hook`` is set.
     """
 
     def __init__(self, model: nn.Module, task: Task, train_examples: list[dict],
                  val_examples: list[dict] | None, cfg: TrainConfig, output_dir: str | Path,
                  progress: bool = True, world: World | None = None,
-                 param_groups: list[dict[str, Any]] | None = None):
+                 param_groups: list[dict[str, Any]] | None = None,
+                 on_evaluate: EvalHook | None = None):
         if not train_examples:
             raise ValueError("no training examples left after data preparation")
         self.model, self.task, self.cfg = model, task, cfg
         self.train_examples, self.val_examples = train_examples, val_examples or []
         self.output_dir = Path(output_dir)
         self.world = world or World()
+        self.on_evaluate = on_evaluate
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", writes=self.world.main)
         self.progress = progress and self.world.main
@@ -155,6 +165,7 @@ class Trainer:
         t0 = time.perf_counter()
         window = LogWindow()  # a resumed run logs the same means as a straight one
         window.loss_sum, window.steps = state["window"]
+        stopped_by_hook = False
         # the bar is closed before any error line is printed; NEFTune's hook is removed
         with neftune(self.model, cfg.neftune_alpha), bar:
             for group in self._step_groups(micro):
@@ -225,12 +236,19 @@ class Trainer:
                         state["bad_evals"] += 1
                         patience = cfg.early_stopping_patience
                         stop_early = patience is not None and state["bad_evals"] >= patience
+                    if self.on_evaluate is not None and self.on_evaluate(step, rec):
+                        stopped_by_hook = True
                 if step % self.save_every == 0 or step == self.total_steps:
                     self._save_step(dict(state, step=step, micro=micro))
                 if stop_early:
                     bar.write(f"early stopping at step {step}: {self.best_metric} has not improved "
                               f"for {state['bad_evals']} evaluations")
                     self._save_step(dict(state, step=step, micro=micro))
+                    break
+                if stopped_by_hook:
+                    bar.write(f"stopped at step {step} by the on_evaluate hook")
+                    if step % self.save_every and step != self.total_steps:
+                        self._save_step(dict(state, step=step, micro=micro))
                     break
         seconds = time.perf_counter() - t0
         best_dir = self.ckpt_dir / "best"
@@ -243,7 +261,8 @@ class Trainer:
         return TrainResult(steps=step, final_train_loss=last_loss,
                            best_value=state["best_value"], best_step=state["best_step"],
                            best_metric=self.best_metric,
-                           history=history, seconds=seconds, tokens=state["tokens"])
+                           history=history, seconds=seconds, tokens=state["tokens"],
+                           stopped_by_hook=stopped_by_hook)
 
     # -- evaluation -----------------------------------------------------------------
     @property
