@@ -114,7 +114,7 @@ def test_sweep_report_starts_with_the_baseline(tmp_path):
     assert row["value"] == 1.0 and row["name"].startswith("tfidf+")
     trial = Trial(0, {"train.lr": "1e-3"}, str(tmp_path / "t0"), "done", "val_f1_1",
                   best_value=0.5)
-    lines = table(SweepResult(tmp_path, "val_f1_1", False, [trial], row)).splitlines()
+    lines = table(SweepResult(tmp_path, "val_f1_1", False, [trial], baseline=row)).splitlines()
     assert lines[2].startswith(f"| - | {row['name']} |  | 1.0000 |")
     assert lines[3].startswith("| 1 | 00 | 1e-3 | 0.5000 |")
     assert baseline_row(from_dict({"model": "m", "task": "sft", "data": {"train": "t"}}),

@@ -278,7 +278,7 @@ def test_report_counts_pareto_front_and_importances(tmp_path):
     one.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
     assert importances(one) is None  # one parameter: nothing to compare
 
-    result = SweepResult(tmp_path, "val_accuracy", False, trials, imp)
+    result = SweepResult(tmp_path, "val_accuracy", False, trials, importances=imp)
     write_report(result)
     text = (tmp_path / "sweep.md").read_text()
     assert "3 finished, 1 pruned, 1 failed." in text

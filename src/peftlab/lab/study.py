@@ -40,6 +40,7 @@ from peftlab.lab.sweep import (
     TRIAL_FILE,
     SweepResult,
     Trial,
+    baseline_row,
     record_summary,
     slug,
     write_json,
@@ -90,6 +91,7 @@ def run_study(config: RunConfig, space: SearchSpace, progress: bool = True) -> S
     else:
         _run_workers(out, space.workers)
     result = collect(study, out, config.train.best_metric)
+    result.baseline = baseline_row(config, config.train.best_metric)  # classification only
     write_report(result)
     return result
 
@@ -321,7 +323,8 @@ def collect(study: optuna.Study, out: Path, metric: str) -> SweepResult:
             trials.append(Trial(t.number, t.user_attrs.get("overrides", {}),
                                 str(directory or ""), "failed", metric,
                                 error=f"no readable trial record ({exc})"))
-    return SweepResult(out, metric, lower_is_better(metric), trials, importances(study))
+    return SweepResult(out, metric, lower_is_better(metric), trials,
+                       importances=importances(study))
 
 
 def importances(study: optuna.Study) -> dict[str, float] | None:

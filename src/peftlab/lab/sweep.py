@@ -191,7 +191,7 @@ def run_sweep(config: RunConfig, grid: dict[str, list[str]], trials: int | None 
             del summary
         gc.collect()
         results.append(trial)
-    result = SweepResult(out, metric, lower, results, bar)
+    result = SweepResult(out, metric, lower, results, baseline=bar)
     write_report(result)
     return result
 
