@@ -290,5 +290,5 @@ def test_reward_source_configuration_errors(tiny_chat_model_dir, tmp_path):
         build_task(cfg, None)
     # a function returning the wrong number of rewards is named in the error
     bad = FunctionScorer(lambda prompts, responses: [1.0])
-    with pytest.raises(ValueError, match="returned 1 rewards for 2 responses"):
+    with pytest.raises(ValueError, match="returned 1 rewards for 2 completions"):
         bad([[{"role": "user", "content": "a"}]] * 2, ["x", "y"])

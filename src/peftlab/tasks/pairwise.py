@@ -1,5 +1,6 @@
 """Pieces shared by the pairwise preference objectives without a reference model (ORPO, SimPO):
-the answers' log-probs from one forward over a ``pad_pairs`` batch, and the reward metrics."""
+the batch shape (``PairTask``), the answers' log-probs from one forward over a ``pad_pairs``
+batch, and the reward metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +9,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftlab.data.preference import pad_pairs
 from peftlab.models.lm import IGNORE_INDEX, token_logps
+from peftlab.tasks.base import Task
+
+
+class PairTask(Task):
+    """A task on (chosen, rejected) pairs batched by ``pad_pairs``: an example is as long as
+    its longer answer, a batch counts its pairs. Subclasses add the loss."""
+
+    def __init__(self, pad_id: int, cfg: Any):
+        self.pad_id, self.cfg = pad_id, cfg
+
+    def length(self, example: dict[str, Any]) -> int:
+        return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        return pad_pairs(examples, self.pad_id)
+
+    def count(self, batch: dict[str, Any]) -> int:
+        return len(batch["ids"])
 
 
 def answer_logps(model: nn.Module, batch: dict[str, Any], whole_chosen: bool = False,

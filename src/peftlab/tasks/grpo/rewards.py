@@ -5,7 +5,6 @@ and classifier scorers. The total reward is their weighted sum."""
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from peftlab.tasks.ppo.rewards import (
     ClassifierScorer,
     RewardModelScorer,
     adapter_dir_of,
+    checked_rewards,
     load_function,
 )
 
@@ -43,19 +43,8 @@ class ColumnFunction:
                    for p in prompts]
         kwargs = {k: v for k, v in columns.items()
                   if self.takes_all or (k in self.named and k not in ("prompts", "completions"))}
-        values = self.fn(queries, list(responses), **kwargs)
-        try:
-            values = [float(v) for v in values]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"reward function {self.name}: must return a list of numbers "
-                             f"({exc})") from None
-        if len(values) != len(responses):
-            raise ValueError(f"reward function {self.name}: returned {len(values)} rewards for "
-                             f"{len(responses)} completions")
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:
-            raise ValueError(f"reward function {self.name}: reward {bad} is {values[bad]}")
-        return torch.tensor(values, dtype=torch.float32)
+        return checked_rewards(self.name, self.fn(queries, list(responses), **kwargs),
+                               len(responses))
 
 
 class ModelSource:

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.config import RunConfig
-from peftlab.data.preference import pad_pairs, prepare_preference_data
+from peftlab.data.preference import prepare_preference_data
 from peftlab.data.sft import ensure_chat_template
 from peftlab.runtime.precision import autocast_for
-from peftlab.tasks.base import PreparedTask, Task, TaskSpec, register_task
+from peftlab.tasks.base import PreparedTask, TaskSpec, register_task
 from peftlab.tasks.orpo.config import ORPOConfig
-from peftlab.tasks.pairwise import REWARD_METRICS, answer_logps, reward_metrics
+from peftlab.tasks.pairwise import REWARD_METRICS, PairTask, answer_logps, reward_metrics
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -41,20 +41,10 @@ def odds_ratio_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: 
     return -beta * F.logsigmoid(log_odds), log_odds
 
 
-class ORPOTask(Task):
+class ORPOTask(PairTask):
     """Pairs of (chosen, rejected) answers; loss = NLL(chosen) + the odds-ratio term."""
 
-    def __init__(self, pad_id: int, cfg: ORPOConfig):
-        self.pad_id, self.cfg = pad_id, cfg
-
-    def length(self, example: dict[str, Any]) -> int:
-        return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
-
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return pad_pairs(examples, self.pad_id)
-
-    def count(self, batch: dict[str, Any]) -> int:
-        return len(batch["ids"])
+    cfg: ORPOConfig
 
     def pair_terms(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         n = len(batch["ids"])

@@ -109,19 +109,24 @@ class FunctionScorer:
     def __call__(self, prompts: list[Messages], responses: list[str]) -> torch.Tensor:
         queries = [next((m["content"] for m in reversed(p) if m["role"] == "user"), "")
                    for p in prompts]
-        values = self.fn(queries, list(responses))
-        try:
-            values = [float(v) for v in values]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"reward function {self.name}: must return a list of numbers "
-                             f"({exc})") from None
-        if len(values) != len(responses):
-            raise ValueError(f"reward function {self.name}: returned {len(values)} rewards for "
-                             f"{len(responses)} responses")
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:
-            raise ValueError(f"reward function {self.name}: reward {bad} is {values[bad]}")
-        return torch.tensor(values, dtype=torch.float32)
+        return checked_rewards(self.name, self.fn(queries, list(responses)), len(responses))
+
+
+def checked_rewards(name: str, values: Any, expected: int) -> torch.Tensor:
+    """A user reward function's output as a float tensor, or one line saying what is wrong
+    with it (not numbers, the wrong count, NaN/inf) instead of a failure deep in the loss."""
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"reward function {name}: must return a list of numbers "
+                         f"({exc})") from None
+    if len(values) != expected:
+        raise ValueError(f"reward function {name}: returned {len(values)} rewards for "
+                         f"{expected} completions")
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise ValueError(f"reward function {name}: reward {bad} is {values[bad]}")
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def load_function(spec: str, key: str = "ppo.reward_function") -> Callable:

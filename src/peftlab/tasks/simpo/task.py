@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.config import RunConfig
-from peftlab.data.preference import pad_pairs, prepare_preference_data
+from peftlab.data.preference import prepare_preference_data
 from peftlab.data.sft import ensure_chat_template
 from peftlab.evaluation.loss import score_pairs
-from peftlab.tasks.base import PreparedTask, Task, TaskSpec, register_task
-from peftlab.tasks.pairwise import REWARD_METRICS, answer_logps, reward_metrics
+from peftlab.tasks.base import PreparedTask, TaskSpec, register_task
+from peftlab.tasks.pairwise import REWARD_METRICS, PairTask, answer_logps, reward_metrics
 from peftlab.tasks.simpo.config import SimPOConfig
 
 
@@ -35,20 +35,10 @@ def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float
     return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
-class SimPOTask(Task):
+class SimPOTask(PairTask):
     """Pairs of (chosen, rejected) answers; loss = SimPO's margin loss (+ optional NLL)."""
 
-    def __init__(self, pad_id: int, cfg: SimPOConfig):
-        self.pad_id, self.cfg = pad_id, cfg
-
-    def length(self, example: dict[str, Any]) -> int:
-        return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
-
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return pad_pairs(examples, self.pad_id)
-
-    def count(self, batch: dict[str, Any]) -> int:
-        return len(batch["ids"])
+    cfg: SimPOConfig
 
     def pair_terms(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         n = len(batch["ids"])
