@@ -114,15 +114,20 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     keep = targets != IGNORE_INDEX
     hidden = backbone_hidden_states(model, input_ids, attention_mask)[:, :-1][keep]
     rows = keep.nonzero()[:, 0]
-    targets = targets[keep]
-    head = model.get_output_embeddings()
+    logps = _target_logps(model.get_output_embeddings(), hidden, targets[keep], chunk_size)
+    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return out.index_add(0, rows, logps)
+
+
+def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                  chunk_size: int) -> torch.Tensor:
+    """fp32 log-prob of each target from its hidden state (``[n, d]`` -> ``[n]``), the LM head
+    run ``chunk_size`` rows at a time: a whole batch's vocabulary logits would not fit."""
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         logits = head(hidden[start:start + chunk_size]).float()
         pieces.append(-F.cross_entropy(logits, targets[start:start + chunk_size], reduction="none"))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return out.index_add(0, rows, token_logps)
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def masked_lm_head(model: nn.Module) -> nn.Module:
@@ -159,15 +164,8 @@ def token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     backbone pass serves several sums over different masks (e.g. ORPO's answer log-probs and
     its NLL over the whole sequence).
     """
-    targets = input_ids[:, 1:]
     hidden = backbone_hidden_states(model, input_ids, attention_mask)[:, :-1][keep]
-    targets = targets[keep]
-    head = model.get_output_embeddings()
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = head(hidden[start:start + chunk_size]).float()
-        pieces.append(-F.cross_entropy(logits, targets[start:start + chunk_size], reduction="none"))
+    logps = _target_logps(model.get_output_embeddings(), hidden, input_ids[:, 1:][keep],
+                          chunk_size)
     out = torch.zeros(keep.shape, dtype=torch.float32, device=input_ids.device)
-    if pieces:
-        out = out.masked_scatter(keep, torch.cat(pieces))
-    return out
+    return out.masked_scatter(keep, logps)
