@@ -1,6 +1,7 @@
-"""Pieces shared by the pairwise preference objectives without a reference model (ORPO, SimPO):
-the batch shape (``PairTask``), the answers' log-probs from one forward over a ``pad_pairs``
-batch, and the reward metrics."""
+"""Pieces shared by the pairwise preference objectives: the batch shape of every task on
+(chosen, rejected) pairs (``PairTask``: reward, DPO, ORPO, SimPO) and, for the objectives
+without a reference model (ORPO, SimPO), the answers' log-probs from one forward over a
+``pad_pairs`` batch and the reward metrics."""
 
 from __future__ import annotations
 

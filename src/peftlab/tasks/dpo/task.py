@@ -26,13 +26,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.config import RunConfig
-from peftlab.data.preference import pad_pairs, prepare_preference_data
+from peftlab.data.preference import prepare_preference_data
 from peftlab.data.sft import ensure_chat_template
 from peftlab.evaluation.loss import score_pairs
 from peftlab.methods.reference import check_reference_method, reference_policy
 from peftlab.models.lm import completion_logps
-from peftlab.tasks.base import PreparedTask, Task, TaskSpec, register_task
+from peftlab.tasks.base import PreparedTask, TaskSpec, register_task
 from peftlab.tasks.dpo.config import DPOConfig
+from peftlab.tasks.pairwise import PairTask
 
 # ----------------------------------------------------------------------------- maths
 
@@ -63,7 +64,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 # ----------------------------------------------------------------------------- the task
 
 
-class DPOTask(Task):
+class DPOTask(PairTask):
     """Pairs of (chosen, rejected) completions; loss = DPO against the frozen reference."""
 
     def __init__(self, pad_id: int, cfg: DPOConfig, cache_path: str | Path | None = None,
@@ -78,15 +79,6 @@ class DPOTask(Task):
         self.batch_size = batch_size
         self.model_name = model_name
         self.ref: torch.Tensor | None = None  # [num_examples, 2] (chosen, rejected) when cached
-
-    def length(self, example: dict[str, Any]) -> int:
-        return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
-
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return pad_pairs(examples, self.pad_id)
-
-    def count(self, batch: dict[str, Any]) -> int:
-        return len(batch["ids"])
 
     def pair_terms(self, model: nn.Module, batch: dict[str, Any],
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.config import RunConfig
-from peftlab.data.preference import pad_pairs, prepare_preference_data
+from peftlab.data.preference import prepare_preference_data
 from peftlab.data.sft import ensure_chat_template
 from peftlab.evaluation.loss import score_pairs
 from peftlab.models.lm import backbone_hidden_states
-from peftlab.tasks.base import PreparedTask, Task, TaskSpec, register_task
+from peftlab.tasks.base import PreparedTask, TaskSpec, register_task
 from peftlab.tasks.heads import load_head, save_head
+from peftlab.tasks.pairwise import PairTask
 from peftlab.tasks.reward.config import RewardConfig
 
 HEAD_NAMES = ["classifier", "score"]  # transformers' sequence-classification heads (peft's list)
@@ -51,7 +52,7 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor,
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
 
 
-class RewardTask(Task):
+class RewardTask(PairTask):
     """Pairs of (chosen, rejected) sequences; loss = Bradley-Terry on their scalar scores."""
 
     peft_task_type = "SEQ_CLS"
@@ -83,15 +84,6 @@ class RewardTask(Task):
         """The head :meth:`save` wrote, if any (``peftlab eval`` calls this)."""
         if (Path(directory) / HEAD_FILE).is_file():
             load_head(model, Path(directory) / HEAD_FILE)
-
-    def length(self, example: dict[str, Any]) -> int:
-        return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
-
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return pad_pairs(examples, self.pad_id)
-
-    def count(self, batch: dict[str, Any]) -> int:
-        return len(batch["ids"])
 
     def scores(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         r = sequence_scores(model, batch["input_ids"], batch["attention_mask"])[:, 0]
