@@ -63,7 +63,7 @@ def test_space_parsing_and_errors(tmp_path):
 
     bad = [({"params": {}}, "'params' must map at least one"),
            ({"params": {"train.lr": {"low": 1e-3}}}, "train.lr: a range needs both"),
-           ({"params": {"train.lr": {"low": "1e-4", "high": 1.0}}}, "low: expected a number"),
+           ({"params": {"train.lr": {"low": "tiny", "high": 1.0}}}, "low: expected a number"),
            ({"params": {"train.lr": {"low": 1.0, "high": 0.5}}}, "low .1.0. must be below"),
            ({"params": {"train.lr": {"low": 0.0, "high": 0.5, "log": True}}}, "low > 0"),
            ({"params": {"train.lr": {"low": 0.1, "hihg": 0.5}}}, "'hihg'.*did you mean 'high'"),
@@ -90,7 +90,7 @@ def test_space_parsing_and_errors(tmp_path):
 def test_samplers_propose_valid_configs(sampler, tiny_chat_model_dir, demo_data_dir, tmp_path):
     """Every proposal, applied as overrides to the base config, validates (no training)."""
     space = space_from_dict({
-        "params": {"train.lr": ({"low": 1.0e-4, "high": 1.0e-2, "log": True}
+        "params": {"train.lr": ({"low": "1e-4", "high": 1.0e-2, "log": True}
                                 if sampler != "grid" else [1.0e-4, 1.0e-3]),
                    "method": {"choices": [{"name": "lora", "alpha": 8},
                                           {"name": "lora", "use_dora": True}]},

@@ -252,11 +252,9 @@ def _param(key: str, spec: Any, where: str) -> Param:
                               "expected low, high, log, step, type or choices")
     if "low" not in spec or "high" not in spec:
         raise ConfigError(f"{at}: a range needs both 'low' and 'high' (or give 'choices')")
-    low, high = spec["low"], spec["high"]
-    for name, v in (("low", low), ("high", high), ("step", spec.get("step"))):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-            raise ConfigError(f"{at}: {name}: expected a number, got {v!r} (write floats as "
-                              "1.0e-4: YAML reads 1e-4 as text)")
+    low, high = _number(spec["low"], f"{at}: low"), _number(spec["high"], f"{at}: high")
+    if spec.get("step") is not None:
+        spec = {**spec, "step": _number(spec["step"], f"{at}: step")}
     kind = spec.get("type") or ("int" if all(isinstance(v, int) for v in (low, high)) else "float")
     if kind not in ("int", "float"):
         raise ConfigError(f"{at}: type: {kind!r} is not int or float")
@@ -275,3 +273,16 @@ def _param(key: str, spec: Any, where: str) -> Param:
     return Param(key, kind, float(low) if kind == "float" else int(low),
                  float(high) if kind == "float" else int(high), log,
                  None if step is None else (float(step) if kind == "float" else int(step)))
+
+
+def _number(value: Any, at: str) -> int | float:
+    """A range end as a number; YAML reads ``1e-4`` (no dot) as text, as the config loader
+    accepts it, so does the search space."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{at}: expected a number, got {value!r}")
