@@ -330,21 +330,29 @@ def pad_pairs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
             "margin": torch.tensor([float(ex.get("margin", 0.0)) for ex in examples])}
 
 
-def prepare_preference_data(cfg, tokenizer, margin_field: str | None = None,
-                            ) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Read, split and tokenize the run's preference data; return examples and a report."""
+def read_split_records(cfg) -> tuple[list[dict], list[dict], list[int] | None,
+                                     list[int] | None, dict[str, Any]]:
+    """The run's training and validation records (a validation file, or a seeded split of the
+    training rows), their file row numbers for error messages (None after a split), and the
+    read report. Splitting by record keeps both answers of a pair on one side."""
     data = cfg.data
     if not data.train:
         raise DataError("data.train: no training file given")
     records, read_report = read_records(data.train, on_error=data.on_error, max_rows=data.max_rows)
     report: dict[str, Any] = {"train_file": {"path": data.train, **_read_dict(read_report)}}
-    train_rows = val_rows = None
-    if data.validation:
-        val_records, val_report = read_records(data.validation, on_error=data.on_error)
-        report["validation_file"] = {"path": data.validation, **_read_dict(val_report)}
-        train_rows, val_rows = read_report.row_numbers, val_report.row_numbers
-    else:
+    if not data.validation:
         records, val_records = split_off(records, data.validation_split, cfg.train.seed)
+        return records, val_records, None, None, report
+    val_records, val_report = read_records(data.validation, on_error=data.on_error)
+    report["validation_file"] = {"path": data.validation, **_read_dict(val_report)}
+    return records, val_records, read_report.row_numbers, val_report.row_numbers, report
+
+
+def prepare_preference_data(cfg, tokenizer, margin_field: str | None = None,
+                            ) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Read, split and tokenize the run's preference data; return examples and a report."""
+    data = cfg.data
+    records, val_records, train_rows, val_rows, report = read_split_records(cfg)
     train, train_stats = build_preference_examples(
         records, tokenizer, data, cfg.train.max_length, data.train, train_rows, margin_field)
     val, val_stats = build_preference_examples(

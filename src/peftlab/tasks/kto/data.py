@@ -24,12 +24,12 @@ from peftlab.data.collate import IGNORE_INDEX
 from peftlab.data.preference import (
     Messages,
     encode_exchange,
+    read_split_records,
     record_to_pair,
     record_to_prompt,
 )
-from peftlab.data.readers import DataError, RowStats, read_records
+from peftlab.data.readers import DataError, RowStats
 from peftlab.data.sft import ensure_chat_template
-from peftlab.data.splits import split_off
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -131,17 +131,7 @@ def build_kto_examples(records: list[dict[str, Any]], tokenizer: Any, cfg: DataC
 def prepare_kto_data(cfg, tokenizer) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Read, split (by row, so both answers of a pair land on the same side) and tokenize."""
     data = cfg.data
-    if not data.train:
-        raise DataError("data.train: no training file given")
-    records, read = read_records(data.train, on_error=data.on_error, max_rows=data.max_rows)
-    report: dict[str, Any] = {"train_file": {"path": data.train, **_read_dict(read)}}
-    train_rows = val_rows = None
-    if data.validation:
-        val_records, val_read = read_records(data.validation, on_error=data.on_error)
-        report["validation_file"] = {"path": data.validation, **_read_dict(val_read)}
-        train_rows, val_rows = read.row_numbers, val_read.row_numbers
-    else:
-        records, val_records = split_off(records, data.validation_split, cfg.train.seed)
+    records, val_records, train_rows, val_rows, report = read_split_records(cfg)
     train, train_stats = build_kto_examples(records, tokenizer, data, cfg.train.max_length,
                                             data.train, train_rows)
     first_pair = 1 + max((ex["pair"] for ex in train), default=-1)
@@ -152,8 +142,3 @@ def prepare_kto_data(cfg, tokenizer) -> tuple[list[dict], list[dict], dict[str, 
         report[split]["desirable"] = sum(ex["label"] for ex in examples)
         report[split]["undesirable"] = len(examples) - report[split]["desirable"]
     return train, val, report
-
-
-def _read_dict(read) -> dict[str, Any]:
-    return {"rows_read": read.rows_read, "rows_skipped": read.rows_skipped,
-            "skipped": read.skipped}
