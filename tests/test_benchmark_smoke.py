@@ -93,17 +93,27 @@ def test_candidate_and_reference_losses_agree_in_fp32(bench, sft_setup, tiny_cha
 
 def test_bf16_reference_and_summary(bench, sft_setup, tiny_chat_model_dir):
     tmp, _ = sft_setup
+    names = (*bench.CONFIGS, bench.REF_BF16_COMPILE)
     runs = {name: [_train(bench, tiny_chat_model_dir, tmp, name, precision="fp32")]
-            for name in bench.CONFIGS}
+            for name in names}
     assert runs[bench.REF_BF16][0]["precision"] == "bf16-autocast"
     assert_close(torch.tensor(runs[bench.REF_BF16][0]["losses"]),
                  torch.tensor(runs[bench.REF_FP32][0]["losses"]), rtol=2e-2, atol=2e-2)
+    # the compiled peer is the same bf16 computation, compiled (not silently eager)
+    compiled = runs[bench.REF_BF16_COMPILE][0]
+    assert compiled["compiled"] and not runs[bench.REF_BF16][0]["compiled"]
+    assert_close(torch.tensor(compiled["losses"]),
+                 torch.tensor(runs[bench.REF_BF16][0]["losses"]), rtol=1e-2, atol=1e-2)
+    assert runs[bench.CANDIDATE][0]["compiled"] is False  # auto: a tiny model is not compiled
     n_flop = bench.flop_params(str(tiny_chat_model_dir))
     # 2 blocks of a 64-wide Llama (q 64x64, k/v 64x32, o 64x64, MLP 3 x 64x128, 2 norms) + norm
     assert n_flop == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64
     summary = bench.summarize_training(runs, STEPS, n_flop, {"fp32": 100.0, "bf16": 50.0})
     tps = summary["tokens_per_s"]
     assert summary["ratio_vs_bf16"] == pytest.approx(tps[bench.CANDIDATE] / tps[bench.REF_BF16])
+    assert summary["ratio_vs_bf16_compile"] == pytest.approx(
+        tps[bench.CANDIDATE] / tps[bench.REF_BF16_COMPILE])
+    assert summary["mfu_target"] == 0.70  # fp32 is the faster precision in these fake peaks
     assert summary["mfu_real_limit"] == "fp32"
     assert summary["mfu"] == pytest.approx(tps[bench.CANDIDATE] * 6 * n_flop / 100e9)
     assert summary["mfu_vs_bf16_peak"] == pytest.approx(2 * summary["mfu"])
@@ -112,6 +122,17 @@ def test_bf16_reference_and_summary(bench, sft_setup, tiny_chat_model_dir):
     rows = {row["key"]: row for row in bench.targets(result)}
     assert rows["e2e_vs_bf16"]["status"] == "n/a"
     assert rows["train_vs_bf16"]["status"] in ("MET", "MISSED")
+    assert rows["mfu"]["target"] == ">= 0.7"
+    md = bench.markdown({**result, "machine": {"cpu": "test", "cores": 2, "torch_threads": 2,
+                                               "torch": "x", "transformers": "x", "peft": "x",
+                                               "loadavg_start": [0.0], "loadavg_end": [0.0],
+                                               "amx_bf16": False},
+                         "targets": bench.targets(result), "steps": STEPS, "repeats": 1,
+                         "warmup_steps": 1, "batch_size": 2, "seq_len": 96, "quick": True,
+                         "optimizer": {"lr": 1e-3}, "bf16_matmul_gflops": 50.0,
+                         "fp32_matmul_gflops": 100.0,
+                         "data": {"pad_fraction": 0.1, "labelled_fraction": 0.5}})
+    assert "torch.compile(model)" in md and "| first step s (per round) |" in md
 
 
 def test_generation_worker_matches_transformers(bench, sft_setup, diverse_chat_model_dir):

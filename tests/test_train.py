@@ -355,7 +355,7 @@ def test_each_epoch_reshuffles_and_resume_continues_the_order(tiny_chat_model_di
 
 
 def test_compile_blocks_finds_the_transformer_blocks(tiny_chat_model_dir):
-    from peftlab.training.trainer import compile_blocks
+    from peftlab.training.compile import compile_blocks
 
     model, _ = load_model(str(tiny_chat_model_dir))
     assert compile_blocks(model) == 2  # the two decoder layers, nothing else
@@ -363,6 +363,46 @@ def test_compile_blocks_finds_the_transformer_blocks(tiny_chat_model_dir):
                for block in model.model.layers)
     with pytest.raises(peftlab.ConfigError, match="cannot find the transformer blocks"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_compile_auto_compiles_only_where_it_pays(tiny_chat_model_dir, monkeypatch):
+    """train.compile: auto -> on for a bf16 CPU run of a big-enough model and a long-enough
+    run; off otherwise, with the reason; explicit true/false are obeyed."""
+    from peftlab.config import TrainConfig
+    from peftlab.training import compile as compile_mod
+
+    model, _ = load_model(str(tiny_chat_model_dir))
+    resolve = compile_mod.resolve_compile
+    on, why = resolve(TrainConfig(precision="bf16"), model, 500)
+    assert not on and "parameters" in why  # a tiny model: the compile would cost more
+    monkeypatch.setattr(compile_mod, "AUTO_MIN_PARAMS", 1000)
+    assert resolve(TrainConfig(precision="bf16"), model, 500)[0]
+    assert resolve(TrainConfig(precision="bf16"), model, 50)[0]
+    assert "steps" in resolve(TrainConfig(precision="bf16"), model, 49)[1]
+    assert "fp32" in resolve(TrainConfig(precision="fp32"), model, 500)[1]
+    assert "checkpointing" in resolve(TrainConfig(precision="bf16", activation_checkpointing=True),
+                                      model, 500)[1]
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+    assert "C++ compiler" in resolve(TrainConfig(precision="bf16"), model, 500)[1]
+    assert resolve(TrainConfig(precision="fp32", compile=True), model, 1) == (True, "on")
+    assert resolve(TrainConfig(precision="bf16", compile=False), model, 500) == (False, "off")
+    assert TrainConfig().compile == "auto"
+    with pytest.raises(peftlab.ConfigError, match="expected true, false or auto"):
+        from_dict({"model": "x", "data": {"train": "t.jsonl"}, "train": {"compile": "yes"}})
+
+
+def test_compiled_blocks_run_inside_fit_only(tiny_chat_model_dir, demo_data_dir, tmp_path):
+    """train.compile: the blocks run compiled while fit trains (and validates), and the model
+    leaves fit eager, so generation afterwards does not recompile for every KV-cache shape."""
+    trainer, _ = _trainer(tiny_chat_model_dir, demo_data_dir, tmp_path, rows=4, val_rows=4,
+                          max_steps=2, batch_size=4, eval_every=1, compile=True)
+    blocks = list(trainer.model.model.layers)
+    seen = []
+    trainer.on_evaluate = lambda step, rec: seen.append(
+        [b._compiled_call_impl is not None for b in blocks]) and False
+    trainer.fit()
+    assert seen == [[True, True], [True, True]]
+    assert all(b._compiled_call_impl is None for b in blocks)
 
 
 def test_label_only_head_equals_full_forward_loss(tiny_chat_model_dir, demo_data_dir):
@@ -373,11 +413,20 @@ def test_label_only_head_equals_full_forward_loss(tiny_chat_model_dir, demo_data
     examples, _ = build_sft_examples(rows, tok, cfg.data, 256, source="t")
     task = SFTTask(pad_id=tok.pad_token_id, chunk_size=7)  # several chunks
     batch = task.collate(examples)
+    assert not batch["attention_mask"].all()  # right padding: the causal-only path is taken
+    masks = []
+    model.model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
     loss_sum, n = task.loss(model, batch)
+    assert masks == [None]  # no padding mask: SDPA's causal kernel
     assert n == task.count(batch) > 0
     reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       labels=batch["labels"]).loss
     torch.testing.assert_close(loss_sum / n, reference, rtol=1e-5, atol=1e-5)
+    left = {k: v.flip(1) if torch.is_tensor(v) and v.ndim == 2 else v  # left padding: the
+            for k, v in batch.items()}  # mask must be kept
+    task.loss(model, left)
+    assert masks[-1] is not None
 
 
 def test_bf16_path_tracks_fp32(tiny_chat_model_dir, demo_data_dir, tmp_path):

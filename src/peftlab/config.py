@@ -232,8 +232,9 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # evaluations without improvement
     activation_checkpointing: bool = False  # recompute block activations in backward: less RAM
     # torch.compile (inductor) each transformer block: fused element-wise ops, fewer saved
-    # activations. The first run compiles (~30 s for SmolLM2); later runs reuse the disk cache.
-    compile: bool = False
+    # activations; the first step compiles (~30 s for SmolLM2). auto: on where measured to pay
+    # (bf16 on a CPU, >= 50M parameters, >= 50 steps; peftlab.training.compile).
+    compile: bool | str = "auto"
     # NEFTune: uniform noise alpha/sqrt(L*d) on the input embeddings in training steps only
     # (peftlab.runtime.neftune; TRL's neftune_noise_alpha; the paper uses 5-15)
     neftune_alpha: float | None = None
@@ -251,7 +252,9 @@ class TrainConfig:
         if self.neftune_alpha is not None and not self.neftune_alpha > 0:
             raise ConfigError(f"{where}.neftune_alpha must be > 0 (or null: off), "
                               f"got {self.neftune_alpha}")
-        if self.activation_checkpointing and self.compile:
+        if self.compile not in (True, False, "auto"):
+            raise ConfigError(f"{where}.compile: expected true, false or auto, got {self.compile!r}")
+        if self.activation_checkpointing and self.compile is True:
             raise ConfigError(f"{where}.compile and {where}.activation_checkpointing together "
                               "are not supported (untested); pick one")
 

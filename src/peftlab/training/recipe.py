@@ -93,7 +93,7 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
                                      prepared.report)
     if task.own_loop:  # e.g. task: ppo
         for key in ("activation_checkpointing", "compile", "neftune_alpha"):
-            if getattr(cfg.train, key):
+            if getattr(cfg.train, key) not in (None, False, "auto"):
                 raise ConfigError(f"train.{key} is not supported by task {cfg.task!r} (it runs "
                                   "its own loop); set it to false")
         if world.size > 1:
@@ -132,6 +132,8 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
         trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress,
                           world=world, on_evaluate=on_evaluate,
                           param_groups=optimizer_param_groups(model, method, cfg.method))
+        if cfg.train.compile == "auto" and world.main:
+            print(f"compile auto -> {trainer.compile_reason}")
     if world.main:  # whatever would make the final save fail must fail now, not after training
         preflight_save(lambda directory: _save_adapter(cfg, method, task, model, tokenizer,
                                                        directory, chain), out)

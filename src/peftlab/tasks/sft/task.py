@@ -24,7 +24,7 @@ from peftlab.data.sft import ensure_chat_template
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.methods import get_method, has_virtual_tokens
 from peftlab.models.lm import IGNORE_INDEX as IGNORE
-from peftlab.models.lm import backbone_hidden_states, head_cross_entropy
+from peftlab.models.lm import backbone_hidden_states, head_cross_entropy, right_padded
 from peftlab.tasks.base import PreparedTask, Task, TaskSpec, register_task
 from peftlab.tasks.sft.data import prepare_sft_data
 
@@ -60,7 +60,10 @@ class SFTTask(Task):
                                  "data.packing: false")
             hidden = backbone_hidden_states(model, batch["input_ids"], None, position_ids=positions)
         else:
-            hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+            mask = batch["attention_mask"]
+            if right_padded(mask) and not has_virtual_tokens(model):
+                mask = None  # the padded positions' outputs are never read (labels -100)
+            hidden = backbone_hidden_states(model, batch["input_ids"], mask)
         hidden = hidden[:, :-1][keep]
         targets = labels[keep]
         head = model.get_output_embeddings()

@@ -1,0 +1,297 @@
+"""How cost grows: peftlab vs transformers + peft over model size and sequence length.
+
+Model sizes: SmolLM2-135M (the embedded model, real weights) and Llama configs shaped like
+SmolLM2-360M and SmolLM2-1.7B with random weights built in the worker (no download; speed and
+memory do not depend on the weights' values). Sequence lengths 256 / 1024 / 2048 at a fixed
+2,048 tokens per step (batch 8 / 2 / 1), so a row shows what longer sequences cost per token.
+Random token ids, every token labelled (the pre-training case: the LM head runs on all of them
+for both sides).
+
+* ``peftlab``: peftlab's defaults (precision ``auto``; ``train.compile: auto`` decided as for a
+  50-step run), LoRA r=16 on every linear layer, Trainer + SFTTask.
+* ``peer``: transformers + peft, the same LoRA, bf16 autocast, eager (the usual user setup).
+* ``peftlab_ckpt``: peftlab + ``train.activation_checkpointing`` (at the longest sequence of each
+  size only: the setting for when memory runs out).
+
+Each cell runs in its own subprocess (peak RSS is its own). "Fits in 24 GB" is an estimate, not
+a run to exhaustion: resident memory after the model is built (``model_mb``) plus the measured
+training growth per token (peak minus ``model_mb``, over 2,048 tokens) scaled to 24 GB.
+
+    python benchmarks/scaling.py --quick     # 135M and 360M, 2 timed steps
+    python benchmarks/scaling.py             # + 1.7B
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import train_throughput as tt
+from safetensors.torch import load_file, save_file
+
+RESULTS = tt.RESULTS
+TOKENS_PER_STEP = 2048
+SEQ_LENS = (256, 1024, 2048)
+BUDGET_MB = 24 * 1024
+# SmolLM2's own shapes (its config.json files), random weights
+SHAPES: dict[str, dict[str, Any] | None] = {
+    "135M": None,  # the embedded smollm2-135m-instruct, real weights
+    "360M": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+             "num_attention_heads": 15, "num_key_value_heads": 5},
+    "1.7B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+             "num_attention_heads": 32, "num_key_value_heads": 32},
+}
+COMMON = {"vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+          "tie_word_embeddings": True, "rms_norm_eps": 1e-5}
+CONFIGS = ("peftlab", "peer", "peftlab_ckpt")
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build_model(size: str):
+    """(model, vocab size): the embedded 135M or a random SmolLM2-shaped Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab.models import load_model
+
+    if SHAPES[size] is None:
+        model, tokenizer = load_model(tt.MODEL)
+        return model, len(tokenizer)
+    torch.manual_seed(0)
+    config = LlamaConfig(**COMMON, **SHAPES[size])
+    return LlamaForCausalLM(config), config.vocab_size
+
+
+def n_params(size: str) -> int:
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    from peftlab.models import resolve_spec
+
+    config = (AutoConfig.from_pretrained(resolve_spec(tt.MODEL)) if SHAPES[size] is None
+              else LlamaConfig(**COMMON, **SHAPES[size]))
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+
+def worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train one (config, size, seq) cell for cfg["steps"] steps; timings and memory."""
+    batches = load_file(cfg["batches"])
+    model, _ = build_model(cfg["size"])
+    name, steps = cfg["name"], cfg["steps"]
+    clock = tt.step_clock(cfg)
+    gc.collect()
+    if name == "peer":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules=tt.LORA_TARGETS))
+        model_mb = _rss_now_mb()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=1e-4)
+        model.train()
+        seconds, losses = [], []
+        for t in range(steps):
+            start = clock()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=batches["input_ids"][t],
+                             labels=batches["labels"][t]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(clock() - start)
+            losses.append(float(loss.detach()))
+        precision, compiled = "bf16-autocast", False
+    else:
+        from peftlab.config import TrainConfig
+        from peftlab.methods import get_method
+        from peftlab.methods.lora import LoraConfig
+        from peftlab.runtime.precision import prepare_precision, resolve_precision
+        from peftlab.tasks.sft.task import SFTTask
+        from peftlab.training.compile import resolve_compile
+        from peftlab.training.trainer import Trainer
+
+        torch.manual_seed(0)
+        get_method("lora").apply(model, LoraConfig(r=16, alpha=32, target_modules=tt.LORA_TARGETS),
+                                 "default")
+        precision = resolve_precision("auto")
+        prepare_precision(model, precision)
+        gc.collect()
+        model_mb = _rss_now_mb()
+        tcfg = TrainConfig(max_steps=steps, batch_size=1, lr=1e-4, scheduler="constant",
+                           warmup_steps=0, max_grad_norm=None, precision=precision,
+                           log_every=steps, save_every=10**9, seed=0,
+                           activation_checkpointing=name == "peftlab_ckpt")
+        tcfg.compile, _ = resolve_compile(tcfg, model, 50)  # as for a 50-step run
+        compiled = bool(tcfg.compile)
+        task = tt.FixedBatchTask(SFTTask(pad_id=0), {**batches, "attention_mask": torch.ones_like(
+            batches["input_ids"])}, clock)
+        trainer = Trainer(model, task, [{"index": i} for i in range(steps)], None, tcfg,
+                          cfg["out_dir"], progress=False)
+        ends: list[float] = []
+        trainer.optimizer.register_step_post_hook(lambda *_: ends.append(clock()))
+        trainer.fit()
+        seconds = [e - s for s, e in zip(task.starts, ends, strict=True)]
+        losses = task.losses
+    return {"name": name, "size": cfg["size"], "seq_len": cfg["seq_len"],
+            "precision": precision, "compiled": compiled, "step_seconds": seconds,
+            "losses": losses, "model_mb": round(model_mb), "peak_rss_mb": round(tt._peak_rss_mb())}
+
+
+def make_batches(vocab: int, seq_len: int, steps: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    batch = TOKENS_PER_STEP // seq_len
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (steps, batch, seq_len), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def fits_tokens(cell: dict[str, Any]) -> int | None:
+    """Tokens per step that fit in 24 GB at this sequence length (linear in the batch)."""
+    growth = cell["peak_rss_mb"] - cell["model_mb"]
+    if growth <= 0:
+        return None
+    return int(TOKENS_PER_STEP * (BUDGET_MB - cell["model_mb"]) / growth)
+
+
+def summarize(cells: list[dict[str, Any]], skip: int) -> list[dict[str, Any]]:
+    rows = []
+    keys = sorted({(c["size"], c["seq_len"]) for c in cells},
+                  key=lambda k: (list(SHAPES).index(k[0]), k[1]))
+    for size, seq in keys:
+        row: dict[str, Any] = {"size": size, "seq_len": seq, "batch": TOKENS_PER_STEP // seq}
+        for c in cells:
+            if (c["size"], c["seq_len"]) != (size, seq):
+                continue
+            timed = c["step_seconds"][skip:] or c["step_seconds"][-1:]
+            row[c["name"]] = {"tokens_per_s": TOKENS_PER_STEP / statistics.median(timed),
+                              "first_step_s": round(c["step_seconds"][0], 1),
+                              "peak_rss_mb": c["peak_rss_mb"], "model_mb": c["model_mb"],
+                              "fits_tokens_24gb": fits_tokens(c), "compiled": c["compiled"],
+                              "precision": c["precision"], "final_loss": c["losses"][-1]}
+        if "peftlab" in row and "peer" in row:
+            row["ratio"] = row["peftlab"]["tokens_per_s"] / row["peer"]["tokens_per_s"]
+            row["rss_ratio"] = row["peftlab"]["peak_rss_mb"] / row["peer"]["peak_rss_mb"]
+        rows.append(row)
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# How cost grows: peftlab vs transformers + peft (bf16 autocast)",
+        "",
+        f"LoRA r=16 on q,k,v,o,gate,up,down; {TOKENS_PER_STEP} tokens per step (batch x "
+        f"sequence), random tokens, all labelled; {result['steps']} steps per cell, median "
+        f"after the first {result['skip']}, timed by "
+        f"{'CPU time at 1 thread' if result.get('clock') == 'cpu' else 'wall clock'}. "
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch "
+        f"{m['torch']}; matmul peaks fp32 {result['fp32_peak_gflops']:.0f}, bf16 "
+        f"{result['bf16_peak_gflops']:.0f} GFLOP/s; load average {m['loadavg_start'][0]} at "
+        f"start, {m['loadavg_end'][0]} at end.",
+        "",
+        "| model | seq x batch | peftlab tok/s | peer tok/s | ratio | peftlab peak RSS GB | "
+        "peer peak RSS GB | + act. ckpt tok/s | + act. ckpt RSS GB | tokens/step in 24 GB "
+        "(peftlab / + ckpt / peer) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def gb(x: dict[str, Any] | None) -> str:
+        return "–" if x is None else f"{x['peak_rss_mb'] / 1024:.1f}"
+
+    def tps(x: dict[str, Any] | None) -> str:
+        return "–" if x is None else f"{x['tokens_per_s']:.0f}"
+
+    def fit(x: dict[str, Any] | None) -> str:
+        return "–" if x is None or x["fits_tokens_24gb"] is None else f"{x['fits_tokens_24gb']:,}"
+
+    for row in result["rows"]:
+        p, q, k = row.get("peftlab"), row.get("peer"), row.get("peftlab_ckpt")
+        ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "–"
+        lines.append(f"| {row['size']} | {row['seq_len']} x {row['batch']} | {tps(p)} | {tps(q)} | "
+                     f"{ratio} | {gb(p)} | {gb(q)} | {tps(k)} | {gb(k)} | "
+                     f"{fit(p)} / {fit(k)} / {fit(q)} |")
+    compiled = sorted({c["size"] for c in result["cells"] if c["compiled"]})
+    lines += ["", f"peftlab precision: {sorted({c['precision'] for c in result['cells'] if c['name'] != 'peer'})}; "
+              f"train.compile auto on for: {compiled or 'none'}. Tokens/step in 24 GB: "
+              "resident model memory + measured growth per token, extrapolated (not run)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="135M and 360M only, 3 steps")
+    p.add_argument("--sizes", nargs="+", choices=list(SHAPES), help="model sizes to run")
+    p.add_argument("--seq-lens", nargs="+", type=int, default=list(SEQ_LENS))
+    p.add_argument("--steps", type=int, help="steps per cell (default 4, quick 3)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time steps by wall clock or by each worker's CPU time (--threads 1)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--worker", choices=["worker"], help=argparse.SUPPRESS)  # set by tt.spawn
+    p.add_argument("--worker-config", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        cfg = json.loads(args.worker_config.read_text())
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg["threads"])
+        args.worker_result.write_text(json.dumps(worker(cfg)))
+        return
+    sizes = args.sizes or (["135M", "360M"] if args.quick else list(SHAPES))
+    steps = args.steps or (3 if args.quick else 4)
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("error: --clock cpu needs --threads 1")
+    if any(TOKENS_PER_STEP % s for s in args.seq_lens):
+        raise SystemExit(f"error: --seq-lens must divide {TOKENS_PER_STEP}")
+    tt._quiet()
+    started = time.perf_counter()
+    machine = tt.machine_info()
+    peaks = tt.best_matmul_gflops(3)
+    cells: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="peftlab-scaling-") as tmp_name:
+        tmp = Path(tmp_name)
+        for size in sizes:
+            vocab = COMMON["vocab_size"]
+            for seq in args.seq_lens:
+                path = tmp / f"batches-{seq}.safetensors"
+                if not path.exists():
+                    save_file(make_batches(vocab, seq, steps), str(path))
+                names = CONFIGS if seq == max(args.seq_lens) else CONFIGS[:2]
+                for name in names:
+                    cfg = {"name": name, "size": size, "seq_len": seq, "steps": steps,
+                           "batches": str(path), "clock": args.clock}
+                    res = tt.spawn("worker", cfg, tmp, f"{name}-{size}-{seq}", args.threads,
+                                   script=Path(__file__))
+                    cells.append(res)
+                    print(f"  {size:5s} seq {seq:5d} {name:13s} "
+                          f"{TOKENS_PER_STEP / statistics.median(res['step_seconds'][1:] or res['step_seconds']):7.1f} tok/s "
+                          f"rss {res['peak_rss_mb'] / 1024:5.1f} GB (model {res['model_mb'] / 1024:.1f})"
+                          f"{' compiled' if res['compiled'] else ''}", flush=True)
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {"machine": machine, "cpu": machine["cpu"], "bf16_peak_gflops": peaks["bf16"],
+              "fp32_peak_gflops": peaks["fp32"], "steps": steps, "skip": 1,
+              "clock": args.clock, "threads": args.threads,
+              "tokens_per_step": TOKENS_PER_STEP, "params": {s: n_params(s) for s in sizes},
+              "cells": cells, "rows": summarize(cells, 1),
+              "seconds": round(time.perf_counter() - started)}
+    report = markdown(result)
+    print("\n" + report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "scaling.md").write_text(report + "\n")
+    print(f"wrote {args.out / 'scaling.json'} and .md ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

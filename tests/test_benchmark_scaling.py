@@ -1,0 +1,58 @@
+"""benchmarks/scaling.py: batches, the 24 GB estimate, summary and table on fake cells."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its sibling train_throughput
+    spec = importlib.util.spec_from_file_location("scaling", BENCH / "scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(name, size, seq, seconds, peak, model, compiled=False):
+    return {"name": name, "size": size, "seq_len": seq, "step_seconds": seconds,
+            "peak_rss_mb": peak, "model_mb": model, "compiled": compiled,
+            "precision": "bf16", "losses": [11.0, 10.9]}
+
+
+def test_batches_keep_tokens_per_step_fixed(bench):
+    for seq in (256, 2048):
+        b = bench.make_batches(vocab=100, seq_len=seq, steps=2)
+        assert b["input_ids"].shape == (2, 2048 // seq, seq)
+        assert (b["labels"] == b["input_ids"]).all() and int(b["input_ids"].max()) < 100
+
+
+def test_fits_in_24gb_is_linear_in_the_batch(bench):
+    # model 4 GB resident, training adds 2 GB per 2,048 tokens -> (24-4)/2 * 2048 tokens
+    cell = _cell("peftlab", "1.7B", 2048, [9.0, 2.0], peak=6 * 1024, model=4 * 1024)
+    assert bench.fits_tokens(cell) == 20 * 1024
+    assert bench.fits_tokens(dict(cell, peak_rss_mb=4 * 1024)) is None  # no growth measured
+
+
+def test_summary_and_table(bench):
+    cells = [_cell("peftlab", "135M", 256, [30.0, 2.0, 4.0], 3000, 1000, compiled=True),
+             _cell("peer", "135M", 256, [5.0, 4.0, 4.0], 6000, 2000),
+             _cell("peftlab_ckpt", "135M", 256, [5.0, 8.0], 2000, 1000)]
+    (row,) = bench.summarize(cells, skip=1)
+    assert row["batch"] == 8
+    assert row["peftlab"]["tokens_per_s"] == pytest.approx(2048 / 3.0)  # median of 2.0, 4.0
+    assert row["peer"]["tokens_per_s"] == pytest.approx(512.0)
+    assert row["ratio"] == pytest.approx((2048 / 3.0) / 512.0)
+    assert row["rss_ratio"] == pytest.approx(0.5)
+    result = {"machine": {"cpu": "test cpu", "cores": 2, "torch": "x", "loadavg_start": [0.5],
+                          "loadavg_end": [0.7]},
+              "fp32_peak_gflops": 190.0, "bf16_peak_gflops": 870.0, "steps": 3, "skip": 1,
+              "rows": [row], "cells": cells}
+    md = bench.markdown(result)
+    assert "| 135M | 256 x 8 | 683 | 512 | 1.33x | 2.9 | 5.9 | 256 | 2.0 |" in md
+    assert "test cpu" in md and "870" in md and "['135M']" in md
