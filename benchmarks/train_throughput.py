@@ -899,7 +899,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
          train["ratio_vs_bf16"]),
         ("train_vs_bf16_compile", "training tokens/s vs the same under torch.compile(model)",
          train["ratio_vs_bf16_compile"]),
-        ("loss_vs_fp32", f"|final loss - fp32 reference's| after "
+        ("loss_vs_fp32", "final loss, absolute difference from the fp32 reference's after "
          f"{len(train['loss_curves'][CANDIDATE])} steps",
          train["final_loss_abs_diff_vs_fp32"][CANDIDATE]),
         ("mfu", f"MFU vs the {train['mfu_real_limit']} matmul peak (the real limit)",
