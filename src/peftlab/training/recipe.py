@@ -154,6 +154,7 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
         result = task.fit(model, tokenizer, train, val, cfg, out, resume=resume, progress=progress)
     else:
         result = trainer.fit(resume=resume)
+        model = trainer.model  # fsdp: a plain model with the gathered full weights
 
     adapter_dir = out / "adapter"
     if not world.main:  # the same weights as rank 0, which saves them

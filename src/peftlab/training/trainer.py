@@ -25,11 +25,13 @@ from peftlab.runtime import sharded_checkpoint as sharded_ckpt
 from peftlab.runtime.device import to_device
 from peftlab.runtime.distributed import World
 from peftlab.runtime.fsdp import (
+    clip_grad_norm,
     find_blocks,
-    local_value,
+    gather_full_model,
+    meta_skeleton,
     remap_param_groups,
     shard_model,
-    unshard_for_inference,
+    sync_gradients,
 )
 from peftlab.runtime.metrics_log import LogWindow, MetricsLog
 from peftlab.runtime.neftune import neftune
@@ -111,7 +113,8 @@ class Trainer:
     ``train.distributed: fsdp`` and more than one rank the model is sharded here
     (peftlab.runtime.fsdp), every rank runs the same number of forward/backward passes (a rank
     short of micro-batches runs a zero-weighted one), checkpoints are sharded (DCP), and after
-    :meth:`fit` the full weights are gathered on every rank for the final save and evaluation.
+    :meth:`fit` ``self.model`` is a plain model with the full weights on every rank (for the
+    final save and evaluation; the caller must use it, not the sharded one it passed).
     """
 
     def __init__(self, model: nn.Module, task: Task, train_examples: list[dict],
@@ -143,6 +146,7 @@ class Trainer:
         if self.sharded:
             names = {id(p): n for n, p in model.named_parameters()}
             self.world.broadcast(self.params)  # identical start before the weights are split
+            self._skeleton = meta_skeleton(model)  # the plain model the full weights go to
             shard_model(model, self.world)
             param_groups = remap_param_groups(param_groups, names, model)
             self.params = [p for group in param_groups for p in group["params"]]
@@ -204,28 +208,28 @@ class Trainer:
                     short = math.ceil(len(group) / world.size) - len(batches)
                     batches += [self.task.collate([self.train_examples[i] for i in group[0]])] * short
                     weights += [0.0] * short
-                # FSDP averages gradients over ranks; this makes it the token-sum DDP computes
-                scale = world.size if self.sharded else 1
                 loss_total = 0.0
                 for batch, weight in zip(batches, weights, strict=True):
                     batch = to_device(batch, world.device)
                     with autocast_for(cfg.precision):
                         loss_sum, _n = self.task.loss(self.model, batch)
-                    (loss_sum * (weight * scale / max(n_total, 1))).backward()
+                    (loss_sum * (weight / max(n_total, 1))).backward()
                     loss_total += weight * float(loss_sum.detach())
                     if "attention_mask" in batch and weight:
                         step_tokens += int(batch["attention_mask"].sum())
                 if self.sharded:
-                    loss_total, step_tokens = world.sum([loss_total, step_tokens])
+                    loss_total, step_tokens = sync_gradients(self.params, world,
+                                                             [loss_total, step_tokens])
                     step_tokens = int(step_tokens)
                 elif world.size > 1:
                     loss_total, step_tokens = world.sum_gradients(self.params,
                                                                   [loss_total, step_tokens])
                     step_tokens = int(step_tokens)
                 grad_norm = None
-                if cfg.max_grad_norm:
-                    grad_norm = float(local_value(
-                        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)))
+                if cfg.max_grad_norm and self.sharded:
+                    grad_norm = clip_grad_norm(self.params, cfg.max_grad_norm)
+                elif cfg.max_grad_norm:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -293,7 +297,7 @@ class Trainer:
                 print(f"restored best weights from step {state['best_step']} "
                       f"({self.best_metric} {state['best_value']:.4f})")
         if self.sharded:  # rank 0 saves and evaluates the full model alone from here on
-            unshard_for_inference(self.model)
+            self.model = gather_full_model(self.model, self._skeleton)
         self.model.eval()
         return TrainResult(steps=step, final_train_loss=last_loss,
                            best_value=state["best_value"], best_step=state["best_step"],
