@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -56,7 +57,7 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     world.barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=world.size == 1)
     if world.main:
         full = dict(state, format="dcp", world_size=world.size,
                     torch_rng=torch.get_rng_state().tolist())
@@ -77,7 +78,7 @@ def load_sharded(directory: Path, model: nn.Module,
                                 f"(no {METADATA_FILE}; written with train.distributed: ddp?)")
     state = read_json(directory / STATE_FILE)
     target = _state(model, optimizer)
-    dcp.load(target, checkpoint_id=str(directory))
+    dcp.load(target, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
     set_model_state_dict(model, target["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, target["optim"])
