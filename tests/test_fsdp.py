@@ -1,6 +1,7 @@
 """train.distributed: fsdp (FSDP2 on gloo, CPU): 2 ranks x grad_accum 1 train what one process
 trains with grad_accum 2 (full fine-tuning and LoRA), and a sharded checkpoint written by 2 ranks
-resumes in 1 process to the same final weights as the uninterrupted run."""
+resumes in 1 process to the same final weights as the uninterrupted run. 36 rows in batches of 4
+are 9 micro-batches: the last step has one, so rank 1 runs a zero-weighted padding pass."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def _cfg(model_dir: Path, data: dict[str, Path], out: Path, grad_accum: int,
          method: dict) -> dict:
     return {"model": str(model_dir), "method": method,
             "data": {"train": str(data["train"]), "validation": str(data["validation"]),
-                     "max_rows": 40},
-            "train": {"max_steps": 4, "batch_size": 4, "grad_accum": grad_accum, "lr": 3e-3,
+                     "max_rows": 36},
+            "train": {"max_steps": 5, "batch_size": 4, "grad_accum": grad_accum, "lr": 3e-3,
                       "precision": "fp32", "log_every": 1, "eval_every": 2, "save_every": 2,
                       "max_grad_norm": 1.0, "warmup_steps": 0, "distributed": "fsdp",
                       "device": "cpu"},
@@ -91,16 +92,16 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_on_one(tiny_chat_model_dir,
     _assert_same_run(tmp_path / "single", tmp_path / "fsdp")
 
     ckpts = tmp_path / "fsdp" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "step-0000002", "step-0000004"]
-    state = json.loads((ckpts / "step-0000002" / "trainer_state.json").read_text())
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "step-0000004", "step-0000005"]
+    state = json.loads((ckpts / "step-0000004" / "trainer_state.json").read_text())
     assert state["format"] == "dcp" and state["world_size"] == 2
-    assert len(list((ckpts / "step-0000002").glob("*.distcp"))) == 2  # one shard file per rank
+    assert len(list((ckpts / "step-0000004").glob("*.distcp"))) == 2  # one shard file per rank
     if method["name"] == "lora":
         return  # the resume is the same code path for both methods; run it once
-    # interrupted after step 2: resume the 2-rank checkpoint in one process
+    # interrupted after step 4: resume the 2-rank checkpoint in one process
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "fsdp", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
+    shutil.rmtree(resumed / "checkpoints" / "step-0000005")
     shutil.rmtree(resumed / "adapter")
     _train(_cfg(tiny_chat_model_dir, demo_data_dir, resumed, 2, method), resume=True)
     _assert_same_run(tmp_path / "fsdp", resumed)

@@ -49,12 +49,17 @@ def _evaluate(cfg: dict, world: World) -> dict | None:
         return loss(model, batch)
 
     prepared.task.loss = counted
+    # FSDP's lockstep: 31 rows in batches of 5 are 7 batches, rank 1 pads its 3 to 4 passes
+    locked = evaluate_loss(model, prepared.task, val, 5, "fp32", world=world, lockstep=True)
+    lock_calls = len(calls)
+    calls.clear()
     mean = evaluate_loss(model, prepared.task, val, BATCH, "fp32", world=world)
     report = generation_report(model, tok, val, max_new_tokens=6, batch_size=BATCH,
                                samples=None, world=world)
     prompts = [split_prompt_reference(ex)[0] for ex in val]  # the token ids generated
     rows = sharded_generate(model, tok, prompts, 6, BATCH, world)
     return {"examples": len(val), "loss": mean, "batches": len(calls), "rows": rows,
+            "locked": locked, "lock_calls": lock_calls,
             "report": report}
 
 
@@ -85,6 +90,8 @@ def test_two_ranks_evaluate_what_one_process_does(tiny_chat_model_dir, demo_data
     assert (rank0["batches"], rank1["batches"]) == (4, 4)  # a share each, none twice
     for r in (rank0, rank1):  # every rank gets the summed loss
         torch.testing.assert_close(r["loss"], one["loss"])
+        torch.testing.assert_close(r["locked"], one["locked"])  # padding passes not counted
+    assert (one["lock_calls"], rank0["lock_calls"], rank1["lock_calls"]) == (7, 4, 4)
     assert rank0["rows"] == one["rows"]
     assert rank0["report"] == one["report"]
     assert rank1["rows"] is None and rank1["report"] is None  # rank 0 gathers

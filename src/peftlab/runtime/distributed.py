@@ -36,11 +36,17 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collective buffers live: the GPU for nccl, the CPU for gloo (which cannot
+        reduce e.g. MPS tensors)."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks (a no-op in a single process)."""
         if self.size == 1:
             return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t)
         return t.tolist()
 
@@ -73,13 +79,14 @@ class World:
         if self.size == 1:
             return extra
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads]
-                         + [torch.tensor(extra, dtype=torch.float32, device=grads[0].device)])
+        comm = self.comm_device
+        flat = torch.cat([g.reshape(-1).float().to(comm) for g in grads]
+                         + [torch.tensor(extra, dtype=torch.float32, device=comm)])
         dist.all_reduce(flat)
         offset = 0
         for p, g in zip(params, grads, strict=True):
             n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            p.grad = flat[offset:offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
             offset += n
         return flat[offset:].tolist()
 
@@ -89,13 +96,18 @@ class World:
             return
         with torch.no_grad():
             for t in tensors:
-                dist.broadcast(t.data, src=0)
+                if t.device == self.comm_device:
+                    dist.broadcast(t.data, src=0)
+                else:  # e.g. MPS weights under gloo: through a CPU copy
+                    buf = t.data.to(self.comm_device)
+                    dist.broadcast(buf, src=0)
+                    t.data.copy_(buf)
 
     def choose(self, options: list[str], mine: str) -> str:
         """Rank 0's pick among ``options`` (e.g. ``precision: auto`` measured per machine)."""
         if self.size == 1:
             return mine
-        t = torch.tensor([options.index(mine)], device=self.device)
+        t = torch.tensor([options.index(mine)], device=self.comm_device)
         dist.broadcast(t, src=0)
         return options[int(t)]
 

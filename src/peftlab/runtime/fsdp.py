@@ -65,6 +65,9 @@ def shard_model(model: nn.Module, world: World) -> int:
         raise ConfigError(f"train.distributed: fsdp cannot find the transformer blocks of "
                           f"{type(model).__name__} (a ModuleList named layers/layer/h/blocks "
                           "inside model.base_model); use ddp")
+    if world.device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.distributed: fsdp runs on cpu or cuda, not "
+                          f"{world.device.type} (train.device); use ddp")
     mesh = init_device_mesh(world.device.type, (world.size,))
     for block in blocks:
         fully_shard(block, mesh=mesh)
