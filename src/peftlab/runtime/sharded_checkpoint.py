@@ -15,8 +15,11 @@ state and resharding.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +60,8 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     world.barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=world.size == 1)
+    with _single_process_quiet():
+        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=world.size == 1)
     if world.main:
         full = dict(state, format="dcp", world_size=world.size,
                     torch_rng=torch.get_rng_state().tolist())
@@ -78,12 +82,23 @@ def load_sharded(directory: Path, model: nn.Module,
                                 f"(no {METADATA_FILE}; written with train.distributed: ddp?)")
     state = read_json(directory / STATE_FILE)
     target = _state(model, optimizer)
-    dcp.load(target, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.load(target, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
     set_model_state_dict(model, target["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, target["optim"])
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     return state
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns at every save/load without a process group ("assuming the intent is to save in
+    a single process"), which is exactly what a one-process fsdp run means: silence that one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable "
+                                "or uninitialized", category=UserWarning)
+        yield
 
 
 def is_sharded_checkpoint(directory: Path) -> bool:
