@@ -238,9 +238,17 @@ class TrainConfig:
     # NEFTune: uniform noise alpha/sqrt(L*d) on the input embeddings in training steps only
     # (peftlab.runtime.neftune; TRL's neftune_noise_alpha; the paper uses 5-15)
     neftune_alpha: float | None = None
+    # where the model, batches and optimizer state live (peftlab.runtime.device): auto picks
+    # cuda:LOCAL_RANK, else mps, else cpu
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # under torchrun: ddp replicates the model on every rank; fsdp shards parameters,
+    # gradients and optimizer state (torch.distributed.fsdp.fully_shard; peftlab.runtime.fsdp)
+    distributed: str = "ddp"  # ddp | fsdp
 
     def validate(self, where: str) -> None:
         choice(f"{where}.scheduler", self.scheduler, ["cosine", "linear", "constant"])
+        check_device_spec(self.device, f"{where}.device")
+        choice(f"{where}.distributed", self.distributed, ["ddp", "fsdp"])
         choice(f"{where}.precision", self.precision, ["auto", "bf16", "fp32"])
         for key in ("batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, key) < 1:
@@ -450,6 +458,19 @@ def _check_override_key(key: str, parts: list[str]) -> None:
             raise ConfigError(f"--set {key}: {where} has no key {part!r}{suggest(part, names)}")
         hint = typing.get_type_hints(cls)[part]
         cls = hint if dataclasses.is_dataclass(hint) else None
+
+
+DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
+
+
+def check_device_spec(spec: Any, where: str = "train.device") -> None:
+    """``train.device`` syntax: auto | cpu | cuda | cuda:N | mps (availability is checked when
+    the run starts, by peftlab.runtime.device.resolve_device)."""
+    text = str(spec)
+    if text in DEVICE_CHOICES or (text.startswith("cuda:") and text[5:].isdigit()):
+        return
+    raise ConfigError(f"{where}: {spec!r} is not one of auto, cpu, cuda, cuda:N, mps"
+                      f"{suggest(text, DEVICE_CHOICES)}")
 
 
 def choice(key: str, value: Any, choices: list[str]) -> None:

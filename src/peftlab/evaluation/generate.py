@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from peftlab.data.sft import encode_prompt
 from peftlab.methods import has_virtual_tokens
 from peftlab.models.kv_cache import cache_kwargs
+from peftlab.runtime.device import model_device, to_device
 
 
 @torch.no_grad()
@@ -65,7 +66,8 @@ def generate_tokens(model: nn.Module, tokenizer, prompts: list[list[int]],
 def _hf_generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                  stop_ids: list[int], do_sample: bool, temperature: float,
                  top_p: float) -> list[list[int]]:
-    enc = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    enc = to_device(tokenizer.pad({"input_ids": prompts}, return_tensors="pt").data,
+                    model_device(model))
     kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens,
               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids}
     if do_sample:
@@ -100,7 +102,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    device = next(model.parameters()).device
+    device = model_device(model)
     cache = DynamicCache()
     stops = torch.tensor(stop_ids, dtype=torch.long)
     rows = torch.arange(n)  # which prompt each live batch row belongs to

@@ -28,6 +28,7 @@ from torch import nn
 from peftlab.config import ConfigError, RunConfig
 from peftlab.evaluation.perplexity import compare_forgetting, forgetting_report
 from peftlab.evaluation.text_metrics import generation_report, text_metrics
+from peftlab.runtime.distributed import World
 from peftlab.runtime.precision import autocast_for
 
 METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "bleu")
@@ -93,11 +94,12 @@ def generation_examples(examples: list[dict[str, Any]],
 
 
 def generate(model: nn.Module, tokenizer: Any, examples: list[dict[str, Any]], cfg: RunConfig,
-             precision: str) -> dict[str, Any]:
-    """:func:`generation_report` with every sample kept (one per example, in order)."""
+             precision: str, world: World | None = None) -> dict[str, Any] | None:
+    """:func:`generation_report` with every sample kept (one per example, in order); sharded
+    over the ranks of ``world`` (None on ranks other than 0)."""
     with autocast_for(precision):
         return generation_report(model, tokenizer, examples, max_new_tokens=cfg.eval.max_new_tokens,
-                                 batch_size=cfg.eval.batch_size, samples=None)
+                                 batch_size=cfg.eval.batch_size, samples=None, world=world)
 
 
 def write_generation(out_dir: Path | None, examples: list[dict[str, Any]],
@@ -152,13 +154,17 @@ def generation_table(metrics: dict[str, Any]) -> list[str]:
 
 class RunEvaluation:
     """The evaluation of one training run: :meth:`before` on the base model (before the
-    method is applied), :meth:`after` on the trained model."""
+    method is applied), :meth:`after` on the trained model.
+
+    Under torchrun every rank calls both: the generation is sharded over the ranks (rank 0
+    gathers, scores and writes); the forgetting perplexity runs on rank 0 alone."""
 
     def __init__(self, cfg: RunConfig, tokenizer: Any, validation: list[dict[str, Any]],
-                 forgetting: bool = True):
+                 forgetting: bool = True, world: World | None = None):
         """``forgetting=False``: leave ``eval.forgetting_corpus`` to the task."""
         check_eval_config(cfg)
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.world = world or World()
         self.forgetting = forgetting and cfg.eval.forgetting_corpus is not None
         self.examples: list[dict[str, Any]] = []
         if cfg.eval.generate:
@@ -177,14 +183,14 @@ class RunEvaluation:
         cfg, precision = self.cfg, self.cfg.train.precision
         rng = torch.get_rng_state()
         try:
-            if self.forgetting:
+            if self.forgetting and self.world.main:
                 self.base_forgetting = measure_forgetting(model, self.tokenizer, cfg, precision)
                 print(f"forgetting corpus: base perplexity "
                       f"{self.base_forgetting['perplexity']:.3f} over "
                       f"{self.base_forgetting['tokens']} tokens")
             if cfg.eval.compare_base:
                 self.base_generation = generate(model, self.tokenizer, self.examples, cfg,
-                                                precision)
+                                                precision, self.world)
         finally:
             torch.set_rng_state(rng)
 
@@ -192,12 +198,17 @@ class RunEvaluation:
         """Measure the tuned model; write the files; return ``{forgetting?, generation?}``."""
         cfg, precision = self.cfg, self.cfg.train.precision
         result: dict[str, Any] = {}
+        if not self.world.main:  # this rank's share of the answers; rank 0 writes
+            if cfg.eval.generate:
+                generate(model, self.tokenizer, self.examples, cfg, precision, self.world)
+            return result
         if self.base_forgetting is not None:
             after = measure_forgetting(model, self.tokenizer, cfg, precision)
             result["forgetting"] = forgetting_summary(self.base_forgetting, after)
             print(describe_forgetting(result["forgetting"]))
         if cfg.eval.generate:
-            runs = {"tuned": generate(model, self.tokenizer, self.examples, cfg, precision)}
+            runs = {"tuned": generate(model, self.tokenizer, self.examples, cfg, precision,
+                                      self.world)}
             if self.base_generation is not None:
                 runs = {"base": self.base_generation, **runs}
             result["generation"] = write_generation(out_dir, self.examples, runs)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from peftlab.evaluation.generate import generate_tokens, stop_token_ids
+from peftlab.runtime.distributed import World
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -130,8 +131,13 @@ def split_prompt_reference(example: dict[str, list[int]]) -> tuple[list[int], li
 def generation_report(model: nn.Module, tokenizer: Any, examples: list[dict[str, list[int]]],
                       max_new_tokens: int = 64, batch_size: int = 8,
                       max_examples: int | None = None,
-                      samples: int | None = 5) -> dict[str, Any]:
+                      samples: int | None = 5,
+                      world: World | None = None) -> dict[str, Any] | None:
     """Greedy answers for tokenized SFT examples, scored against their labelled answers.
+
+    With a ``world`` of several ranks (every rank calls this) each answers every ``size``-th
+    batch of the one-process batching and rank 0 gathers and scores all of them: the same
+    answers, 1/size of the decoding per rank. Other ranks return None.
 
     Only the first answer of a multi-turn example is used (the later turns' prompts would
     need the model's own earlier answers). Returns the metrics plus ``samples`` (prompt,
@@ -142,8 +148,10 @@ def generation_report(model: nn.Module, tokenizer: Any, examples: list[dict[str,
     stop = set(stop_token_ids(tokenizer))
     refs = [tokenizer.decode([t for t in ref if t not in stop], skip_special_tokens=True).strip()
             for _, ref in pairs]
-    rows = generate_tokens(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens,
-                           batch_size)
+    rows = sharded_generate(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens,
+                            batch_size, world or World())
+    if rows is None:
+        return None
     preds = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
     report: dict[str, Any] = {"examples": len(pairs), **text_metrics(preds, refs)}
     report["samples"] = [
@@ -152,6 +160,34 @@ def generation_report(model: nn.Module, tokenizer: Any, examples: list[dict[str,
         for i in range(len(pairs) if samples is None else min(samples, len(pairs)))
     ]
     return report
+
+
+def sharded_generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]],
+                     max_new_tokens: int, batch_size: int,
+                     world: World) -> list[list[int]] | None:
+    """:func:`generate_tokens` with the length-sorted batches dealt to the ranks; rank 0 gets
+    every row in prompt order, other ranks None. Each rank's batches are exactly the ones one
+    process would form (``generate_tokens`` sorts by length too, stably)."""
+    if world.size == 1:
+        return generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    mine = world.shard(batches)
+    flat = [i for b in mine for i in b]
+    rows = generate_tokens(model, tokenizer, [prompts[i] for i in flat], max_new_tokens,
+                           batch_size) if flat else []
+    done, answered = 0, []
+    for b in mine:
+        answered.append(list(zip(b, rows[done:done + len(b)], strict=True)))
+        done += len(b)
+    gathered = world.gather(answered)
+    if gathered is None:
+        return None
+    out: list[list[int]] = [[] for _ in prompts]
+    for batch in gathered:
+        for i, row in batch:
+            out[i] = row
+    return out
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:

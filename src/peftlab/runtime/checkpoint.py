@@ -23,6 +23,7 @@ from peftlab.files import CorruptFileError, check_safetensors, read_json, read_s
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+DCP_METADATA_FILE = ".metadata"  # a sharded checkpoint (peftlab.runtime.sharded_checkpoint)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -43,6 +44,12 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     full_state = dict(state, optimizer=opt_meta,
                       torch_rng=torch.get_rng_state().tolist())
     (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
+    return install(tmp, directory)
+
+
+def install(tmp: Path, directory: Path) -> Path:
+    """Rename the complete ``tmp`` into ``directory``; an older copy goes to ``<name>.old``
+    first and is removed last (:func:`recover_interrupted` finishes a move a crash cut)."""
     if directory.exists():
         old = directory.with_name(directory.name + ".old")
         if old.exists():
@@ -83,6 +90,11 @@ def load_checkpoint(directory: Path, model: nn.Module,
 def check_checkpoint(directory: Path) -> None:
     """Raise CorruptFileError/FileNotFoundError unless every file of the checkpoint reads."""
     directory = Path(directory)
+    if (directory / DCP_METADATA_FILE).is_file():  # train.distributed: fsdp (sharded, DCP)
+        state = read_json(directory / STATE_FILE)
+        if "torch_rng" not in state:
+            raise CorruptFileError(f"{directory / STATE_FILE}: missing key 'torch_rng'")
+        return
     for name in (STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: not a peftlab checkpoint (no {name})")

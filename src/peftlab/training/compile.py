@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from peftlab.config import ConfigError, TrainConfig
+from peftlab.runtime.fsdp import find_blocks
 
 AUTO_MIN_PARAMS = 50_000_000  # tiny models: the compile costs more than it saves
 AUTO_MIN_STEPS = 50  # ~30 s of compile repaid at ~1 s saved per SmolLM2 step
@@ -37,6 +38,8 @@ def resolve_compile(cfg: TrainConfig, model: nn.Module, total_steps: int) -> tup
         devices = {p.device.type for p in model.parameters()}
         if cfg.activation_checkpointing:
             return False, "off: activation_checkpointing is on"
+        if cfg.distributed == "fsdp":
+            return False, "off: not tried with train.distributed: fsdp"
         if devices != {"cpu"}:
             return False, f"off: measured on CPUs only, the model is on {sorted(devices)}"
         if cfg.precision != "bf16":
@@ -53,15 +56,13 @@ def resolve_compile(cfg: TrainConfig, model: nn.Module, total_steps: int) -> tup
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The repeated blocks (a ModuleList named layers/layer/h/blocks of one block type)."""
-    for name, module in model.named_modules():
-        if (isinstance(module, nn.ModuleList) and len(module) > 1
-                and name.rsplit(".", 1)[-1] in ("layers", "layer", "h", "blocks")
-                and len({type(m) for m in module}) == 1):
-            return module
-    raise ConfigError(f"train.compile: cannot find the transformer blocks of "
-                      f"{type(model).__name__} (a ModuleList named layers/layer/h/blocks); "
-                      "set it to false")
+    """:func:`peftlab.runtime.fsdp.find_blocks`, or an error saying compile cannot apply."""
+    blocks = find_blocks(model)
+    if blocks is None:
+        raise ConfigError(f"train.compile: cannot find the transformer blocks of "
+                          f"{type(model).__name__} (a ModuleList named layers/layer/h/blocks); "
+                          "set it to false")
+    return blocks
 
 
 def compile_blocks(model: nn.Module) -> int:

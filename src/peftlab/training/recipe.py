@@ -24,6 +24,7 @@ from peftlab.files import write_text_atomic
 from peftlab.methods import Method, get_method, optimizer_param_groups
 from peftlab.methods.chain import init_chain, merge_chain, write_chain
 from peftlab.models import load_model, load_tokenizer
+from peftlab.runtime.device import move_model
 from peftlab.runtime.distributed import World, init_world
 from peftlab.runtime.plots import plot_loss_curve
 from peftlab.runtime.precision import prepare_precision, resolve_precision
@@ -63,7 +64,7 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress: bool = Tr
     (peftlab.runtime.distributed); rank 0 alone writes and prints, and only its summary
     describes saved files.
     """
-    world = init_world()
+    world = init_world(cfg.train.device)
     if world.main:
         return _run(cfg, resume, progress, model, tokenizer, world, overwrite, on_evaluate)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -99,6 +100,9 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
         if world.size > 1:
             raise ConfigError(f"task {cfg.task!r} runs its own loop, which does not support "
                               "torch.distributed yet; run it in one process")
+        if world.device.type != "cpu":
+            raise ConfigError(f"train.device: task {cfg.task!r} runs its own loop, which keeps "
+                              f"its tensors on the CPU (got {world.device}); set it to cpu")
     else:
         check_best_metric(cfg.train.best_metric, task, val)
     chain = init_chain(cfg.init_from, cfg.model) if cfg.init_from else []
@@ -110,15 +114,17 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
               + ", ".join(str(d) for d in chain))
     _print_data_report(data_report)
 
-    evaluation = RunEvaluation(cfg, tokenizer, val, forgetting=not task.measures_forgetting)
+    evaluation = RunEvaluation(cfg, tokenizer, val, forgetting=not task.measures_forgetting,
+                               world=world)
+    model = move_model(model, world.device)
     if world.main:  # on the starting model, before the method is applied
         rng = torch.get_rng_state()
         try:
             task.baseline(model, val, cfg.eval.batch_size, cfg.train.precision)
         finally:
             torch.set_rng_state(rng)
-        if evaluation.enabled:
-            evaluation.before(model)
+    if evaluation.enabled:  # every rank: the generation is sharded over them
+        evaluation.before(model)
 
     method = get_method(cfg.method_name)
     method.apply(model, cfg.method, "default")
@@ -127,16 +133,17 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     print(f"method {cfg.method_name}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.3f}%)")
     prepare_precision(model, cfg.train.precision)
+    model = move_model(model, world.device)  # the method's and the task's new parameters too
+    if world.main:  # whatever would make the final save fail must fail now, not after training
+        preflight_save(lambda directory: _save_adapter(cfg, method, task, model, tokenizer,
+                                                       directory, chain), out)
     trainer = None
-    if not task.own_loop:
+    if not task.own_loop:  # with train.distributed: fsdp it shards the model
         trainer = Trainer(model, task, train, val, cfg.train, out, progress=progress,
                           world=world, on_evaluate=on_evaluate,
                           param_groups=optimizer_param_groups(model, method, cfg.method))
         if cfg.train.compile == "auto" and world.main:
             print(f"compile auto -> {trainer.compile_reason}")
-    if world.main:  # whatever would make the final save fail must fail now, not after training
-        preflight_save(lambda directory: _save_adapter(cfg, method, task, model, tokenizer,
-                                                       directory, chain), out)
 
     # -- 2. the run writes from here on ---------------------------------------------------
     if world.main:
@@ -149,9 +156,12 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
         result = task.fit(model, tokenizer, train, val, cfg, out, resume=resume, progress=progress)
     else:
         result = trainer.fit(resume=resume)
+        model = trainer.model  # fsdp: a plain model with the gathered full weights
 
     adapter_dir = out / "adapter"
     if not world.main:  # the same weights as rank 0, which saves them
+        if evaluation.enabled:  # its share of the generation
+            evaluation.after(model, out)
         return RunSummary(out, adapter_dir, result, trainable, total, data_report)
     if val:
         task.calibrate(model, val, cfg.eval.batch_size, cfg.train.precision)

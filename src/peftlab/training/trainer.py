@@ -21,7 +21,17 @@ from peftlab.config import ConfigError, TrainConfig, suggest
 from peftlab.data.collate import length_grouped_batches
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.runtime import checkpoint as ckpt
+from peftlab.runtime import sharded_checkpoint as sharded_ckpt
+from peftlab.runtime.device import to_device
 from peftlab.runtime.distributed import World
+from peftlab.runtime.fsdp import (
+    clip_grad_norm,
+    gather_full_model,
+    meta_skeleton,
+    remap_param_groups,
+    shard_model,
+    sync_gradients,
+)
 from peftlab.runtime.metrics_log import LogWindow, MetricsLog
 from peftlab.runtime.neftune import neftune
 from peftlab.runtime.optim import make_optimizer, set_lr, warmup_steps
@@ -80,6 +90,13 @@ class Trainer:
     ``on_evaluate``: an :data:`EvalHook`; when it returns True the run stops after that
     evaluation like an early stop (a step checkpoint is saved, the best weights restored) and
     ``TrainResult.stopped_by_hook`` is set.
+
+    The model must already be on ``world.device``; batches are moved there. With
+    ``train.distributed: fsdp`` and more than one rank the model is sharded here
+    (peftlab.runtime.fsdp), every rank runs the same number of forward/backward passes (a rank
+    short of micro-batches runs a zero-weighted one), checkpoints are sharded (DCP), and after
+    :meth:`fit` ``self.model`` is a plain model with the full weights on every rank (for the
+    final save and evaluation; the caller must use it, not the sharded one it passed).
     """
 
     def __init__(self, model: nn.Module, task: Task, train_examples: list[dict],
@@ -104,6 +121,15 @@ class Trainer:
             raise ValueError("the model has no trainable parameters (did the method apply?)")
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
+        self.fsdp = cfg.distributed == "fsdp"
+        self.sharded = self.fsdp and self.world.size > 1
+        if self.sharded:
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.world.broadcast(self.params)  # identical start before the weights are split
+            self._skeleton = meta_skeleton(model)  # the plain model the full weights go to
+            shard_model(model, self.world)
+            param_groups = remap_param_groups(param_groups, names, model)
+            self.params = [p for group in param_groups for p in group["params"]]
         self.optimizer = make_optimizer(param_groups, cfg)
         self.lengths = [task.length(e) for e in train_examples]
         self.batches_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
@@ -129,14 +155,15 @@ class Trainer:
             path = ckpt.latest_checkpoint(self.ckpt_dir) if resume is True else Path(resume)
             if path is None:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_dir}")
-            loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
+            loaded = self._load(Path(path), self.optimizer)
             state.update({k: loaded[k] for k in state if k in loaded})
             self.metrics.trim(state["step"])
             if world.main:
                 print(f"resumed from {path} at step {state['step']}")
         else:
             self.metrics.start()
-        world.broadcast(self.params)  # identical start on every rank, whatever each loaded
+        if not self.sharded:  # identical start on every rank, whatever each loaded
+            world.broadcast(self.params)
 
         self.model.train()
         step, micro = state["step"], state["micro"]
@@ -156,23 +183,35 @@ class Trainer:
                 step_start = time.perf_counter()
                 step_tokens = 0
                 lr = set_lr(self.optimizer, cfg, step, self.total_steps, self.warmup_steps)
-                mine = group[world.rank::world.size]  # this rank's share of the step
+                mine = world.shard(group)  # this rank's share of the step
                 batches = [self.task.collate([self.train_examples[i] for i in idx]) for idx in mine]
                 n_total = int(world.sum([sum(self.task.count(b) for b in batches)])[0])
+                weights = [1.0] * len(batches)
+                if self.sharded:  # FSDP's collectives need the same passes on every rank
+                    short = math.ceil(len(group) / world.size) - len(batches)
+                    batches += [self.task.collate([self.train_examples[i] for i in group[0]])] * short
+                    weights += [0.0] * short
                 loss_total = 0.0
-                for batch in batches:
+                for batch, weight in zip(batches, weights, strict=True):
+                    batch = to_device(batch, world.device)
                     with autocast_for(cfg.precision):
                         loss_sum, _n = self.task.loss(self.model, batch)
-                    (loss_sum / max(n_total, 1)).backward()
-                    loss_total += float(loss_sum.detach())
-                    if "attention_mask" in batch:
+                    (loss_sum * (weight / max(n_total, 1))).backward()
+                    loss_total += weight * float(loss_sum.detach())
+                    if "attention_mask" in batch and weight:
                         step_tokens += int(batch["attention_mask"].sum())
-                if world.size > 1:
+                if self.sharded:
+                    loss_total, step_tokens = sync_gradients(self.params, world,
+                                                             [loss_total, step_tokens])
+                    step_tokens = int(step_tokens)
+                elif world.size > 1:
                     loss_total, step_tokens = world.sum_gradients(self.params,
                                                                   [loss_total, step_tokens])
                     step_tokens = int(step_tokens)
                 grad_norm = None
-                if cfg.max_grad_norm:
+                if cfg.max_grad_norm and self.sharded:
+                    grad_norm = clip_grad_norm(self.params, cfg.max_grad_norm)
+                elif cfg.max_grad_norm:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -235,10 +274,13 @@ class Trainer:
         seconds = time.perf_counter() - t0
         best_dir = self.ckpt_dir / "best"
         if (state["best_step"] is not None and state["best_step"] != step and best_dir.exists()
-                and world.main):  # other ranks' weights are not saved
-            ckpt.load_checkpoint(best_dir, self.model)
-            print(f"restored best weights from step {state['best_step']} "
-                  f"({self.best_metric} {state['best_value']:.4f})")
+                and (world.main or self.sharded)):  # ddp: other ranks' weights are not saved
+            self._load(best_dir)
+            if world.main:
+                print(f"restored best weights from step {state['best_step']} "
+                      f"({self.best_metric} {state['best_value']:.4f})")
+        if self.sharded:  # rank 0 saves and evaluates the full model alone from here on
+            self.model = gather_full_model(self.model, self._skeleton)
         self.model.eval()
         return TrainResult(steps=step, final_train_loss=last_loss,
                            best_value=state["best_value"], best_step=state["best_step"],
@@ -260,7 +302,7 @@ class Trainer:
         """Validation loss (+ perplexity) and whatever metrics the task computes."""
         cfg = self.cfg
         val = evaluate_loss(self.model, self.task, self.val_examples, cfg.batch_size,
-                            cfg.precision)
+                            cfg.precision, world=self.world, lockstep=self.sharded)
         out = {"val_loss": round(val, 5), "val_ppl": round(perplexity(val), 3)}
         extra = self.task.metrics(self.model, self.val_examples, cfg.batch_size, cfg.precision)
         out.update({f"val_{k}": v for k, v in extra.items()})
@@ -279,9 +321,24 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     def _save(self, path: Path, state: dict[str, Any]) -> None:
-        if self.world.main:  # every rank holds the same weights and optimizer state
+        if self.fsdp:  # every rank writes its shards (also in one process: any size resumes)
+            sharded_ckpt.save_sharded(path, self.model, self.optimizer, state, self.world)
+        elif self.world.main:  # every rank holds the same weights and optimizer state
             ckpt.save_checkpoint(path, self.model, self.optimizer, state)
 
     def _save_step(self, state: dict[str, Any]) -> None:
-        if self.world.main:
+        if self.fsdp:
+            sharded_ckpt.save_step_sharded(self.ckpt_dir, state["step"], self.model,
+                                           self.optimizer, state, self.world)
+        elif self.world.main:
             ckpt.save_step(self.ckpt_dir, state["step"], self.model, self.optimizer, state)
+
+    def _load(self, path: Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """A checkpoint of this run's format (sharded DCP for fsdp, safetensors for ddp)."""
+        if sharded_ckpt.is_sharded_checkpoint(path) != self.fsdp:
+            written = "ddp" if self.fsdp else "fsdp"
+            raise ConfigError(f"--resume: {path} was written with train.distributed: {written}; "
+                              f"this run has train.distributed: {self.cfg.distributed}")
+        if self.fsdp:
+            return sharded_ckpt.load_sharded(path, self.model, optimizer)
+        return ckpt.load_checkpoint(path, self.model, optimizer)
