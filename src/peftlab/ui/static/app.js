@@ -218,6 +218,7 @@ async function loadSchema() {
   form.task.replaceChildren(...schema.tasks.map(t => el("option", {value: t, textContent: t})));
   form.method.replaceChildren(...Object.keys(schema.methods).map(m =>
     el("option", {value: m, textContent: m})));
+  form.task.value = "sft";
   form.method.value = "lora";
   $("#model-list").replaceChildren(...schema.models.map(m =>
     el("option", {value: m.name, textContent: m.description})));
