@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from peftlab.cli import main
 from peftlab.config import ConfigError, load_config
 from peftlab.ui import runs as run_files
 from peftlab.ui.app import make_app
+from peftlab.ui.jobs import JobQueue
 
 
 @pytest.fixture
@@ -162,10 +164,6 @@ def test_ui_refuses_a_non_loopback_host_without_the_flag(capsys, tmp_path):
 
 def test_queue_runs_one_job_at_a_time_and_stop_interrupts_it(tmp_path, tiny_chat_model_dir):
     """A fake interpreter that sleeps stands in for ``python -m peftlab.cli train``."""
-    import time
-
-    from peftlab.ui.jobs import JobQueue
-
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\nexec sleep 60\n")
     fake.chmod(0o755)

@@ -82,8 +82,9 @@ def write_trackers(names: list[str], out: Path, config: dict[str, Any],
 
 
 def write_tensorboard(directory: Path, history: list[dict[str, Any]]) -> None:
-    # function-level: tensorboard is optional (the tracking extra), checked by check_trackers
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import (
+        SummaryWriter,  # optional (tracking extra): see check_trackers
+    )
 
     writer = SummaryWriter(log_dir=str(directory))
     try:
@@ -99,8 +100,7 @@ def write_mlflow(out: Path, config: dict[str, Any], history: list[dict[str, Any]
     # unless the user set the variable themselves.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     with _quiet_mlflow():
-        # function-level: mlflow is optional (the tracking extra), checked by check_trackers
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param  # optional (tracking extra): check_trackers
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=mlflow_uri(out))
