@@ -82,9 +82,7 @@ def write_trackers(names: list[str], out: Path, config: dict[str, Any],
 
 
 def write_tensorboard(directory: Path, history: list[dict[str, Any]]) -> None:
-    from torch.utils.tensorboard import (
-        SummaryWriter,  # optional (tracking extra): see check_trackers
-    )
+    from torch.utils.tensorboard import SummaryWriter  # optional: the tracking extra
 
     writer = SummaryWriter(log_dir=str(directory))
     try:
