@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -162,12 +163,16 @@ def test_ui_refuses_a_non_loopback_host_without_the_flag(capsys, tmp_path):
     assert "--allow-remote" in err
 
 
-def test_queue_runs_one_job_at_a_time_and_stop_interrupts_it(tmp_path, tiny_chat_model_dir):
-    """A fake interpreter that sleeps stands in for ``python -m peftlab.cli train``."""
-    fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\nexec sleep 60\n")
-    fake.chmod(0o755)
-    queue = JobQueue(tmp_path / "runs", python=str(fake))
+def test_queue_runs_one_job_at_a_time_and_stop_interrupts_it(tmp_path, tiny_chat_model_dir,
+                                                            monkeypatch):
+    """A module that sleeps stands in for ``peftlab.cli``. SIGINT is ignored here, as in a UI
+    started in the background; stop must still interrupt the job (SIGINT, not the SIGKILL
+    after the grace period)."""
+    (tmp_path / "slow_job.py").write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr("peftlab.ui.jobs.STOP_GRACE_SECONDS", 20.0)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the job
+    queue = JobQueue(tmp_path / "runs", module="slow_job")
     try:
         raw = {"model": str(tiny_chat_model_dir)}
         first, second = queue.submit(raw, "one"), queue.submit(raw, "two")
@@ -177,12 +182,14 @@ def test_queue_runs_one_job_at_a_time_and_stop_interrupts_it(tmp_path, tiny_chat
         while first.state != "running" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (first.state, second.state) == ("running", "queued")
+        time.sleep(1.5)  # the child has set its Ctrl-C handler
         queue.stop(second.id)
         assert second.state == "stopped"
         queue.stop(first.id)
         while first.state == "running" and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert first.state == "stopped" and first.returncode == -2  # SIGINT
+        assert first.state == "stopped" and first.returncode == -signal.SIGINT
         assert second.state == "stopped" and second.pid is None  # never started
     finally:
         queue.close()
+        signal.signal(signal.SIGINT, previous)

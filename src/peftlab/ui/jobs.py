@@ -29,6 +29,11 @@ from peftlab.training.run_dir import check_output_dir
 JOBS_DIR = ".peftlab-ui"  # under the runs folder: the queued configs and the runs' logs
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STOP_GRACE_SECONDS = 30.0
+# The child restores Python's Ctrl-C handler before running the CLI: a UI started in the
+# background (`peftlab ui &`, nohup) has SIGINT ignored, children inherit that, and "stop"
+# (SIGINT) would then do nothing until the grace period's SIGKILL.
+_LAUNCH = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
 
 @dataclass
@@ -63,8 +68,9 @@ def build_config(raw: dict[str, Any], runs_dir: Path, name: str) -> dict[str, An
 class JobQueue:
     """Runs queued jobs one after another in a background thread."""
 
-    def __init__(self, runs_dir: Path, python: str = sys.executable) -> None:
-        self.runs_dir, self.python = Path(runs_dir), python
+    def __init__(self, runs_dir: Path, python: str = sys.executable,
+                 module: str = "peftlab.cli") -> None:
+        self.runs_dir, self.python, self.module = Path(runs_dir), python, module
         self.jobs: list[Job] = []
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -159,7 +165,8 @@ class JobQueue:
                     job.state, job.error = "failed", _error_line(Path(job.log_path))
 
     def _start(self, job: Job) -> subprocess.Popen:
-        cmd = [self.python, "-m", "peftlab.cli", "train", job.config_path, "--no-progress"]
+        cmd = [self.python, "-c", _LAUNCH, self.module, "train", job.config_path,
+               "--no-progress"]
         if job.overwrite:
             cmd.append("--overwrite")
         env = dict(os.environ)
