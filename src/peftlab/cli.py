@@ -1,4 +1,4 @@
-"""Command line: ``peftlab train|sweep|baseline|eval|predict|chat|serve|export|merge-adapters|demo``. Thin: every command calls peftlab.api."""
+"""Command line: ``peftlab train|sweep|baseline|eval|predict|chat|serve|export|merge-adapters|ui|demo``. Thin: every command calls peftlab.api."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
 
 from peftlab.api import baseline, evaluate, export, load, merge_adapters, predict, sweep, train
+from peftlab.errors import describe_error
 from peftlab.evaluation.generate import generate_replies
 from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
 from peftlab.lab.baseline import describe as describe_baseline
@@ -22,6 +24,7 @@ from peftlab.lab.demo import run_demo
 from peftlab.lab.sweep import table
 from peftlab.serve.engine import Engine
 from peftlab.serve.server import bind, is_loopback, make_app, make_server
+from peftlab.ui.app import make_app as make_ui_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --output directory")
 
+    p = sub.add_parser("ui", help="local web app: runs, live metrics, compare, new run, chat")
+    p.add_argument("--runs", default="runs", metavar="DIR",
+                   help="folder of run folders to show; new runs are written here (default: runs)")
+    p.add_argument("--data", action="append", default=None, metavar="DIR",
+                   help="folder of data sets offered in the new-run form (repeatable; default: "
+                        "data and ../shared/data where they exist)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --host: anyone who reaches it can start runs and "
+                        "read run files (there is no login)")
+
     p = sub.add_parser("demo", help="LoRA-tune the embedded SmolLM2 on generated facts")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -209,15 +225,6 @@ def quiet_libraries(enabled: bool = True) -> Iterator[None]:
 # Raised for what a user can fix (config, data, files, permissions, ports). ValueError covers
 # ConfigError, DataError and CorruptFileError; everything else propagates with a traceback.
 EXPECTED_ERRORS = (ValueError, KeyError, OSError)
-
-
-def describe_error(exc: BaseException) -> str:
-    """``<what>: <why>`` for one line on stderr."""
-    if isinstance(exc, OSError) and exc.strerror:  # raised by the OS, not by our code
-        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
-    if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
-    return str(exc)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -395,6 +402,26 @@ def _merge_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    if not is_loopback(args.host) and not args.allow_remote:
+        raise ValueError(f"--host {args.host}: the UI starts training runs and reads run files "
+                         "with no login; it binds to 127.0.0.1 unless you add --allow-remote")
+    data_dirs = [Path(d) for d in (args.data or ["data", "../shared/data"])]
+    for d in data_dirs if args.data else []:
+        if not d.is_dir():
+            raise ValueError(f"--data {d}: not a folder")
+    sock = bind(args.host, args.port)  # a busy port fails here, with one line
+    try:
+        app = make_ui_app(args.runs, data_dirs=data_dirs)
+        host, port = sock.getsockname()[:2]
+        print(f"peftlab ui: runs in {Path(args.runs).resolve()} at http://{host}:{port}/ "
+              "(Ctrl-C stops)", flush=True)
+        make_server(app).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     run_demo(args.output_dir, overrides=args.overrides)
     return 0
@@ -402,7 +429,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"train": _train, "sweep": _sweep, "baseline": _baseline, "eval": _eval,
              "predict": _predict, "chat": _chat, "serve": _serve, "export": _export,
-             "merge-adapters": _merge_adapters, "demo": _demo}
+             "merge-adapters": _merge_adapters, "ui": _ui, "demo": _demo}
 
 if __name__ == "__main__":
     raise SystemExit(main())

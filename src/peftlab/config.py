@@ -207,6 +207,10 @@ def _validate_mixture(data: DataConfig, where: str) -> None:
         raise ConfigError(f"{key}: at least one source needs weight > 0")
 
 
+# The experiment trackers train.report_to may name.
+REPORT_TO = ("tensorboard", "mlflow")
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop's knobs; consumed by peftlab.training.trainer.Trainer (and a task's own loop)."""
@@ -244,11 +248,18 @@ class TrainConfig:
     # under torchrun: ddp replicates the model on every rank; fsdp shards parameters,
     # gradients and optimizer state (torch.distributed.fsdp.fully_shard; peftlab.runtime.fsdp)
     distributed: str = "ddp"  # ddp | fsdp
+    # Experiment trackers fed from the same records as metrics.jsonl (peftlab.runtime.tracking):
+    # tensorboard (event files in OUTPUT_DIR/tensorboard) and/or mlflow (OUTPUT_DIR/mlflow.db).
+    report_to: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         choice(f"{where}.scheduler", self.scheduler, ["cosine", "linear", "constant"])
         check_device_spec(self.device, f"{where}.device")
         choice(f"{where}.distributed", self.distributed, ["ddp", "fsdp"])
+        for i, name in enumerate(self.report_to):
+            choice(f"{where}.report_to[{i}]", name, list(REPORT_TO))
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigError(f"{where}.report_to: {self.report_to} names a tracker twice")
         choice(f"{where}.precision", self.precision, ["auto", "bf16", "fp32"])
         for key in ("batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, key) < 1:

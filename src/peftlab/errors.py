@@ -29,3 +29,12 @@ def suggest(word: str, choices: list[str]) -> str:
     pool.update({alias: key for alias, key in SYNONYMS.items() if key in choices})
     close = difflib.get_close_matches(word, list(pool), n=1, cutoff=0.5)
     return f" (did you mean {pool[close[0]]!r}?)" if close else ""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``<what>: <why>`` for one line on stderr."""
+    if isinstance(exc, OSError) and exc.strerror:  # raised by the OS, not by our code
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)

@@ -29,8 +29,14 @@ from peftlab.runtime.distributed import World, init_world
 from peftlab.runtime.plots import plot_loss_curve
 from peftlab.runtime.precision import prepare_precision, resolve_precision
 from peftlab.runtime.result import TrainResult
+from peftlab.runtime.tracking import check_trackers, write_trackers
 from peftlab.tasks import Task, build_task
-from peftlab.training.run_dir import check_output_dir, clear_earlier_run
+from peftlab.training.run_dir import (
+    check_output_dir,
+    clear_earlier_run,
+    error_line,
+    write_status,
+)
 from peftlab.training.trainer import EvalHook, Trainer, check_best_metric
 
 
@@ -79,6 +85,7 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     if world.main:
         check_output_dir(out, resume, overwrite)
     check_eval_config(cfg)  # e.g. a missing eval.forgetting_corpus fails before any work
+    check_trackers(cfg.train.report_to)
     if cfg.train.num_threads:  # before measuring: auto precision times matmuls on these threads
         torch.set_num_threads(cfg.train.num_threads)
     precision = world.choose(["fp32", "bf16"], resolve_precision(cfg.train.precision))
@@ -152,6 +159,29 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", cfg.to_yaml())
         write_text_atomic(out / "data_report.json", json.dumps(data_report, indent=2))
+        write_status(out, "running", started=time.time())
+    try:
+        summary = _train_and_save(cfg, resume, progress, model, tokenizer, world, task, train,
+                                  val, data_report, trainer, method, chain, evaluation,
+                                  trainable, total, started)
+    except BaseException as exc:
+        if world.main:
+            stopped = isinstance(exc, KeyboardInterrupt)
+            write_status(out, "stopped" if stopped else "failed",
+                         error="interrupted" if stopped else error_line(exc))
+        raise
+    if world.main:
+        write_status(out, "finished", steps=summary.result.steps)
+    return summary
+
+
+def _train_and_save(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
+                    world: World, task: Task, train, val, data_report: dict[str, Any],
+                    trainer: Trainer | None, method: Method, chain: list[Path],
+                    evaluation: RunEvaluation, trainable: int, total: int,
+                    started: float) -> RunSummary:
+    """Step 2 of a run, once everything is checked: train, save, evaluate, report."""
+    out = Path(cfg.output_dir)
     if trainer is None:
         result = task.fit(model, tokenizer, train, val, cfg, out, resume=resume, progress=progress)
     else:
@@ -173,6 +203,9 @@ def _run(cfg: RunConfig, resume: bool | str, progress: bool, model, tokenizer,
     evaluated = evaluation.after(model, out) if evaluation.enabled else {}
     if result.history:
         plot_loss_curve(result.history, out / "loss.png", title=f"{cfg.method_name} on {cfg.model}")
+    if cfg.train.report_to:
+        write_trackers(cfg.train.report_to, out, cfg.to_dict(), result.history, adapter_dir,
+                       run_name=out.name)
     summary = RunSummary(out, adapter_dir, result, trainable, total, data_report, evaluated)
     _write_report(cfg, summary, time.perf_counter() - started,
                   task.report_lines(report) if report is not None else [])

@@ -8,19 +8,28 @@ run never silently replaces an earlier one in the same directory: it must be con
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 from peftlab.config import ConfigError
+from peftlab.files import write_text_atomic
 from peftlab.runtime import checkpoint as ckpt
+from peftlab.runtime.tracking import MLFLOW_ARTIFACTS, MLFLOW_DB, TENSORBOARD_DIR
 
 # Present after any run has started writing; their presence means "an earlier run lives here".
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "adapter", "checkpoints")
 # Everything a run (and `peftlab eval` on it) writes into its directory; --overwrite removes
 # these and nothing else (a user's own files, e.g. the demo's data/, stay).
 RUN_OUTPUTS = (*RUN_MARKERS, "data_report.json", "report.md", "loss.png", "reward.png",
-               "value_head.safetensors", "reference_logps.safetensors", "eval.json")
+               "value_head.safetensors", "reference_logps.safetensors", "eval.json",
+               "status.json", TENSORBOARD_DIR, MLFLOW_DB, MLFLOW_ARTIFACTS)
+# status.json: what a run is doing, for `peftlab ui` and scripts -- "running" (with the pid),
+# "finished", "failed" (with the error's first line) or "stopped" (interrupted).
+STATUS_FILE = "status.json"
 RUN_OUTPUT_PATTERNS = ("eval_*.json", "eval_*.jsonl", "predictions.jsonl",
                        "generation_metrics.json")
 
@@ -66,3 +75,17 @@ def clear_earlier_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def write_status(out: Path, state: str, **extra: Any) -> None:
+    """Record the run's state in ``out/status.json`` (atomically: a reader never sees half)."""
+    status = {"state": state, "pid": os.getpid(), "time": time.time(), **extra}
+    write_text_atomic(out / STATUS_FILE, json.dumps(status, indent=2))
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of an exception's message, named by its type when it has none."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    return text.splitlines()[0] if text else type(exc).__name__
