@@ -209,8 +209,9 @@ def cpu_name() -> str:
 
 
 def run_arms(work: Path, data: dict[str, str], seeds: list[int], args: argparse.Namespace,
-             budget: float) -> float:
-    """Start every (seed, arm) at once; stop those still running when the budget ends."""
+             budget: float) -> tuple[float, list[str]]:
+    """Start every (seed, arm) at once; stop those still running when the budget ends.
+    Returns the start time and the runs that failed (their finished trials still count)."""
     procs = {}
     started = time.time()
     for seed in seeds:
@@ -226,6 +227,7 @@ def run_arms(work: Path, data: dict[str, str], seeds: list[int], args: argparse.
     for p in procs.values():
         if p.poll() is None:
             p.terminate()  # the hard budget: its running trial does not count
+    failed = []
     for run, p in procs.items():
         try:
             rc = p.wait(timeout=30)
@@ -233,8 +235,9 @@ def run_arms(work: Path, data: dict[str, str], seeds: list[int], args: argparse.
             p.kill()
             rc = p.wait()
         if rc not in (0, -15):
-            sys.exit(f"sweep_search: arm {run} failed (exit {rc}); see {work / run}.log")
-    return started
+            print(f"sweep_search: arm {run} failed (exit {rc}); see {work / run}.log")
+            failed.append(run)
+    return started, failed
 
 
 def main() -> None:
@@ -272,7 +275,7 @@ def main() -> None:
     work.mkdir(parents=True)
     data = prepare_data(work, n_train, n_dev)
     load = os.getloadavg()[0]
-    started = run_arms(work, data, seeds, args, budget)
+    started, failed = run_arms(work, data, seeds, args, budget)
     load_end = os.getloadavg()
     by_seed: dict[str, dict[str, Any]] = {}
     for seed in seeds:
@@ -287,7 +290,7 @@ def main() -> None:
                         "cpu": cpu_name(), "cores": os.cpu_count(),
                         "note": f"{args.note}; load average {load:.1f} at the start, "
                                 f"{load_end[1]:.1f} over the last 5 min",
-                        "wall_s": round(time.time() - started, 1)},
+                        "wall_s": round(time.time() - started, 1), "failed_runs": failed},
                "seeds": by_seed}
     if len(seeds) > 1:
         results["median"] = medians(by_seed)
