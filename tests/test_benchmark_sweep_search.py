@@ -75,6 +75,7 @@ def test_arm_spaces_share_one_space_and_the_config_is_valid(bench, tmp_path):
     for g, t in zip(grid.params, tpe.params, strict=True):  # the grid is a lattice of the ranges
         assert (min(g.choices), max(g.choices)) == (t.low, t.high)
     assert tpe.pruner == "asha" and tpe.pruner_options["min_resource"] == 30
+    assert tpe.sampler == "tpe" and tpe.sampler_options == {"startup_trials": 5}
     cfg = load_config(base=bench.base_config({"train": "t.jsonl", "validation": "v.jsonl"},
                                              str(tmp_path), 30, 1))
     assert cfg.train.best_metric == "val_accuracy" and cfg.task == "classification"

@@ -26,6 +26,7 @@ from peftlab.lab.study import (
     _check_or_write_settings,
     importances,
     make_pruner,
+    make_sampler,
     open_study,
     optimize,
 )
@@ -78,6 +79,10 @@ def test_space_parsing_and_errors(tmp_path):
            ({"params": {"train.lr": {"choices": [1, 1]}}}, "listed twice"),
            ({"params": {"output_dir": [1, 2]}}, "set per trial"),
            ({"params": {"train.lr": [1]}, "sampler": "cmaes"}, "sampler: 'cmaes' is not one"),
+           ({"params": {"train.lr": [1]}, "sampler": {"name": "grid", "startup_trials": 2}},
+            "sampler grid: unknown option 'startup_trials'"),
+           ({"params": {"train.lr": [1]}, "sampler": {"name": "tpe", "startup_trials": -1}},
+            "startup_trials: got -1"),
            ({"params": {"train.lr": [1]}, "pruner": "hyperband"}, "pruner: 'hyperband'"),
            ({"params": {"train.lr": [1]}, "pruner": {"name": "asha", "eta": 3}}, "'eta'"),
            ({"params": {"train.lr": [1]}, "trials": 0}, "trials: expected a positive"),
@@ -91,6 +96,17 @@ def test_space_parsing_and_errors(tmp_path):
         load_space(path)
     with pytest.raises(ConfigError, match="no such file"):
         load_space(tmp_path / "missing.yaml")
+
+
+def test_tpe_start_up_trials():
+    """A quarter of the trial budget (2 to 10), or what the space sets."""
+    def startup(**settings) -> int:
+        space = space_from_dict({"params": {"train.lr": [1]}, **settings})
+        assert space_from_dict(space.to_dict()).to_dict() == space.to_dict()
+        return make_sampler(space, 0)._n_startup_trials
+
+    assert startup(trials=20) == 5 and startup(trials=500) == 10 and startup() == 10
+    assert startup(sampler={"name": "tpe", "startup_trials": 3}, trials=500) == 3
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])

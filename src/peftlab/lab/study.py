@@ -162,6 +162,7 @@ def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     # Optuna's default of 10 random start-up trials is most of a small CPU budget
     startup = 10 if space.trials is None else max(2, min(10, space.trials // 4))
+    startup = space.sampler_options.get("startup_trials", startup)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
 
 
