@@ -7,8 +7,8 @@ search the same four hyper-parameters (the same base config, the same evaluation
   1e-2} (the ends and the geometric middle), r {4, 8, 16}, alpha {8, 32}, dropout {0, 0.1}:
   36 points, every trial to the end, visited in the grid sampler's seeded shuffled order;
 * `tpe_asha`: TPE over the continuous version (lr [1e-4, 1e-2] log, r [4, 16] int log,
-  alpha [8, 32] log, dropout [0, 0.1]) with ASHA pruning (first rung at the first
-  evaluation, a third of the training; reduction factor 3).
+  alpha [8, 32] log, dropout [0, 0.1]; 5 random start-up trials) with ASHA pruning (first
+  rung at the first evaluation, a third of the training; reduction factor 3).
 
 Each (arm, seed) is a `peftlab sweep --space` in its own process with one torch thread; all
 of them start together (so every arm sees the same machine load) and get the same hard
@@ -57,7 +57,8 @@ def spaces(seed: int, eval_every: int, trials: int) -> dict[str, dict[str, Any]]
     """SPACE.yaml of each arm (the budget, --timeout, is added by the caller)."""
     return {
         "grid": {"params": GRID, "sampler": "grid", "pruner": "none", "seed": seed},
-        "tpe_asha": {"params": RANGES, "sampler": "tpe", "trials": trials, "seed": seed,
+        "tpe_asha": {"params": RANGES, "sampler": {"name": "tpe", "startup_trials": 5},
+                     "trials": trials, "seed": seed,
                      "pruner": {"name": "asha", "min_resource": eval_every,
                                 "reduction_factor": 3}},
     }
@@ -162,7 +163,8 @@ def table(results: dict[str, Any]) -> str:
         f"score), minilm-l6 + LoRA, 1 epoch ({meta.get('steps', '?')} steps), evaluation "
         f"every {meta['eval_every']} steps. Space: lr x r x alpha x dropout; grid = "
         f"{meta.get('grid_size', 36)} points in seeded shuffled order; TPE+ASHA over the "
-        f"continuous ranges, ASHA first rung at step {meta['eval_every']}, reduction factor 3. "
+        f"continuous ranges (5 random start-up trials), ASHA first rung at step "
+        f"{meta['eval_every']}, reduction factor 3. "
         f"{len(seeds)} seed(s) x 2 arms = {2 * len(seeds)} processes at once, 1 torch thread "
         f"each, hard budget {meta['budget_s']:.0f} s (trials still running then do not "
         f"count). CPU: {meta['cpu']} ({meta['cores']} cores), {meta['note']}.",
