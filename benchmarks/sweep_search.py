@@ -129,7 +129,8 @@ def compare(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def medians(seeds: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Median over seeds of each arm's figures ("never" counts as later than any time)."""
+    """Median over an odd number of seeds of each arm's figures ("never" counts as later
+    than any time); with an even number the per-seed rows are the result."""
     out: dict[str, dict[str, Any]] = {}
     for name in ARMS:
         rows = [{**s["arms"][name], **s["compare"][name]} for s in seeds.values()]
@@ -137,8 +138,7 @@ def medians(seeds: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for key in ("best_accuracy", "best_at_s", "reach_grid_best_s", "reach_tpe_best_s",
                     "finished", "pruned", "failed", "cut_at_budget"):
             values = [r[key] for r in rows]
-            inf = [float("inf") if v is None else v for v in values]
-            m = statistics.median_low(inf) if len(inf) % 2 == 0 else statistics.median(inf)
+            m = statistics.median([float("inf") if v is None else v for v in values])
             med[key] = None if m == float("inf") else m
         out[name] = med
     return out
@@ -174,7 +174,7 @@ def table(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [(str(seed), s["arms"], s["compare"]) for seed, s in seeds.items()]
-    if len(seeds) > 1:
+    if "median" in results:
         med = results["median"]
         rows.append(("median", med, med))
     for label, arms, cmp in rows:
@@ -294,7 +294,7 @@ def main() -> None:
                                 f"{load_end[1]:.1f} over the last 5 min",
                         "wall_s": round(time.time() - started, 1), "failed_runs": failed},
                "seeds": by_seed}
-    if len(seeds) > 1:
+    if len(seeds) > 1 and len(seeds) % 2:
         results["median"] = medians(by_seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
