@@ -1,22 +1,27 @@
-"""A search that learns vs the grid, under the same wall-clock budget.
+"""A search that learns vs the grid over the same search space, under the same wall clock.
 
-SST-2 (shared train/dev subsets), the embedded `minilm-l6` encoder, LoRA. Two arms run at the
-same time, each a `peftlab sweep --space` in its own process with one torch thread (so both
-see the same machine load) and the same `--timeout` budget:
+SST-2 (shared train/dev subsets), the embedded `minilm-l6` encoder, LoRA, 1 epoch. Both arms
+search the same four hyper-parameters (the same base config, the same evaluations):
 
-* `grid`: the usual hand grid, lr {3e-4, 1e-3, 3e-3} x r {4, 16}, every trial to the end;
-* `tpe_asha`: TPE over lr in [1e-4, 1e-2] (log) and r in {4, 8, 16}, ASHA pruning at the
-  evaluations (every `--eval-every` steps).
+* `grid`: the full 3 x 3 x 2 x 2 grid a user would write over that space -- lr {1e-4, 1e-3,
+  1e-2} (the ends and the geometric middle), r {4, 8, 16}, alpha {8, 32}, dropout {0, 0.1}:
+  36 points, every trial to the end, visited in the grid sampler's seeded shuffled order;
+* `tpe_asha`: TPE over the continuous version (lr [1e-4, 1e-2] log, r [4, 16] int log,
+  alpha [8, 32] log, dropout [0, 0.1]; 5 random start-up trials) with ASHA pruning (first
+  rung at the first evaluation, a third of the training; reduction factor 3).
 
-For each arm: the best dev accuracy of a finished trial, when it was first reached (seconds
-from the arm's start, from Optuna's trial timestamps), trials finished/pruned/failed, and for
-the TPE arm the time at which it first matched the grid's best accuracy.
+Each (arm, seed) is a `peftlab sweep --space` in its own process with one torch thread; all
+of them start together (so every arm sees the same machine load) and get the same hard
+budget: at the end the parent stops any arm still running, and only trials finished within
+the budget count. The seed shuffles the grid's order / seeds TPE; the budget is meant to be
+too short for the whole grid, so the grid's time-to-best is not just the luck of its order.
 
-    python benchmarks/sweep_search.py                # 1,200 train rows, 300 dev rows, 11 min/arm
-    python benchmarks/sweep_search.py --quick        # 400 rows, 150 dev rows, 2 min/arm
+Per (arm, seed): the best dev accuracy of a finished trial and when it was first reached
+(seconds from the start, from Optuna's trial timestamps), when the arm first reached the
+grid's final best of the same seed, trials finished/pruned/failed; then medians over seeds.
 
-A trial running when the budget ends finishes (Optuna's timeout starts no new trial), so an
-arm may run past it; "arm s" is when its last trial ended.
+    python benchmarks/sweep_search.py                 # 2,880 train rows, 872 dev rows, 3 seeds
+    python benchmarks/sweep_search.py --quick         # 320 rows, 150 dev rows, 1 seed, 2 min
 
 Writes benchmarks/results/sweep_search.{json,md} (`--out DIR` elsewhere).
 """
@@ -28,6 +33,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -38,16 +44,21 @@ import optuna
 from _common import RESULTS, SHARED, sst2_rows, write_jsonl
 
 ARMS = ("grid", "tpe_asha")
+# the grid a user would write over the space, and the continuous space it is a lattice of
+GRID = {"train.lr": [1.0e-4, 1.0e-3, 1.0e-2], "method.r": [4, 8, 16],
+        "method.alpha": [8, 32], "method.dropout": [0.0, 0.1]}
+RANGES = {"train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+          "method.r": {"low": 4, "high": 16, "log": True},
+          "method.alpha": {"low": 8.0, "high": 32.0, "log": True},
+          "method.dropout": {"low": 0.0, "high": 0.1}}
 
 
-def spaces(trials: int, eval_every: int) -> dict[str, dict[str, Any]]:
+def spaces(seed: int, eval_every: int, trials: int) -> dict[str, dict[str, Any]]:
     """SPACE.yaml of each arm (the budget, --timeout, is added by the caller)."""
     return {
-        "grid": {"params": {"train.lr": [3.0e-4, 1.0e-3, 3.0e-3], "method.r": [4, 16]},
-                 "sampler": "grid", "pruner": "none"},
-        "tpe_asha": {"params": {"train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
-                                "method.r": [4, 8, 16]},
-                     "sampler": "tpe", "trials": trials,
+        "grid": {"params": GRID, "sampler": "grid", "pruner": "none", "seed": seed},
+        "tpe_asha": {"params": RANGES, "sampler": {"name": "tpe", "startup_trials": 5},
+                     "trials": trials, "seed": seed,
                      "pruner": {"name": "asha", "min_resource": eval_every,
                                 "reduction_factor": 3}},
     }
@@ -58,7 +69,7 @@ def base_config(data: dict[str, str], out: str, eval_every: int, threads: int) -
             "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
             "data": {"train": data["train"], "validation": data["validation"]},
             "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "max_length": 64, "seed": 0,
-                      "warmup_ratio": 0.06, "log_every": 20, "eval_every": eval_every,
+                      "warmup_ratio": 0.06, "log_every": 30, "eval_every": eval_every,
                       "best_metric": "val_accuracy", "num_threads": threads},
             "output_dir": out}
 
@@ -81,22 +92,24 @@ def arm_worker(args: argparse.Namespace) -> None:
     peftlab.sweep(cfg, space=space, timeout=args.budget, progress=False)
 
 
-def summarize(trials: list[dict[str, Any]], started: float) -> dict[str, Any]:
+def summarize(trials: list[dict[str, Any]], started: float, budget: float) -> dict[str, Any]:
     """``trials``: ``{"state", "value", "start", "complete"}`` (unix seconds, value of a
-    finished trial) -> counts, best accuracy, when it was first reached, the best-so-far curve."""
-    counts = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    done = sorted((t for t in trials if t["state"] == "COMPLETE" and t["value"] is not None),
+    finished trial) -> counts within the budget, best accuracy, when it was first reached,
+    the best-so-far curve. A trial ending after ``started + budget`` does not count."""
+    end = started + budget
+    ended = [t for t in trials if t["complete"] is not None and t["complete"] <= end]
+    counts = {s: sum(t["state"] == s for t in ended) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    done = sorted((t for t in ended if t["state"] == "COMPLETE" and t["value"] is not None),
                   key=lambda t: t["complete"])
     curve, best = [], None
     for t in done:
         if best is None or t["value"] > best:
             best = t["value"]
             curve.append([round(t["complete"] - started, 1), best])
-    ends = [t["complete"] for t in trials if t["complete"] is not None]
     return {"finished": counts["COMPLETE"], "pruned": counts["PRUNED"],
-            "failed": counts["FAIL"], "best_accuracy": best,
-            "best_at_s": curve[-1][0] if curve else None, "curve": curve,
-            "used_s": round(max(ends) - started, 1) if ends else 0.0}
+            "failed": counts["FAIL"], "cut_at_budget": len(trials) - len(ended),
+            "best_accuracy": best, "best_at_s": curve[-1][0] if curve else None,
+            "curve": curve}
 
 
 def time_to_reach(curve: list[list[float]], target: float | None) -> float | None:
@@ -106,7 +119,34 @@ def time_to_reach(curve: list[list[float]], target: float | None) -> float | Non
     return next((t for t, v in curve if v >= target - 1e-12), None)
 
 
+def compare(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One seed's arms -> per arm: when it first reached the grid's and TPE's final best."""
+    grid_best = arms["grid"]["best_accuracy"]
+    tpe_best = arms["tpe_asha"]["best_accuracy"]
+    return {name: {"reach_grid_best_s": time_to_reach(a["curve"], grid_best),
+                   "reach_tpe_best_s": time_to_reach(a["curve"], tpe_best)}
+            for name, a in arms.items()}
+
+
+def medians(seeds: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Median over an odd number of seeds of each arm's figures ("never" counts as later
+    than any time); with an even number the per-seed rows are the result."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in ARMS:
+        rows = [{**s["arms"][name], **s["compare"][name]} for s in seeds.values()]
+        med: dict[str, Any] = {}
+        for key in ("best_accuracy", "best_at_s", "reach_grid_best_s", "reach_tpe_best_s",
+                    "finished", "pruned", "failed", "cut_at_budget"):
+            values = [r[key] for r in rows]
+            m = statistics.median([float("inf") if v is None else v for v in values])
+            med[key] = None if m == float("inf") else m
+        out[name] = med
+    return out
+
+
 def read_study(out: Path) -> list[dict[str, Any]]:
+    if not (out / "study.db").is_file():
+        return []
     study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{out / 'study.db'}")
     return [{"state": t.state.name, "value": t.value,
              "start": t.datetime_start.timestamp() if t.datetime_start else None,
@@ -116,29 +156,35 @@ def read_study(out: Path) -> list[dict[str, Any]]:
 
 def table(results: dict[str, Any]) -> str:
     meta = results["meta"]
-    arms = results["arms"]
-    grid_best = arms.get("grid", {}).get("best_accuracy")
+    seeds = results["seeds"]
     lines = [
-        "# Sweep search: TPE + ASHA vs the grid, same wall-clock budget", "",
-        f"SST-2, {meta['n_train']} train rows, {meta['n_dev']} dev rows, minilm-l6 + LoRA "
-        f"(1 epoch, eval every {meta['eval_every']} steps); {meta['budget_s']:.0f} s per arm, "
-        f"both arms at once, 1 thread each; TPE capped at {meta.get('tpe_trial_cap', '?')} "
-        "trials. "
-        f"CPU: {meta['cpu']} ({meta['cores']} cores), shared with other jobs: {meta['note']}.",
+        "# Sweep search: TPE + ASHA vs the full grid, same space, same wall-clock budget", "",
+        f"SST-2, {meta['n_train']} train rows, {meta['n_dev']} dev rows (selection and "
+        f"score), minilm-l6 + LoRA, 1 epoch ({meta.get('steps', '?')} steps), evaluation "
+        f"every {meta['eval_every']} steps. Space: lr x r x alpha x dropout; grid = "
+        f"{meta.get('grid_size', 36)} points in seeded shuffled order; TPE+ASHA over the "
+        f"continuous ranges (5 random start-up trials), ASHA first rung at step "
+        f"{meta['eval_every']}, reduction factor 3. "
+        f"{len(seeds)} seed(s) x 2 arms = {2 * len(seeds)} processes at once, 1 torch thread "
+        f"each, hard budget {meta['budget_s']:.0f} s (trials still running then do not "
+        f"count). CPU: {meta['cpu']} ({meta['cores']} cores), {meta['note']}.",
         "",
-        "| arm | best dev accuracy | reached at (s) | reaches the grid's best at (s) | "
-        "finished | pruned | failed | arm s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed | arm | best dev accuracy | reached at (s) | reaches the grid's best at (s) | "
+        "reaches TPE's best at (s) | finished | pruned | failed | cut by the budget |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ARMS:
-        a = arms.get(name)
-        if not a:
-            continue
-        reach = time_to_reach(a["curve"], grid_best)
-        cells = [name, _pct(a["best_accuracy"]), _s(a["best_at_s"]),
-                 _s(reach) if reach is not None else "never", str(a["finished"]),
-                 str(a["pruned"]), str(a["failed"]), _s(a["used_s"])]
-        lines.append("| " + " | ".join(cells) + " |")
+    rows = [(str(seed), s["arms"], s["compare"]) for seed, s in seeds.items()]
+    if "median" in results:
+        med = results["median"]
+        rows.append(("median", med, med))
+    for label, arms, cmp in rows:
+        for name in ARMS:
+            a, c = arms[name], cmp[name]
+            cells = [label, name, _pct(a["best_accuracy"]), _s(a["best_at_s"]),
+                     _s(c["reach_grid_best_s"], "never"), _s(c["reach_tpe_best_s"], "never"),
+                     _n(a["finished"]), _n(a["pruned"]), _n(a["failed"]),
+                     _n(a["cut_at_budget"])]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,8 +192,12 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _s(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0f}"
+def _s(x: float | None, missing: str = "-") -> str:
+    return missing if x is None else f"{x:.0f}"
+
+
+def _n(x: float) -> str:
+    return f"{x:g}"
 
 
 def cpu_name() -> str:
@@ -160,19 +210,52 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def run_arms(work: Path, data: dict[str, str], seeds: list[int], args: argparse.Namespace,
+             budget: float) -> tuple[float, list[str]]:
+    """Start every (seed, arm) at once; stop those still running when the budget ends.
+    Returns the start time and the runs that failed (their finished trials still count)."""
+    procs = {}
+    started = time.time()
+    for seed in seeds:
+        for name, space in spaces(seed, args.eval_every, args.trials).items():
+            run = f"{name}-s{seed}"
+            cfg = base_config(data, str(work / run), args.eval_every, args.threads)
+            cmd = [sys.executable, __file__, "--arm", name, "--config", json.dumps(cfg),
+                   "--space", json.dumps(space), "--budget", str(budget)]
+            log = (work / f"{run}.log").open("w")
+            procs[run] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    while time.time() < started + budget and any(p.poll() is None for p in procs.values()):
+        time.sleep(2)
+    for p in procs.values():
+        if p.poll() is None:
+            p.terminate()  # the hard budget: its running trial does not count
+    failed = []
+    for run, p in procs.items():
+        try:
+            rc = p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = p.wait()
+        if rc not in (0, -15):
+            print(f"sweep_search: arm {run} failed (exit {rc}); see {work / run}.log")
+            failed.append(run)
+    return started, failed
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-dev", type=int, default=None)
-    p.add_argument("--budget", type=float, default=None, help="seconds per arm")
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--trials", type=int, default=200,
+    p.add_argument("--budget", type=float, default=None, help="seconds, every arm")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--trials", type=int, default=500,
                    help="TPE arm's trial cap (the budget should be what stops it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/peftlab-sweep-search")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--note", default="load average at start shown")
+    p.add_argument("--note", default="shared with other jobs")
     p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--space", help=argparse.SUPPRESS)
@@ -180,9 +263,12 @@ def main() -> None:
     if args.arm:
         arm_worker(args)
         return
-    n_train = args.n_train or (400 if args.quick else 1200)
-    n_dev = args.n_dev or (150 if args.quick else 300)
-    budget = args.budget or (120.0 if args.quick else 660.0)
+    n_train = args.n_train or (320 if args.quick else 2880)
+    n_dev = args.n_dev or (150 if args.quick else 872)
+    budget = args.budget or (120.0 if args.quick else 1920.0)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    steps = -(-n_train // 32)
+    args.eval_every = args.eval_every or max(1, steps // 3)
     if not (SHARED / "sst2" / "train.tsv").is_file():
         sys.exit(f"sweep_search: {SHARED / 'sst2'} not found (the shared SST-2 data)")
     work = Path(args.work)
@@ -191,24 +277,25 @@ def main() -> None:
     work.mkdir(parents=True)
     data = prepare_data(work, n_train, n_dev)
     load = os.getloadavg()[0]
-    procs, started = {}, time.time()
-    for name, space in spaces(args.trials, args.eval_every).items():
-        cfg = base_config(data, str(work / name), args.eval_every, args.threads)
-        cmd = [sys.executable, __file__, "--arm", name, "--config", json.dumps(cfg),
-               "--space", json.dumps(space), "--budget", str(budget)]
-        log = (work / f"{name}.log").open("w")
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    for name, proc in procs.items():
-        if proc.wait() != 0:
-            sys.exit(f"sweep_search: arm {name} failed; see {work / name}.log")
-    arms = {name: summarize(read_study(work / name), started) for name in ARMS}
+    started, failed = run_arms(work, data, seeds, args, budget)
+    load_end = os.getloadavg()
+    by_seed: dict[str, dict[str, Any]] = {}
+    for seed in seeds:
+        arms = {name: summarize(read_study(work / f"{name}-s{seed}"), started, budget)
+                for name in ARMS}
+        by_seed[str(seed)] = {"arms": arms, "compare": compare(arms)}
     results = {"meta": {"n_train": n_train, "n_dev": n_dev, "budget_s": budget,
-                        "eval_every": args.eval_every, "threads": args.threads,
-                        "tpe_trial_cap": args.trials,
+                        "steps": steps, "eval_every": args.eval_every, "threads": args.threads,
+                        "grid_size": len(GRID["train.lr"]) * len(GRID["method.r"])
+                        * len(GRID["method.alpha"]) * len(GRID["method.dropout"]),
+                        "tpe_trial_cap": args.trials, "seeds": seeds,
                         "cpu": cpu_name(), "cores": os.cpu_count(),
-                        "note": f"{args.note} (load average {load:.1f} at start)",
-                        "wall_s": round(time.time() - started, 1)},
-               "arms": arms}
+                        "note": f"{args.note}; load average {load:.1f} at the start, "
+                                f"{load_end[1]:.1f} over the last 5 min",
+                        "wall_s": round(time.time() - started, 1), "failed_runs": failed},
+               "seeds": by_seed}
+    if len(seeds) > 1 and len(seeds) % 2:
+        results["median"] = medians(by_seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_search.json").write_text(json.dumps(results, indent=2))

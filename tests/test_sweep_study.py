@@ -21,7 +21,15 @@ from peftlab.cli import main
 from peftlab.config import ConfigError, load_config
 from peftlab.lab.pareto import pareto_front
 from peftlab.lab.search_space import load_space, override_text, space_from_dict
-from peftlab.lab.study import STUDY_DB, _check_or_write_settings, importances, open_study, optimize
+from peftlab.lab.study import (
+    STUDY_DB,
+    _check_or_write_settings,
+    importances,
+    make_pruner,
+    make_sampler,
+    open_study,
+    optimize,
+)
 from peftlab.lab.sweep import SweepResult, Trial, write_report
 
 SRC = Path(peftlab.__file__).resolve().parents[1]
@@ -71,6 +79,10 @@ def test_space_parsing_and_errors(tmp_path):
            ({"params": {"train.lr": {"choices": [1, 1]}}}, "listed twice"),
            ({"params": {"output_dir": [1, 2]}}, "set per trial"),
            ({"params": {"train.lr": [1]}, "sampler": "cmaes"}, "sampler: 'cmaes' is not one"),
+           ({"params": {"train.lr": [1]}, "sampler": {"name": "grid", "startup_trials": 2}},
+            "sampler grid: unknown option 'startup_trials'"),
+           ({"params": {"train.lr": [1]}, "sampler": {"name": "tpe", "startup_trials": -1}},
+            "startup_trials: got -1"),
            ({"params": {"train.lr": [1]}, "pruner": "hyperband"}, "pruner: 'hyperband'"),
            ({"params": {"train.lr": [1]}, "pruner": {"name": "asha", "eta": 3}}, "'eta'"),
            ({"params": {"train.lr": [1]}, "trials": 0}, "trials: expected a positive"),
@@ -84,6 +96,17 @@ def test_space_parsing_and_errors(tmp_path):
         load_space(path)
     with pytest.raises(ConfigError, match="no such file"):
         load_space(tmp_path / "missing.yaml")
+
+
+def test_tpe_start_up_trials():
+    """A quarter of the trial budget (2 to 10), or what the space sets."""
+    def startup(**settings) -> int:
+        space = space_from_dict({"params": {"train.lr": [1]}, **settings})
+        assert space_from_dict(space.to_dict()).to_dict() == space.to_dict()
+        return make_sampler(space, 0)._n_startup_trials
+
+    assert startup(trials=20) == 5 and startup(trials=500) == 10 and startup() == 10
+    assert startup(sampler={"name": "tpe", "startup_trials": 3}, trials=500) == 3
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])
@@ -151,6 +174,48 @@ def test_pruner_stops_the_trial_whose_metric_is_worse(tiny_chat_model_dir, demo_
     assert (pruned_dir / "adapter" / "adapter_config.json").is_file()  # its files are kept
     assert recs[1]["best_value"] > recs[0]["best_value"]
 
+
+
+def test_a_trial_judged_at_its_last_evaluation_is_finished(tiny_chat_model_dir, demo_data_dir,
+                                                           tmp_path):
+    """Evaluated only at its last step, the worse trial has paid for all its training:
+    pruning it would save nothing and lose a result, so it is recorded finished."""
+    out = tmp_path / "study"
+    cfg = _cfg(tiny_chat_model_dir, demo_data_dir, out, steps=3)  # 24 rows / 8: one epoch
+    cfg["train"]["eval_every"] = 3
+    base_cfg = load_config(base=cfg)
+    space = space_from_dict({"params": {"train.lr": [3.0e-2, 1.0e-7]}, "sampler": "random",
+                             "pruner": {"name": "median", "startup_trials": 1}, "trials": 2})
+    _check_or_write_settings(out, base_cfg, space)
+    study = open_study(out, space, "val_loss")
+    study.enqueue_trial({"train.lr": 3.0e-2})
+    study.enqueue_trial({"train.lr": 1.0e-7})
+    optimize(study, base_cfg.to_dict(), space, out, progress=False)
+
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    recs = _records(out)
+    assert recs[1]["status"] == "done" and recs[1]["steps"] == 3 and recs[1]["error"] is None
+    assert study.trials[1].value == recs[1]["best_value"] > recs[0]["best_value"]
+
+
+def test_asha_first_rung_is_the_first_evaluation():
+    """With ``train.eval_every`` 30 ASHA judges a trial first at step 30 (a report before it
+    is never pruned), then keeps the top third; Optuna's "auto" would judge it at step 20."""
+    space = space_from_dict({"params": {"train.lr": [1]}, "pruner": "asha"})
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(space, eval_every=30))
+    for value in (0.5, 0.6, 0.7, 0.8, 0.9):  # finished trials, evaluated at steps 30 and 90
+        trial = study.ask()
+        for step in (30, 90):
+            trial.report(value, step)
+            trial.should_prune()  # records the rungs the trial passed
+        study.tell(trial, value)
+    hopeless, good = study.ask(), study.ask()
+    hopeless.report(0.1, 20)
+    assert not hopeless.should_prune()
+    hopeless.report(0.1, 30)
+    assert hopeless.should_prune()
+    good.report(0.85, 30)  # in the top third of the six values at the first rung
+    assert not good.should_prune()
 
 def _cli_args(config: Path, space: Path) -> list[str]:
     return ["sweep", str(config), "--space", str(space), "--no-progress"]

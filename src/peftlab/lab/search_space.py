@@ -7,7 +7,7 @@ settings, which command-line flags override)::
       train.lr: {low: 1.0e-4, high: 3.0e-2, log: true}   # float (low/high not both ints)
       method.r: {low: 2, high: 16, step: 2}              # int (low/high ints)
       method: {choices: [{name: lora, r: 8}, {name: ia3}]}   # categorical, any YAML values
-    sampler: tpe            # tpe | random | grid
+    sampler: tpe            # tpe | random | grid, or {name: tpe, startup_trials: 5}
     pruner: asha            # median | asha | none, or {name: asha, min_resource: 4, ...}
     trials: 20
     timeout: 1800           # seconds
@@ -37,6 +37,7 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "asha", "none")
 PRUNER_OPTIONS = {"median": ("startup_trials", "warmup_steps"),
                   "asha": ("min_resource", "reduction_factor")}
+SAMPLER_OPTIONS = {"tpe": ("startup_trials",)}
 SETTINGS = ("params", "sampler", "pruner", "trials", "timeout", "workers", "seed")
 Scalar = str | int | float | bool | None
 
@@ -81,6 +82,7 @@ class Param:
 class SearchSpace:
     params: list[Param]
     sampler: str = "tpe"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
     pruner: str = "none"
     pruner_options: dict[str, Any] = field(default_factory=dict)
     trials: int | None = None
@@ -115,7 +117,9 @@ class SearchSpace:
                     spec["step"] = p.step
                 params[p.key] = spec
         pruner: Any = dict(self.pruner_options, name=self.pruner)
-        return {"params": params, "sampler": self.sampler, "pruner": pruner,
+        sampler: Any = (dict(self.sampler_options, name=self.sampler) if self.sampler_options
+                        else self.sampler)
+        return {"params": params, "sampler": sampler, "pruner": pruner,
                 "trials": self.trials, "timeout": self.timeout, "workers": self.workers,
                 "seed": self.seed}
 
@@ -183,10 +187,7 @@ def apply_settings(space: SearchSpace, settings: dict[str, Any], where: str) -> 
         if value is None:
             continue
         if key == "sampler":
-            if value not in SAMPLERS:
-                raise ConfigError(f"{where}: sampler: {value!r} is not one of "
-                                  f"{', '.join(SAMPLERS)}")
-            space.sampler = value
+            space.sampler, space.sampler_options = _sampler(value, where)
         elif key == "pruner":
             space.pruner, space.pruner_options = _pruner(value, where)
         elif key in ("trials", "workers", "seed"):
@@ -201,6 +202,24 @@ def apply_settings(space: SearchSpace, settings: dict[str, Any], where: str) -> 
             space.timeout = float(value)
         else:
             raise ConfigError(f"{where}: unknown setting {key!r}")
+
+
+def _sampler(value: Any, where: str) -> tuple[str, dict[str, Any]]:
+    options: dict[str, Any] = {}
+    if isinstance(value, dict):
+        options = dict(value)
+        value = options.pop("name", None)
+    if value not in SAMPLERS:
+        raise ConfigError(f"{where}: sampler: {value!r} is not one of {', '.join(SAMPLERS)}")
+    allowed = SAMPLER_OPTIONS.get(value, ())
+    for key, v in options.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: sampler {value}: unknown option {key!r}; expected: "
+                              f"{', '.join(allowed) or 'none'}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{where}: sampler {value}: {key}: got {v!r}, expected an "
+                              "integer >= 0")
+    return value, options
 
 
 def _pruner(value: Any, where: str) -> tuple[str, dict[str, Any]]:

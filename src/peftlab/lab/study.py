@@ -84,7 +84,8 @@ def run_study(config: RunConfig, space: SearchSpace, progress: bool = True) -> S
     check_space(space, config)
     _check_or_write_settings(out, config, space)
     storage = _storage(out)
-    study = open_study(out, space, config.train.best_metric, storage=storage)
+    study = open_study(out, space, config.train.best_metric, storage=storage,
+                       eval_every=config.train.eval_every)
     _recover_interrupted(study, storage, out, config.train.best_metric)
     if space.workers == 1:
         optimize(study, config.to_dict(), space, out, progress=progress)
@@ -140,17 +141,18 @@ def _storage(out: Path) -> RDBStorage:
 
 
 def open_study(out: Path, space: SearchSpace, metric: str, worker: int = 0,
-               storage: RDBStorage | None = None) -> optuna.Study:
+               storage: RDBStorage | None = None, eval_every: int | None = None) -> optuna.Study:
     """The study in OUTPUT_DIR/study.db, created on first use. Sampler and pruner are not
     stored: every process builds its own (seeded by ``seed + worker`` so that parallel TPE
-    or random workers do not propose the same points)."""
+    or random workers do not propose the same points). ``eval_every``: the base config's
+    ``train.eval_every``, ASHA's default first rung."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own lines
     out.mkdir(parents=True, exist_ok=True)
     return optuna.create_study(storage=storage or _storage(out), study_name=STUDY_NAME,
                                load_if_exists=True,
                                direction="minimize" if lower_is_better(metric) else "maximize",
                                sampler=make_sampler(space, space.seed + worker),
-                               pruner=make_pruner(space))
+                               pruner=make_pruner(space, eval_every))
 
 
 def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
@@ -160,17 +162,21 @@ def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     # Optuna's default of 10 random start-up trials is most of a small CPU budget
     startup = 10 if space.trials is None else max(2, min(10, space.trials // 4))
+    startup = space.sampler_options.get("startup_trials", startup)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
 
 
-def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
+def make_pruner(space: SearchSpace, eval_every: int | None = None) -> optuna.pruners.BasePruner:
+    """ASHA's first rung defaults to the first evaluation (``eval_every``): Optuna's "auto"
+    (a hundredth of the longest finished trial) puts several rungs below the first evaluation,
+    so that one value must win them all at once -- a trial outside the top 1/3**k stops there."""
     opts = space.pruner_options
     if space.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=opts.get("startup_trials", 2),
                                            n_warmup_steps=opts.get("warmup_steps", 0))
     if space.pruner == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=opts.get("min_resource", "auto"),
+            min_resource=opts.get("min_resource", eval_every or "auto"),
             reduction_factor=opts.get("reduction_factor", 3))
     return optuna.pruners.NopPruner()
 
@@ -280,8 +286,10 @@ def run_trial(trial: optuna.Trial, base: dict[str, Any], space: SearchSpace, out
         write_json(directory / TRIAL_FILE, record.__dict__)
         raise
     record_summary(record, summary, rss.peak_mb)
+    # judged at the last evaluation, the trial has paid for all its training: it is finished
+    cut_short = summary.result.stopped_by_hook
     del summary  # the model goes with it (Optuna collects garbage after each trial)
-    if reporter.pruned_at is not None:
+    if reporter.pruned_at is not None and cut_short:
         record.status = "pruned"
         record.error = f"pruned at step {reporter.pruned_at}"
     write_json(directory / TRIAL_FILE, record.__dict__)

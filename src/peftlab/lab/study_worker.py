@@ -19,7 +19,8 @@ def main(argv: list[str]) -> int:
     settings = read_json(out / STUDY_FILE)
     config = load_config(base=settings["base"])  # validated again, as in the parent
     space = space_from_dict(settings["space"], str(out / STUDY_FILE))
-    study = open_study(out, space, config.train.best_metric, worker=worker)
+    study = open_study(out, space, config.train.best_metric, worker=worker,
+                       eval_every=config.train.eval_every)
     optimize(study, config.to_dict(), space, out, progress=False, threads=threads)
     return 0
 

@@ -87,9 +87,10 @@ class Trainer:
 
     ``param_groups``: the optimizer groups of those parameters, as the method declares them
     (``methods.optimizer_param_groups``, e.g. LoRA+); default one group.
-    ``on_evaluate``: an :data:`EvalHook`; when it returns True the run stops after that
-    evaluation like an early stop (a step checkpoint is saved, the best weights restored) and
-    ``TrainResult.stopped_by_hook`` is set.
+    ``on_evaluate``: an :data:`EvalHook`; when it returns True before the last step the run
+    stops after that evaluation like an early stop (a step checkpoint is saved, the best
+    weights restored) and ``TrainResult.stopped_by_hook`` is set; at the last step the run
+    was complete anyway, so it ends as a full run.
 
     The model must already be on ``world.device``; batches are moved there. With
     ``train.distributed: fsdp`` and more than one rank the model is sharded here
@@ -257,7 +258,9 @@ class Trainer:
                         state["bad_evals"] += 1
                         patience = cfg.early_stopping_patience
                         stop_early = patience is not None and state["bad_evals"] >= patience
-                    if self.on_evaluate is not None and self.on_evaluate(step, rec):
+                    # the hook sees every evaluation; a stop at the last step stops nothing
+                    if (self.on_evaluate is not None and self.on_evaluate(step, rec)
+                            and step < self.total_steps):
                         stopped_by_hook = True
                 if step % self.save_every == 0 or step == self.total_steps:
                     self._save_step(dict(state, step=step, micro=micro))
