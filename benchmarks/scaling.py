@@ -60,6 +60,21 @@ def _rss_now_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak (Linux: "5" to clear_refs resets VmHWM), so the training peak is not
+    the transient of loading fp32 weights and converting them."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_since_reset_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def build_model(size: str):
     """(model, vocab size): the embedded 135M or a random SmolLM2-shaped Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -98,6 +113,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                  target_modules=tt.LORA_TARGETS))
         model_mb = _rss_now_mb()
+        _reset_peak_rss()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=1e-4)
         model.train()
@@ -129,6 +145,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         prepare_precision(model, precision)
         gc.collect()
         model_mb = _rss_now_mb()
+        _reset_peak_rss()
         tcfg = TrainConfig(max_steps=steps, batch_size=1, lr=1e-4, scheduler="constant",
                            warmup_steps=0, max_grad_norm=None, precision=precision,
                            log_every=steps, save_every=10**9, seed=0,
@@ -146,7 +163,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         losses = task.losses
     return {"name": name, "size": cfg["size"], "seq_len": cfg["seq_len"],
             "precision": precision, "compiled": compiled, "step_seconds": seconds,
-            "losses": losses, "model_mb": round(model_mb), "peak_rss_mb": round(tt._peak_rss_mb())}
+            "losses": losses, "model_mb": round(model_mb),
+            "peak_rss_mb": round(_peak_rss_since_reset_mb()),  # training only, model included
+            "peak_rss_with_load_mb": round(tt._peak_rss_mb())}
 
 
 def make_batches(vocab: int, seq_len: int, steps: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -223,8 +242,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{fit(p)} / {fit(k)} / {fit(q)} |")
     compiled = sorted({c["size"] for c in result["cells"] if c["compiled"]})
     lines += ["", f"peftlab precision: {sorted({c['precision'] for c in result['cells'] if c['name'] != 'peer'})}; "
-              f"train.compile auto on for: {compiled or 'none'}. Tokens/step in 24 GB: "
-              "resident model memory + measured growth per token, extrapolated (not run)."]
+              f"train.compile auto on for: {compiled or 'none'}. Peak RSS: the training "
+              "peak (reset after the model is built, so the fp32 load transient is not "
+              "counted; the JSON keeps the peak with loading). Tokens/step in 24 GB: resident "
+              "model memory + measured growth per token, extrapolated (not run)."]
     return "\n".join(lines)
 
 
@@ -274,23 +295,32 @@ def main(argv: list[str] | None = None) -> None:
                     res = tt.spawn("worker", cfg, tmp, f"{name}-{size}-{seq}", args.threads,
                                    script=Path(__file__))
                     cells.append(res)
+                    write_results(args, machine, peaks, steps, sizes, cells, started)
                     print(f"  {size:5s} seq {seq:5d} {name:13s} "
                           f"{TOKENS_PER_STEP / statistics.median(res['step_seconds'][1:] or res['step_seconds']):7.1f} tok/s "
                           f"rss {res['peak_rss_mb'] / 1024:5.1f} GB (model {res['model_mb'] / 1024:.1f})"
                           f"{' compiled' if res['compiled'] else ''}", flush=True)
+    write_results(args, machine, peaks, steps, sizes, cells, started, final=True)
+
+
+def write_results(args, machine: dict[str, Any], peaks: dict[str, float], steps: int,
+                  sizes: list[str], cells: list[dict[str, Any]], started: float,
+                  final: bool = False) -> None:
+    """Write the JSON and table after every cell, so a stopped run keeps what it measured."""
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {"machine": machine, "cpu": machine["cpu"], "bf16_peak_gflops": peaks["bf16"],
               "fp32_peak_gflops": peaks["fp32"], "steps": steps, "skip": 1,
               "clock": args.clock, "threads": args.threads,
               "tokens_per_step": TOKENS_PER_STEP, "params": {s: n_params(s) for s in sizes},
               "cells": cells, "rows": summarize(cells, 1),
-              "seconds": round(time.perf_counter() - started)}
+              "seconds": round(time.perf_counter() - started), "complete": final}
     report = markdown(result)
-    print("\n" + report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "scaling.md").write_text(report + "\n")
-    print(f"wrote {args.out / 'scaling.json'} and .md ({result['seconds']} s)")
+    if final:
+        print("\n" + report)
+        print(f"wrote {args.out / 'scaling.json'} and .md ({result['seconds']} s)")
 
 
 if __name__ == "__main__":
