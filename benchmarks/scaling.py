@@ -150,7 +150,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
                            warmup_steps=0, max_grad_norm=None, precision=precision,
                            log_every=steps, save_every=10**9, seed=0,
                            activation_checkpointing=name == "peftlab_ckpt")
-        tcfg.compile, _ = resolve_compile(tcfg, model, 50)  # as for a 50-step run
+        tcfg.compile, _ = resolve_compile(tcfg, model, 50, TOKENS_PER_STEP)  # a 50-step run
         compiled = bool(tcfg.compile)
         task = tt.FixedBatchTask(SFTTask(pad_id=0), {**batches, "attention_mask": torch.ones_like(
             batches["input_ids"])}, clock)

@@ -336,7 +336,8 @@ def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dic
                        activation_checkpointing=cfg["name"] == CANDIDATE_CKPT,
                        compile=cfg.get("compile", "auto"))  # train_levers.py sets it
     if tcfg.compile == "auto":  # decide as peftlab would for a real run, not a 12-step probe
-        tcfg.compile, _ = resolve_compile(tcfg, model, max(steps, AUTO_COMPILE_STEPS))
+        tcfg.compile, _ = resolve_compile(tcfg, model, max(steps, AUTO_COMPILE_STEPS),
+                                          float(batches["attention_mask"][0].sum()))
     out_dir = Path(cfg["out_dir"])
     trainer = Trainer(model, task, [{"index": i} for i in range(steps)], None, tcfg, out_dir,
                       progress=False)

@@ -26,13 +26,23 @@ from torch import nn
 
 from peftlab.config import ConfigError, TrainConfig
 from peftlab.runtime.fsdp import find_blocks
+from peftlab.runtime.precision import measured_matmul_gflops
 
 AUTO_MIN_PARAMS = 50_000_000  # tiny models: the compile costs more than it saves
 AUTO_MIN_STEPS = 50  # ~30 s of compile repaid at ~1 s saved per SmolLM2 step
+# Compiling costs 30-60 s (more when batch lengths vary: a recompile per new shape until the
+# shapes turn dynamic) and saves ~25% of eager time, so it pays from ~4 minutes of training.
+AUTO_MIN_SECONDS = 240
+EAGER_EFFICIENCY = 0.4  # eager steps run at ~35-45% of the bf16 matmul peak (6N FLOPs/token)
 
 
-def resolve_compile(cfg: TrainConfig, model: nn.Module, total_steps: int) -> tuple[bool, str]:
-    """(compile?, why) for ``cfg.compile`` (true | false | auto) with ``cfg.precision`` resolved."""
+def resolve_compile(cfg: TrainConfig, model: nn.Module, total_steps: int,
+                    tokens_per_step: float | None = None) -> tuple[bool, str]:
+    """(compile?, why) for ``cfg.compile`` (true | false | auto) with ``cfg.precision`` resolved.
+
+    ``tokens_per_step`` (when known) estimates the eager training time from the measured bf16
+    matmul rate; a run shorter than :data:`AUTO_MIN_SECONDS` stays eager.
+    """
     if cfg.compile is not True and cfg.compile is not False:  # "auto"
         n_params = sum(p.numel() for p in model.parameters())
         devices = {p.device.type for p in model.parameters()}
@@ -48,6 +58,12 @@ def resolve_compile(cfg: TrainConfig, model: nn.Module, total_steps: int) -> tup
             return False, f"off: {n_params / 1e6:.0f}M parameters < {AUTO_MIN_PARAMS // 10**6}M"
         if total_steps < AUTO_MIN_STEPS:
             return False, f"off: {total_steps} steps < {AUTO_MIN_STEPS}"
+        if tokens_per_step is not None:
+            flops = 6 * n_params * tokens_per_step * total_steps
+            eager_s = flops / (measured_matmul_gflops()["bf16"] * 1e9 * EAGER_EFFICIENCY)
+            if eager_s < AUTO_MIN_SECONDS:
+                return False, (f"off: ~{eager_s:.0f} s of eager training estimated, < "
+                               f"{AUTO_MIN_SECONDS} s (the compile would not pay back)")
         if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "g++", "c++")):
             return False, "off: no C++ compiler found (inductor builds its CPU kernels with one)"
         return True, (f"on: bf16, {n_params / 1e6:.0f}M parameters, {total_steps} steps "

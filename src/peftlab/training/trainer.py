@@ -138,7 +138,9 @@ class Trainer:
         self.micro_per_step = cfg.grad_accum * self.world.size
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.micro_per_step))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-        self.compiled, self.compile_reason = resolve_compile(cfg, model, self.total_steps)
+        tokens_per_step = sum(self.lengths) / len(self.lengths) * cfg.batch_size * cfg.grad_accum
+        self.compiled, self.compile_reason = resolve_compile(cfg, model, self.total_steps,
+                                                             tokens_per_step)
         if self.compiled:
             transformer_blocks(model)  # a model without findable blocks fails here, not in fit
         self.warmup_steps = warmup_steps(cfg, self.total_steps)
