@@ -380,7 +380,8 @@ def test_compile_auto_compiles_only_where_it_pays(tiny_chat_model_dir, monkeypat
     assert resolve(TrainConfig(precision="bf16"), model, 50)[0]
     assert "steps" in resolve(TrainConfig(precision="bf16"), model, 49)[1]
     # short runs stay eager: the estimated eager time would not repay the compile
-    assert "estimated" in resolve(TrainConfig(precision="bf16"), model, 500, tokens_per_step=1)[1]
+    assert "tokens per step" in resolve(TrainConfig(precision="bf16"), model, 500, 100)[1]
+    assert "estimated" in resolve(TrainConfig(precision="bf16"), model, 50, 2048)[1]
     assert resolve(TrainConfig(precision="bf16"), model, 500, tokens_per_step=1e9)[0]
     assert "fp32" in resolve(TrainConfig(precision="fp32"), model, 500)[1]
     assert "checkpointing" in resolve(TrainConfig(precision="bf16", activation_checkpointing=True),

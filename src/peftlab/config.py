@@ -237,7 +237,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward: less RAM
     # torch.compile (inductor) each transformer block: fused element-wise ops, fewer saved
     # activations; the first step compiles (~30 s for SmolLM2). auto: on where measured to pay
-    # (bf16 on a CPU, >= 50M parameters, >= 50 steps; peftlab.training.compile).
+    # (bf16 on a CPU, >= 50M parameters, >= 50 steps, ~4 min of training; training/compile.py)
     compile: bool | str = "auto"
     # NEFTune: uniform noise alpha/sqrt(L*d) on the input embeddings in training steps only
     # (peftlab.runtime.neftune; TRL's neftune_noise_alpha; the paper uses 5-15)

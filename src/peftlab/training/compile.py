@@ -33,6 +33,7 @@ AUTO_MIN_STEPS = 50  # ~30 s of compile repaid at ~1 s saved per SmolLM2 step
 # Compiling costs 30-60 s (more when batch lengths vary: a recompile per new shape until the
 # shapes turn dynamic) and saves ~25% of eager time, so it pays from ~4 minutes of training.
 AUTO_MIN_SECONDS = 240
+AUTO_MIN_STEP_TOKENS = 1024  # measured gains are at 2k-token steps; small steps gain little
 EAGER_EFFICIENCY = 0.4  # eager steps run at ~35-45% of the bf16 matmul peak (6N FLOPs/token)
 
 
@@ -58,6 +59,10 @@ def resolve_compile(cfg: TrainConfig, model: nn.Module, total_steps: int,
             return False, f"off: {n_params / 1e6:.0f}M parameters < {AUTO_MIN_PARAMS // 10**6}M"
         if total_steps < AUTO_MIN_STEPS:
             return False, f"off: {total_steps} steps < {AUTO_MIN_STEPS}"
+        if tokens_per_step is not None and tokens_per_step < AUTO_MIN_STEP_TOKENS:
+            return False, (f"off: ~{tokens_per_step:.0f} tokens per step < "
+                           f"{AUTO_MIN_STEP_TOKENS} (small steps gain little and recompile "
+                           "for new lengths)")
         if tokens_per_step is not None:
             flops = 6 * n_params * tokens_per_step * total_steps
             eager_s = flops / (measured_matmul_gflops()["bf16"] * 1e9 * EAGER_EFFICIENCY)
