@@ -264,10 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        cfg = json.loads(args.worker_config.read_text())
-        if cfg.get("threads"):
-            torch.set_num_threads(cfg["threads"])
-        args.worker_result.write_text(json.dumps(worker(cfg)))
+        tt.run_worker(args, worker)
         return
     sizes = args.sizes or (["135M", "360M"] if args.quick else list(SHAPES))
     steps = args.steps or (3 if args.quick else 4)

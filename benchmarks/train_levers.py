@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import train_throughput as tt
 from safetensors.torch import load_file, save_file
 
@@ -101,10 +100,7 @@ def main() -> None:
     p.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker_config:
-        cfg = json.loads(args.worker_config.read_text())
-        if cfg.get("threads"):
-            torch.set_num_threads(cfg["threads"])
-        args.worker_result.write_text(json.dumps(lever_worker(cfg)))
+        tt.run_worker(args, lever_worker)
         return
     steps = args.steps or (4 if args.quick else 8)
     repeats = args.repeats or (1 if args.quick else 2)

@@ -536,6 +536,14 @@ def spawn(kind: str, cfg: dict[str, Any], tmp: Path, tag: str, threads: int | No
     return json.loads(res_path.read_text())
 
 
+def run_worker(args, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """The worker side of :func:`spawn`: read its config, set its threads, write its result."""
+    cfg = json.loads(args.worker_config.read_text())
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    args.worker_result.write_text(json.dumps(fn(cfg)))
+
+
 def steady_rates(runs: list[dict[str, Any]], skip: int) -> list[float]:
     """tokens/s of every step after the first ``skip`` of each run, pooled."""
     return [n / s for run in runs
@@ -669,10 +677,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     if args.worker:
-        cfg = json.loads(args.worker_config.read_text())
-        if cfg.get("threads"):
-            torch.set_num_threads(cfg["threads"])
-        args.worker_result.write_text(json.dumps(WORKERS[args.worker](cfg)))
+        run_worker(args, WORKERS[args.worker])
         return
 
     q = args.quick

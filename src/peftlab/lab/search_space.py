@@ -204,18 +204,27 @@ def apply_settings(space: SearchSpace, settings: dict[str, Any], where: str) -> 
             raise ConfigError(f"{where}: unknown setting {key!r}")
 
 
-def _sampler(value: Any, where: str) -> tuple[str, dict[str, Any]]:
+def _named(value: Any, where: str, kind: str, names: Any,
+           allowed_options: dict[str, tuple[str, ...]]) -> tuple[str, dict[str, Any]]:
+    """``NAME`` or ``{name: NAME, option: value, ...}`` of a sampler or pruner: (name, options),
+    the name and the option keys checked; the values are the caller's to check."""
     options: dict[str, Any] = {}
     if isinstance(value, dict):
         options = dict(value)
         value = options.pop("name", None)
-    if value not in SAMPLERS:
-        raise ConfigError(f"{where}: sampler: {value!r} is not one of {', '.join(SAMPLERS)}")
-    allowed = SAMPLER_OPTIONS.get(value, ())
-    for key, v in options.items():
+    if value not in names:
+        raise ConfigError(f"{where}: {kind}: {value!r} is not one of {', '.join(names)}")
+    allowed = allowed_options.get(value, ())
+    for key in options:
         if key not in allowed:
-            raise ConfigError(f"{where}: sampler {value}: unknown option {key!r}; expected: "
+            raise ConfigError(f"{where}: {kind} {value}: unknown option {key!r}; expected: "
                               f"{', '.join(allowed) or 'none'}")
+    return value, options
+
+
+def _sampler(value: Any, where: str) -> tuple[str, dict[str, Any]]:
+    value, options = _named(value, where, "sampler", SAMPLERS, SAMPLER_OPTIONS)
+    for key, v in options.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError(f"{where}: sampler {value}: {key}: got {v!r}, expected an "
                               "integer >= 0")
@@ -223,17 +232,8 @@ def _sampler(value: Any, where: str) -> tuple[str, dict[str, Any]]:
 
 
 def _pruner(value: Any, where: str) -> tuple[str, dict[str, Any]]:
-    options: dict[str, Any] = {}
-    if isinstance(value, dict):
-        options = dict(value)
-        value = options.pop("name", None)
-    if value not in PRUNERS:
-        raise ConfigError(f"{where}: pruner: {value!r} is not one of {', '.join(PRUNERS)}")
-    allowed = PRUNER_OPTIONS.get(value, ())
+    value, options = _named(value, where, "pruner", PRUNERS, PRUNER_OPTIONS)
     for key, v in options.items():
-        if key not in allowed:
-            raise ConfigError(f"{where}: pruner {value}: unknown option {key!r}; expected: "
-                              f"{', '.join(allowed) or 'none'}")
         ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
             key == "min_resource" and v == "auto")
         if not ok or (key == "reduction_factor" and v < 2):
