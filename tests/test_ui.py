@@ -163,6 +163,13 @@ def test_ui_refuses_a_non_loopback_host_without_the_flag(capsys, tmp_path):
     assert "--allow-remote" in err
 
 
+def test_ui_refuses_a_runs_folder_that_does_not_exist(capsys, tmp_path):
+    missing = tmp_path / "typo"
+    assert main(["ui", "--runs", str(missing)]) == 2
+    assert capsys.readouterr().err.startswith(f"peftlab ui: error: --runs {missing}: not a folder")
+    assert not missing.exists()  # nothing created for a mistyped folder
+
+
 def test_queue_runs_one_job_at_a_time_and_stop_interrupts_it(tmp_path, tiny_chat_model_dir,
                                                             monkeypatch):
     """A module that sleeps stands in for ``peftlab.cli``. SIGINT is ignored here, as in a UI

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="write into a non-empty --output directory")
 
     p = sub.add_parser("ui", help="local web app: runs, live metrics, compare, new run, chat")
-    p.add_argument("--runs", default="runs", metavar="DIR",
+    p.add_argument("--runs", default=None, metavar="DIR",
                    help="folder of run folders to show; new runs are written here (default: runs)")
     p.add_argument("--data", action="append", default=None, metavar="DIR",
                    help="folder of data sets offered in the new-run form (repeatable; default: "
@@ -406,6 +406,9 @@ def _ui(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not args.allow_remote:
         raise ValueError(f"--host {args.host}: the UI starts training runs and reads run files "
                          "with no login; it binds to 127.0.0.1 unless you add --allow-remote")
+    if args.runs is not None and not Path(args.runs).is_dir():  # a typo would show no runs
+        raise ValueError(f"--runs {args.runs}: not a folder (omit --runs to use ./runs)")
+    args.runs = args.runs or "runs"
     data_dirs = [Path(d) for d in (args.data or ["data", "../shared/data"])]
     for d in data_dirs if args.data else []:
         if not d.is_dir():
