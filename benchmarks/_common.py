@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), for the machine line of a results table."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

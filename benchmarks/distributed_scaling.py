@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _common import cpu_name
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from peftlab.lab.demo_data import write_demo_data
@@ -89,16 +89,6 @@ def table(rows: list[dict]) -> str:
     lines += [f"| {r['mode']} | {r['processes']} | {r['tokens_per_s']:.0f} | "
               f"{r['tokens_per_s'] / base[r['mode']]:.2f}x | {r['wall_s']:.0f} |" for r in rows]
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

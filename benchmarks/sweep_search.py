@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from _common import RESULTS, SHARED, sst2_rows, write_jsonl
+from _common import RESULTS, SHARED, cpu_name, sst2_rows, write_jsonl
 
 ARMS = ("grid", "tpe_asha")
 # the grid a user would write over the space, and the continuous space it is a lattice of
@@ -198,16 +197,6 @@ def _s(x: float | None, missing: str = "-") -> str:
 
 def _n(x: float) -> str:
     return f"{x:g}"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_arms(work: Path, data: dict[str, str], seeds: list[int], args: argparse.Namespace,
