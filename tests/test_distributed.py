@@ -5,8 +5,6 @@ unequal token counts); ranks end identical; only rank 0 writes."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from peftlab.config import from_dict
 from peftlab.models import load_model
+from tests.ranks import as_rank, free_port
 
 
 def _cfg(model_dir: Path, data: dict[str, Path], out: Path, grad_accum: int) -> dict:
@@ -38,22 +37,8 @@ def _train(cfg: dict, state_path: Path) -> None:
 
 
 def _rank(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
+    with as_rank(rank, world, port):
         _train(cfg, Path(out) / f"rank{rank}.safetensors")
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _micro_batch_tokens(cfg: dict, out: Path) -> list[list[int]]:
@@ -84,7 +69,7 @@ def test_two_ranks_equal_one_process_with_doubled_accumulation(tiny_chat_model_d
     _train(single, tmp_path / "single.safetensors")
 
     ddp = _cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "ddp", grad_accum=1)
-    mp.spawn(_rank, args=(2, _free_port(), ddp, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), ddp, str(tmp_path)), nprocs=2, join=True)
 
     expected = load_file(str(tmp_path / "single.safetensors"))
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))

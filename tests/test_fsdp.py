@@ -6,9 +6,7 @@ are 9 micro-batches: the last step has one, so rank 1 runs a zero-weighted paddi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from safetensors.torch import load_file
 
 from peftlab.config import from_dict
 from peftlab.models import load_model
+from tests.ranks import as_rank, free_port
 
 
 def _cfg(model_dir: Path, data: dict[str, Path], out: Path, grad_accum: int,
@@ -40,22 +39,8 @@ def _train(cfg: dict, resume: bool = False) -> None:
 
 
 def _rank(rank: int, world: int, port: int, cfg: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
+    with as_rank(rank, world, port):
         _train(cfg)
-    finally:
-        import torch.distributed as dist  # only in the spawned rank
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -88,7 +73,7 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_on_one(tiny_chat_model_dir,
     single = _cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "single", 2, method)
     _train(single)
     two = _cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "fsdp", 1, method)
-    mp.spawn(_rank, args=(2, _free_port(), two), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), two), nprocs=2, join=True)
     _assert_same_run(tmp_path / "single", tmp_path / "fsdp")
 
     ckpts = tmp_path / "fsdp" / "checkpoints"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,9 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
+from tests.ranks import free_port
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_on_localhost_train_one_run(tiny_chat_model_dir, demo_data_dir, tmp_path):
@@ -35,7 +30,7 @@ def test_two_nodes_on_localhost_train_one_run(tiny_chat_model_dir, demo_data_dir
     src = Path(__file__).resolve().parents[1] / "src"
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS="1")
-    port = _free_port()
+    port = free_port()
     nodes = [subprocess.Popen(
         [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
          "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from peftlab.evaluation.text_metrics import (
 from peftlab.models import load_model
 from peftlab.runtime.distributed import World
 from peftlab.tasks import build_task
+from tests.ranks import free_port
 
 BATCH = 4  # 8 validation batches of the 31 examples (the last one short): 4 per rank
 
@@ -74,18 +74,12 @@ def _rank(rank: int, port: int, cfg: dict, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_evaluate_what_one_process_does(tiny_chat_model_dir, demo_data_dir, tmp_path):
     cfg = _cfg(tiny_chat_model_dir, demo_data_dir)
     one = _evaluate(cfg, World())
     assert one["examples"] == 31 and one["batches"] == 8
     assert len({tuple(r) for r in one["rows"]}) > 1  # answers differ: an order mix-up shows
-    mp.spawn(_rank, args=(_free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (rank0["batches"], rank1["batches"]) == (4, 4)  # a share each, none twice
     for r in (rank0, rank1):  # every rank gets the summed loss
