@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,7 +35,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from peftlab.api import predict
 from peftlab.config import load_config
 from peftlab.data.classification import LabelledRow
-from peftlab.evaluation.metrics import classification_report
+from peftlab.evaluation.metrics import classification_report, tune_threshold
 from peftlab.lab.baseline import cross_validate, make_classifier, make_vectorizer, run_baseline
 from peftlab.tasks.classification.task import read_classification_rows
 
@@ -80,18 +82,27 @@ def _categories(cfg, rows: list[LabelledRow]) -> list[list[str]]:
     return [raw[r.row - 1]["unfair_categories"] for r in rows]
 
 
-def baseline_cv(folds: int = 5) -> dict:
+def _outer_folds(folds: int = 5):
+    """(config, all rows, gold 0/1, categories, [(train idx, test idx)]): the document-grouped
+    outer folds every CV measurement here shares, so the baseline and each recipe are scored
+    on exactly the same held-out documents."""
     cfg = _config()
     cfg.data.validation_split = 0.0
     rows, _, labels, _ = read_classification_rows(cfg)
-    cats = _categories(cfg, rows)
     y = [labels.index(r.label) for r in rows]
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0)
+    splits = list(splitter.split([r.text for r in rows], y, [r.group for r in rows]))
+    return cfg, rows, y, _categories(cfg, rows), splits
+
+
+def baseline_cv(folds: int = 5) -> dict:
+    cfg, rows, y, cats, splits = _outer_folds(folds)
+    labels = ["0", "1"]  # the unfair field's values, in class order
     texts = [r.text for r in rows]
     pred = [0] * len(rows)
     chosen = []
     t0 = time.perf_counter()
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0)
-    for train_idx, test_idx in splitter.split(texts, y, [r.group for r in rows]):
+    for train_idx, test_idx in splits:
         inner = cross_validate([rows[i] for i in train_idx], labels, "f1", grouped=True)
         p = inner["grid"][0]
         chosen.append({k: p[k] for k in ("model", "C", "class_weight")})
@@ -103,6 +114,94 @@ def baseline_cv(folds: int = 5) -> dict:
             pred[i] = int(v)
     return {"folds": folds, "documents": len({r.group for r in rows}), "chosen": chosen,
             "seconds": round(time.perf_counter() - t0, 1), **_scores(y, pred, cats)}
+
+
+def _p_unfair(adapter: Path, texts: list[str]) -> list[float]:
+    result = predict(adapter, [{"text": t} for t in texts])
+    return [p["probabilities"]["1"] for p in result["predictions"]]
+
+
+def _tfidf_logreg(train: list[str], y: list[int], *others: list[str]) -> list[list[float]]:
+    """p(unfair) of a balanced TF-IDF logistic regression fitted on ``train``, for each of
+    ``others``: the ensemble's second opinion (probabilities, unlike the SVM's margins)."""
+    vec = make_vectorizer()
+    clf = make_classifier("logreg", 10.0, "balanced", 0, 2)
+    clf.fit(vec.fit_transform(train), y)
+    return [clf.predict_proba(vec.transform(t))[:, 1].tolist() for t in others]
+
+
+def recipe_fold(name: str, k: int, sets: list[str], threads: int, work: Path) -> dict:
+    """Train ``configs/claudette_unfair.yaml`` + ``sets`` on outer fold ``k``'s training
+    documents (its own grouped validation documents pick the threshold and the best step),
+    then score the fold's held-out documents. Writes and returns the fold's record."""
+    cfg, rows, y, _, splits = _outer_folds()
+    train_idx, test_idx = splits[k]
+    raw = read_jsonl(Path(cfg.data.train))
+    fold = work / name / f"fold{k}"
+    fold.mkdir(parents=True, exist_ok=True)
+    write_jsonl(fold / "train.jsonl", [raw[rows[i].row - 1] for i in train_idx])
+    overrides = [f"data.train={fold / 'train.jsonl'}", f"output_dir={fold / 'run'}",
+                 f"train.num_threads={threads}", *sets]
+    t0 = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "peftlab"), "train", str(CONFIG),
+                    *(x for o in overrides for x in ("--set", o))],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    fold_cfg = load_config(CONFIG, overrides)
+    inner_train, inner_val, _, _ = read_classification_rows(fold_cfg)
+    test_texts = [rows[i].text for i in test_idx]
+    val_texts, val_y = [r.text for r in inner_val], [int(r.label) for r in inner_val]
+    adapter = fold / "run" / "adapter"
+    lr_val, lr_test = _tfidf_logreg([r.text for r in inner_train],
+                                    [int(r.label) for r in inner_train], val_texts, test_texts)
+    record = {"fold": k, "sets": sets, "train_seconds": round(seconds, 1),
+              "threshold": json.loads((adapter / "labels.json").read_text()).get("threshold"),
+              "test_idx": [int(i) for i in test_idx], "val_y": val_y,
+              "model_val": _p_unfair(adapter, val_texts), "model_test": _p_unfair(adapter, test_texts),
+              "lr_val": lr_val, "lr_test": lr_test}
+    (fold / "record.json").write_text(json.dumps(record))
+    return record
+
+
+def recipe_cv(name: str, sets: list[str], folds: int, jobs: int, work: Path) -> dict:
+    """The recipe under the same document-grouped outer CV as :func:`baseline_cv`: each fold
+    in a worker process (``jobs`` at once, cores split between them), pooled predictions.
+
+    Three rows: the model with its own tuned threshold; TF-IDF logistic regression with a
+    threshold tuned on the same inner validation documents; their averaged probabilities
+    (threshold tuned likewise) — nothing ever sees the held-out fold before it is scored."""
+    _, rows, y, cats, _ = _outer_folds(folds)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending = [k for k in range(folds) if not (work / name / f"fold{k}" / "record.json").exists()]
+    running: list[subprocess.Popen] = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            k = pending.pop(0)
+            running.append(subprocess.Popen(
+                [sys.executable, __file__, "fold", "--name", name, "--fold", str(k),
+                 "--threads", str(threads), "--work", str(work), "--set", *sets]))
+        time.sleep(5)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            if proc.returncode:
+                raise SystemExit(f"fold worker failed ({proc.args})")
+    records = [json.loads((work / name / f"fold{k}" / "record.json").read_text())
+               for k in range(folds)]
+    pred = {"model": [0] * len(rows), "tfidf_lr": [0] * len(rows), "ensemble": [0] * len(rows)}
+    for r in records:
+        lr_t, _ = tune_threshold(r["lr_val"], r["val_y"])
+        mean_val = [(a + b) / 2 for a, b in zip(r["model_val"], r["lr_val"], strict=True)]
+        ens_t, _ = tune_threshold(mean_val, r["val_y"])
+        model_t = r["threshold"] if r["threshold"] is not None else 0.5
+        for j, i in enumerate(r["test_idx"]):
+            m, lr = r["model_test"][j], r["lr_test"][j]
+            pred["model"][i] = int(m >= model_t)
+            pred["tfidf_lr"][i] = int(lr >= lr_t)
+            pred["ensemble"][i] = int((m + lr) / 2 >= ens_t)
+    return {"sets": sets, "folds": folds, "jobs": jobs,
+            "train_seconds": round(sum(r["train_seconds"] for r in records), 1),
+            "thresholds": [r["threshold"] for r in records],
+            **{key: _scores(y, p, cats) for key, p in pred.items()}}
 
 
 def baseline_val() -> dict:
@@ -152,7 +251,15 @@ def tables(results: dict) -> str:
         lines += [f"## TF-IDF baseline, document-grouped {b['folds']}-fold CV over "
                   f"{b['documents']} training documents ({b['sentences']} sentences)", "",
                   "| method | unfair F1 | P | R | macro-F1 | s |", "|---|---|---|---|---|---|",
-                  _row("TF-IDF + linear (C by inner grouped CV)", b, b["seconds"]), ""]
+                  _row("TF-IDF + linear (C by inner grouped CV)", b, b["seconds"])]
+        for key, r in results.items():
+            if key.startswith("cv_"):
+                what = " ".join(r["sets"]) or "as shipped"
+                lines += [_row(f"{key[3:]}: {what}", r["model"], r["train_seconds"]),
+                          _row(f"{key[3:]}: TF-IDF logreg, threshold on inner validation",
+                               r["tfidf_lr"], None),
+                          _row(f"{key[3:]}: mean of both probabilities", r["ensemble"], None)]
+        lines.append("")
     val = [(k, results[k]) for k in ("baseline_val", "adapter_val") if k in results]
     if val:
         r0 = val[0][1]
@@ -186,16 +293,30 @@ def tables(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["baseline", "adapter"])
+    p.add_argument("what", choices=["baseline", "adapter", "cv", "fold"])
     p.add_argument("--run", type=Path, help="output_dir of a configs/claudette_unfair.yaml run")
     p.add_argument("--seconds", type=float, default=None, help="its training time")
     p.add_argument("--note", default="", help="what the run's budget was")
+    p.add_argument("--name", default="config", help="cv: the recipe's name in the results")
+    p.add_argument("--set", nargs="*", default=[], help="cv: config overrides of the recipe")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=2, help="cv: folds trained at once")
+    p.add_argument("--threads", type=int, default=1, help="fold: threads of its training")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--work", type=Path, default=Path("/tmp/claudette_cv"),
+                   help="cv: fold data and runs (a finished fold is reused)")
     args = p.parse_args()
+    if args.what == "fold":
+        recipe_fold(args.name, args.fold, args.set, args.threads, args.work)
+        return
     save_part(OUT, "machine", {"cpu": _cpu(),
                                "cores": os.cpu_count(), "shared": True}, tables)
     if args.what == "baseline":
         save_part(OUT, "baseline_cv", baseline_cv(), tables)
         print(save_part(OUT, "baseline_val", baseline_val(), tables))
+    elif args.what == "cv":
+        print(save_part(OUT, f"cv_{args.name}",
+                        recipe_cv(args.name, args.set, args.folds, args.jobs, args.work), tables))
     else:
         print(save_part(OUT, "adapter_val", adapter_val(args.run, args.seconds, args.note),
                         tables))

@@ -22,6 +22,7 @@ from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
 from peftlab.lab.baseline import describe as describe_baseline
 from peftlab.lab.demo import run_demo
 from peftlab.lab.sweep import table
+from peftlab.serve.classify import Classifiers
 from peftlab.serve.engine import Engine
 from peftlab.serve.server import bind, is_loopback, make_app, make_server
 from peftlab.ui.app import make_app as make_ui_app
@@ -107,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API: one base model, many LoRA "
-                       "adapters chosen by the request's model name")
-    p.add_argument("--model", required=True, help="embedded alias, HF id, directory or .gguf")
+                       "adapters chosen by the request's model name; classifiers too")
+    p.add_argument("--model", default=None,
+                   help="embedded alias, HF id, directory or .gguf (optional with --classifier)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter served as model NAME (repeatable)")
+    p.add_argument("--classifier", action="append", default=[], metavar="NAME=DIR",
+                   help="a task: classification adapter served as NAME at POST /v1/classify, "
+                        "deciding by its saved threshold (repeatable)")
     p.add_argument("--name", default=None, help="model name of the base (default: --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -339,15 +344,31 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"bot> {reply(text)}")
 
 
-def _serve(args: argparse.Namespace) -> int:
-    adapters: dict[str, str] = {}
-    for spec in args.adapter:
+def _named_dirs(flag: str, specs: list[str], taken: set[str]) -> dict[str, str]:
+    """``NAME=DIR`` items of a repeatable flag; a name may be used once across flags."""
+    out: dict[str, str] = {}
+    for spec in specs:
         name, sep, directory = spec.partition("=")
         if not sep or not name or not directory:
-            raise ValueError(f"--adapter {spec!r}: expected NAME=DIR, e.g. support=runs/x/adapter")
-        if name in adapters:
-            raise ValueError(f"--adapter: name {name!r} given twice")
-        adapters[name] = directory
+            raise ValueError(f"{flag} {spec!r}: expected NAME=DIR, e.g. support=runs/x/adapter")
+        if name in out or name in taken:
+            raise ValueError(f"{flag}: name {name!r} given twice")
+        out[name] = directory
+    taken.update(out)
+    return out
+
+
+def _serve(args: argparse.Namespace) -> int:
+    taken: set[str] = set()
+    adapters = _named_dirs("--adapter", args.adapter, taken)
+    classifier_dirs = _named_dirs("--classifier", args.classifier, taken)
+    if args.model is None and not classifier_dirs:
+        raise ValueError("serve needs --model (a chat model), --classifier NAME=DIR, or both")
+    if args.model is None and adapters:
+        raise ValueError("--adapter needs --model (the base model the adapters were trained on)")
+    base_name = args.name or args.model
+    if base_name in classifier_dirs:
+        raise ValueError(f"--classifier: name {base_name!r} is the base model's name")
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
                         ("--prefill-chunk", args.prefill_chunk),
                         ("--max-tokens-limit", args.max_tokens_limit)):
@@ -359,14 +380,16 @@ def _serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     sock = bind(args.host, args.port)  # before the model loads, not after
     try:
-        engine = Engine(args.model, adapters, base_name=args.name,
-                        max_tokens_limit=args.max_tokens_limit, max_batch=args.max_batch,
-                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                        request_timeout=args.request_timeout)
+        classifiers = Classifiers(classifier_dirs)
+        engine = None if args.model is None else Engine(
+            args.model, adapters, base_name=args.name, max_tokens_limit=args.max_tokens_limit,
+            max_batch=args.max_batch, max_queue=args.max_queue,
+            prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
         app = make_app(engine, api_key=args.api_key, cors_origins=args.cors_origin,
-                       loopback_only=is_loopback(args.host))
+                       loopback_only=is_loopback(args.host), classifiers=classifiers)
+        ids = [*(engine.model_ids() if engine else []), *classifiers.names()]
         host, port = sock.getsockname()[:2]
-        print(f"serving {engine.model_ids()} at http://{host}:{port}/v1 (Ctrl-C stops)",
+        print(f"serving {ids} at http://{host}:{port}/v1 (Ctrl-C stops)",
               flush=True)
         make_server(app).run(sockets=[sock])
     finally:

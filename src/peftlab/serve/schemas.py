@@ -210,3 +210,55 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# -- classification (peftlab's own route; OpenAI has none) ---------------------------------
+MAX_CLASSIFY_INPUTS = 256
+
+
+class ClassifyRequest(BaseModel):
+    """``POST /v1/classify``: one text or a list of texts (and their second texts, for a
+    classifier trained on text pairs)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(min_length=1)
+    input: str | list[str]
+    text_pair: str | list[str] | None = None
+
+    @field_validator("input", "text_pair")
+    @classmethod
+    def _texts(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is None:
+            return value
+        items = [value] if isinstance(value, str) else value
+        if not items:
+            raise ValueError("give at least one text")
+        if len(items) > MAX_CLASSIFY_INPUTS:
+            raise ValueError(f"at most {MAX_CLASSIFY_INPUTS} texts per request, got {len(items)}")
+        for i, text in enumerate(items):
+            if not text.strip():
+                raise ValueError(f"text {i} is empty")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def pairs(self) -> list[str] | None:
+        if self.text_pair is None:
+            return None
+        return [self.text_pair] if isinstance(self.text_pair, str) else list(self.text_pair)
+
+
+class Classification(BaseModel):
+    index: int
+    label: str
+    probabilities: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Classification]
+    threshold: float | None  # the saved decision threshold on p(second class), if any
+    truncated: int  # inputs cut to the classifier's max_length

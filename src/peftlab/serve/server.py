@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API of ``peftlab serve``: a FastAPI app run by uvicorn.
 
 Routes: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/chat/completions`` and
-``POST /v1/completions`` (both with ``"stream": true`` as server-sent events), ``GET
-/health``. The request's ``model`` picks the base model or one of the LoRA adapters; all
-requests share the engine's continuous batch.
+``POST /v1/completions`` (both with ``"stream": true`` as server-sent events), ``POST
+/v1/classify`` (classifiers, peftlab.serve.classify), ``GET /health``. The request's ``model``
+picks the base model, one of the LoRA adapters or a classifier; all generation requests share
+the engine's continuous batch. A server may hold classifiers only (no engine).
 
 HTTP hygiene, each tested: a POST body must be ``application/json`` (415 otherwise, so a web
 page cannot drive the server with a "simple" cross-origin form or text/plain post); a body
@@ -37,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from peftlab.serve import schemas
+from peftlab.serve.classify import Classifiers
 from peftlab.serve.engine import Completion, Engine, Reply, RequestError
 from peftlab.serve.scheduler import Event, Job, JobTimeout, NotRunning, Sampling
 
@@ -45,17 +47,24 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 log = logging.getLogger("peftlab.serve")
 
 
-def make_app(engine: Engine, api_key: str | None = None, cors_origins: list[str] | None = None,
-             loopback_only: bool = False, max_body: int = MAX_BODY) -> FastAPI:
-    """The ASGI app over ``engine`` (started and stopped with the app's lifespan)."""
+def make_app(engine: Engine | None, api_key: str | None = None,
+             cors_origins: list[str] | None = None, loopback_only: bool = False,
+             max_body: int = MAX_BODY, classifiers: Classifiers | None = None) -> FastAPI:
+    """The ASGI app over ``engine`` (started and stopped with the app's lifespan) and the
+    ``classifiers``; either may be absent, not both."""
+    if engine is None and not (classifiers and classifiers.names()):
+        raise ValueError("nothing to serve: give a model, a classifier or both")
+    classifiers = classifiers or Classifiers()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        if engine is not None:
+            engine.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.close)
+            if engine is not None:
+                await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="peftlab", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -69,8 +78,27 @@ def make_app(engine: Engine, api_key: str | None = None, cors_origins: list[str]
     app.add_middleware(_Guard, max_body=max_body, loopback_only=loopback_only)
     auth = [Depends(_bearer(api_key))] if api_key else []
 
+    def model_ids() -> list[str]:
+        return [*(engine.model_ids() if engine is not None else []), *classifiers.names()]
+
+    def unknown(model_id: str) -> RequestError:
+        return RequestError(f"model {model_id!r} does not exist; available: {model_ids()}",
+                            param="model", status=404, code="model_not_found")
+
+    def generator(model_id: str) -> Engine:
+        """The engine, for a model it serves; a classifier's name gets a pointer instead."""
+        if model_id in classifiers:
+            raise RequestError(f"model {model_id!r} is a classifier: POST /v1/classify",
+                               param="model", status=400, code="wrong_route")
+        if engine is None:
+            raise unknown(model_id)
+        engine.check_model(model_id)
+        return engine
+
     @app.get("/health")
     async def health() -> JSONResponse:
+        if engine is None:
+            return JSONResponse({"status": "ok", "classifiers": len(classifiers.names())})
         up = engine.scheduler.running
         return JSONResponse({"status": "ok" if up else "unavailable", **engine.scheduler.stats()},
                             status_code=200 if up else 503)
@@ -79,28 +107,47 @@ def make_app(engine: Engine, api_key: str | None = None, cors_origins: list[str]
     async def models() -> JSONResponse:
         now = int(time.time())
         return _json(schemas.ModelList(data=[schemas.ModelCard(id=m, created=now)
-                                             for m in engine.model_ids()]))
+                                             for m in model_ids()]))
 
     @app.get("/v1/models/{model_id}", dependencies=auth)
     async def model(model_id: str) -> JSONResponse:
-        engine.check_model(model_id)
+        if model_id not in model_ids():
+            raise unknown(model_id)
         return _json(schemas.ModelCard(id=model_id, created=int(time.time())))
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(request: Request) -> Response:
         body = _parse(schemas.ChatRequest, await _json_body(request))
-        engine.check_model(body.model)
-        ids = engine.encode_chat([m.plain() for m in body.messages])
+        lm = generator(body.model)
+        ids = lm.encode_chat([m.plain() for m in body.messages])
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _answer(engine, request, body, ids, _sampling(body, max_tokens), chat=True)
+        return await _answer(lm, request, body, ids, _sampling(body, max_tokens), chat=True)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
         body = _parse(schemas.CompletionRequest, await _json_body(request))
-        engine.check_model(body.model)
-        ids = engine.encode_text(body.text())
-        return await _answer(engine, request, body, ids, _sampling(body, body.max_tokens),
+        lm = generator(body.model)
+        ids = lm.encode_text(body.text())
+        return await _answer(lm, request, body, ids, _sampling(body, body.max_tokens),
                              chat=False)
+
+    @app.post("/v1/classify", dependencies=auth)
+    async def classify(request: Request) -> JSONResponse:
+        body = _parse(schemas.ClassifyRequest, await _json_body(request))
+        if body.model not in classifiers:
+            if body.model in model_ids():
+                raise RequestError(f"model {body.model!r} generates text: POST "
+                                   "/v1/chat/completions", param="model", code="wrong_route")
+            raise unknown(body.model)
+        out = await asyncio.to_thread(classifiers.classify, body.model, body.texts(),
+                                      body.pairs())
+        data = [schemas.Classification(index=i, label=label, probabilities=dict(
+                    zip(out["classes"], (round(p, 6) for p in probs), strict=True)))
+                for i, (label, probs) in enumerate(zip(out["labels"], out["probabilities"],
+                                                       strict=True))]
+        return _json(schemas.ClassifyResponse(model=body.model, data=data,
+                                              threshold=out["threshold"],
+                                              truncated=out["truncated"]))
 
     return app
 
@@ -232,7 +279,7 @@ async def _json_body(request: Request) -> Any:
         raise RequestError(f"body is not valid JSON: {exc}") from None
 
 
-def _parse(cls: type[schemas._Request], body: Any) -> Any:
+def _parse(cls: type[BaseModel], body: Any) -> Any:
     if not isinstance(body, dict):
         raise RequestError("body must be a JSON object")
     try:

@@ -35,13 +35,27 @@ class Classifier:
     def labels(self) -> list[str]:
         return self.task.labels
 
+    def _encode(self, texts: list[str], text_pairs: list[str] | None) -> tuple[list[dict], int]:
+        rows = [LabelledRow("<input>", i + 1, t, text_pairs[i] if text_pairs else None, None)
+                for i, t in enumerate(texts)]
+        examples, stats = build_examples(rows, self.labels, make_encoder(self.meta, self.tokenizer))
+        return examples, stats["truncated"]
+
     def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None,
                       batch_size: int = 32) -> torch.Tensor:
         """Class probabilities (n, n_classes) for raw texts."""
-        rows = [LabelledRow("<input>", i + 1, t, text_pairs[i] if text_pairs else None, None)
-                for i, t in enumerate(texts)]
-        examples, _ = build_examples(rows, self.labels, make_encoder(self.meta, self.tokenizer))
+        examples, _ = self._encode(texts, text_pairs)
         return predict_logits(self.model, self.task, examples, batch_size).softmax(-1)
+
+    def classify(self, texts: list[str], text_pairs: list[str] | None = None,
+                 batch_size: int = 32) -> tuple[list[str], torch.Tensor, int]:
+        """(the label of each text, class probabilities, how many texts were cut to the
+        classifier's max_length): labels as ``predict`` decides them, i.e. by the saved
+        decision threshold when the classifier has one."""
+        examples, truncated = self._encode(texts, text_pairs)
+        logits = predict_logits(self.model, self.task, examples, batch_size)
+        labels = [self.labels[i] for i in self.task.decide(logits).tolist()]
+        return labels, logits.softmax(-1), truncated
 
 
 def load_classifier(adapter: str | Path, model: str | None = None) -> Classifier:
