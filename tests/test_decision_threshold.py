@@ -225,3 +225,35 @@ def test_threshold_auto_needs_validation_and_two_classes(tiny_bert_dir, tmp_path
     with pytest.raises(ConfigError, match="applies to binary classification"):
         run_training(cfg, progress=False)
     assert not Path(tmp_path / "run3" / "config.yaml").exists()  # checked before writing
+
+
+# ----------------------------------------------------------------------------- one-pass validation
+
+
+@pytest.mark.parametrize("options", [{"class_weights": [0.6, 2.5], "tune_threshold": True},
+                                     {"loss": "focal", "focal_gamma": 2.0}])
+def test_validation_loss_and_metrics_come_from_one_forward(threshold_run, options):
+    """The Trainer's validation (task.validate) equals the loss pass + metrics it replaces,
+    with one forward per batch instead of two."""
+    from peftlab.data.classification import build_examples, read_labelled
+    from peftlab.evaluation.loss import evaluate_loss
+    from peftlab.tasks.classification.task import make_encoder, task_from_meta
+
+    _, summary, val_path = threshold_run
+    clf = load_classifier(summary.adapter_dir)
+    task = task_from_meta(clf.meta, clf.tokenizer, **options)
+    rows, _ = read_labelled(str(val_path), "text", None, "label")
+    examples, _ = build_examples(rows, task.labels, make_encoder(clf.meta, clf.tokenizer))
+    calls = []
+    hook = clf.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        loss, metrics = task.validate(clf.model, examples, 16, "fp32")
+        one_pass = len(calls)
+        expected_loss = evaluate_loss(clf.model, task, examples, 16, "fp32")
+        expected = task.metrics(clf.model, examples, 16, "fp32")
+    finally:
+        hook.remove()
+    assert one_pass == math.ceil(len(examples) / 16) and len(calls) == 3 * one_pass
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics == expected
+    assert ("threshold" in metrics) == options.get("tune_threshold", False)

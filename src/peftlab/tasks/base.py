@@ -74,6 +74,13 @@ class Task:
         """Validation metrics beyond the loss; the Trainer logs them as ``val_<name>``."""
         return {}
 
+    def validate(self, model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
+                 precision: str) -> tuple[float, dict[str, float]] | None:
+        """(mean validation loss, :meth:`metrics`) from one pass over ``examples``, for a task
+        whose metrics read the same forward as its loss. None (the default): the Trainer runs
+        the loss pass and then :meth:`metrics`."""
+        return None
+
     def calibrate(self, model: nn.Module, examples: list[dict[str, Any]], batch_size: int,
                   precision: str) -> None:
         """After training, before saving: fit what is chosen on the validation set rather

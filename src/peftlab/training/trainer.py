@@ -306,10 +306,16 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Validation loss (+ perplexity) and whatever metrics the task computes."""
         cfg = self.cfg
-        val = evaluate_loss(self.model, self.task, self.val_examples, cfg.batch_size,
-                            cfg.precision, world=self.world, lockstep=self.sharded)
+        both = (self.task.validate(self.model, self.val_examples, cfg.batch_size, cfg.precision)
+                if self.world.size == 1 else None)  # ranks share the loss pass instead
+        if both is None:
+            val = evaluate_loss(self.model, self.task, self.val_examples, cfg.batch_size,
+                                cfg.precision, world=self.world, lockstep=self.sharded)
+            extra = self.task.metrics(self.model, self.val_examples, cfg.batch_size,
+                                      cfg.precision)
+        else:
+            val, extra = both
         out = {"val_loss": round(val, 5), "val_ppl": round(perplexity(val), 3)}
-        extra = self.task.metrics(self.model, self.val_examples, cfg.batch_size, cfg.precision)
         out.update({f"val_{k}": v for k, v in extra.items()})
         return out
 

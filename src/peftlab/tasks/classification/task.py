@@ -150,14 +150,15 @@ class ClassificationTask(Task):
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         logits = self.logits(model, batch)
-        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
-        labels = batch["labels"].to(logits.device)
+        return self._summed_loss(logits, batch["labels"].to(logits.device)), self.count(batch)
+
+    def _summed_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # A weighted *sum*: the Trainer divides by the number of examples. Balanced weights
         # average to 1 over the training set, so this stays on the unweighted scale.
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
         if self.loss_kind == "focal":
-            return focal_loss(logits, labels, self.focal_gamma, weight), self.count(batch)
-        loss = F.cross_entropy(logits, labels, weight=weight, reduction="sum")
-        return loss, self.count(batch)
+            return focal_loss(logits, labels, self.focal_gamma, weight)
+        return F.cross_entropy(logits, labels, weight=weight, reduction="sum")
 
     def decide(self, logits: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """Class ids from class logits: the likelier class, or (binary, with a threshold)
@@ -178,7 +179,19 @@ class ClassificationTask(Task):
                 precision: str) -> dict[str, float]:
         """accuracy, macro_f1 and (up to 32 classes) f1_<label>, logged as val_*; with
         ``threshold: auto`` at the threshold tuned on these very examples (also logged)."""
+        return self._metrics(predict_logits(model, self, examples, batch_size, precision),
+                             examples)
+
+    def validate(self, model: nn.Module, examples: list[dict], batch_size: int,
+                 precision: str) -> tuple[float, dict[str, float]]:
+        """Loss and metrics read the same logits: one forward over the validation set, not
+        the two that the loss pass and :meth:`metrics` would take."""
         logits = predict_logits(model, self, examples, batch_size, precision)
+        labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        loss = float(self._summed_loss(logits, labels)) / max(len(examples), 1)
+        return loss, self._metrics(logits, examples)
+
+    def _metrics(self, logits: torch.Tensor, examples: list[dict]) -> dict[str, float]:
         threshold = self._tuned(logits, examples)[0] if self.tune_threshold else None
         report = self._report(logits, examples, threshold)
         out = {"accuracy": round(report["accuracy"], 5), "macro_f1": round(report["macro_f1"], 5)}
