@@ -37,7 +37,9 @@ from peftlab.config import load_config
 from peftlab.data.classification import LabelledRow
 from peftlab.evaluation.metrics import classification_report, tune_threshold
 from peftlab.lab.baseline import cross_validate, make_classifier, make_vectorizer, run_baseline
+from peftlab.tasks.classification.predict import load_classifier
 from peftlab.tasks.classification.task import read_classification_rows
+from peftlab.tasks.classification.tfidf import TfidfModel
 
 CONFIG = REPO / "configs" / "claudette_unfair.yaml"
 OUT = RESULTS / "claudette_unfair.json"
@@ -116,18 +118,22 @@ def baseline_cv(folds: int = 5) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), **_scores(y, pred, cats)}
 
 
-def _p_unfair(adapter: Path, texts: list[str]) -> list[float]:
-    result = predict(adapter, [{"text": t} for t in texts])
-    return [p["probabilities"]["1"] for p in result["predictions"]]
+def _p_unfair(adapter: Path, *texts: list[str]) -> tuple[list[list[float]], list[list[float]]]:
+    """p(unfair) of the saved classifier for each list of ``texts`` (as predict/serve compute
+    it), and of its network alone when it has a TF-IDF ensemble member (else [])."""
+    clf = load_classifier(adapter)
+    full = [clf.predict_proba(t)[:, 1].tolist() for t in texts]
+    if clf.task.tfidf is None:
+        return full, []
+    clf.task.tfidf = None
+    return full, [clf.predict_proba(t)[:, 1].tolist() for t in texts]
 
 
 def _tfidf_logreg(train: list[str], y: list[int], *others: list[str]) -> list[list[float]]:
-    """p(unfair) of a balanced TF-IDF logistic regression fitted on ``train``, for each of
-    ``others``: the ensemble's second opinion (probabilities, unlike the SVM's margins)."""
-    vec = make_vectorizer()
-    clf = make_classifier("logreg", 10.0, "balanced", 0, 2)
-    clf.fit(vec.fit_transform(train), y)
-    return [clf.predict_proba(vec.transform(t))[:, 1].tolist() for t in others]
+    """p(unfair) of ``classification.ensemble: tfidf``'s member (balanced TF-IDF logistic
+    regression) fitted on ``train``, for each of ``others``."""
+    model = TfidfModel.fit(train, y, 2)
+    return [model.proba(t)[:, 1].tolist() for t in others]
 
 
 def recipe_fold(name: str, k: int, sets: list[str], threads: int, work: Path) -> dict:
@@ -157,8 +163,11 @@ def recipe_fold(name: str, k: int, sets: list[str], threads: int, work: Path) ->
     record = {"fold": k, "sets": sets, "train_seconds": round(seconds, 1),
               "threshold": json.loads((adapter / "labels.json").read_text()).get("threshold"),
               "test_idx": [int(i) for i in test_idx], "val_y": val_y,
-              "model_val": _p_unfair(adapter, val_texts), "model_test": _p_unfair(adapter, test_texts),
               "lr_val": lr_val, "lr_test": lr_test}
+    (record["model_val"], record["model_test"]), network = _p_unfair(adapter, val_texts,
+                                                                      test_texts)
+    if network:
+        record["network_val"], record["network_test"] = network
     (fold / "record.json").write_text(json.dumps(record))
     return record
 
@@ -188,7 +197,13 @@ def recipe_cv(name: str, sets: list[str], folds: int, jobs: int, work: Path) -> 
     records = [json.loads((work / name / f"fold{k}" / "record.json").read_text())
                for k in range(folds)]
     pred = {"model": [0] * len(rows), "tfidf_lr": [0] * len(rows), "ensemble": [0] * len(rows)}
+    if all("network_test" in r for r in records):
+        pred["network"] = [0] * len(rows)
     for r in records:
+        if "network" in pred:
+            net_t, _ = tune_threshold(r["network_val"], r["val_y"])
+            for j, i in enumerate(r["test_idx"]):
+                pred["network"][i] = int(r["network_test"][j] >= net_t)
         lr_t, _ = tune_threshold(r["lr_val"], r["val_y"])
         mean_val = [(a + b) / 2 for a, b in zip(r["model_val"], r["lr_val"], strict=True)]
         ens_t, _ = tune_threshold(mean_val, r["val_y"])
@@ -259,6 +274,9 @@ def tables(results: dict) -> str:
                           _row(f"{key[3:]}: TF-IDF logreg, threshold on inner validation",
                                r["tfidf_lr"], None),
                           _row(f"{key[3:]}: mean of both probabilities", r["ensemble"], None)]
+                if "network" in r:
+                    lines.append(_row(f"{key[3:]}: its network alone, threshold on inner "
+                                      "validation", r["network"], None))
         lines.append("")
     val = [(k, results[k]) for k in ("baseline_val", "adapter_val") if k in results]
     if val:

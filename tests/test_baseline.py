@@ -13,8 +13,9 @@ from peftlab.api import baseline
 from peftlab.cli import main
 from peftlab.config import ConfigError, from_dict
 from peftlab.data.classification import LabelledRow
-from peftlab.lab.baseline import _folds, cross_validate, normalize_text
+from peftlab.lab.baseline import _folds, cross_validate
 from peftlab.lab.sweep import SweepResult, Trial, baseline_row, table
+from peftlab.tasks.classification.tfidf import normalize_text
 
 POS = ["refund", "cancel", "terminate", "liability", "arbitration"]
 FILLER = ["the", "service", "user", "account", "content", "terms", "these", "we", "may", "your",

@@ -33,6 +33,11 @@ class LabelledRow:
     label: str | None
     group: str | None = None
 
+    @property
+    def joined(self) -> str:
+        """The row as one string (a text pair on two lines): what word-level models read."""
+        return self.text if self.text_pair is None else f"{self.text}\n{self.text_pair}"
+
 
 @dataclass
 class Encoded:
@@ -308,7 +313,8 @@ Encoder = Callable[[list[str], "list[str] | None"], "list[Encoded]"]
 
 def build_examples(rows: list[LabelledRow], labels: list[str], encode: Encoder,
                    chunk: int = 1024) -> tuple[list[dict], dict[str, Any]]:
-    """Tokenized examples ``{input_ids, [token_type_ids], label, row}`` and their statistics.
+    """Tokenized examples ``{input_ids, [token_type_ids], label, row, text}`` and their
+    statistics (``text``: the raw row, for a word-level ensemble member).
 
     ``encode(texts, pairs)`` tokenizes a list of rows (pairs is None without text pairs).
     ``label`` is the class id, or -1 for a row without a label (prediction inputs).
@@ -324,7 +330,7 @@ def build_examples(rows: list[LabelledRow], labels: list[str], encode: Encoder,
     for r, enc in zip(rows, encoded, strict=True):
         example: dict[str, Any] = {"input_ids": enc.input_ids,
                                    "label": index[r.label] if r.label is not None else -1,
-                                   "row": r.row}
+                                   "row": r.row, "text": r.joined}
         if enc.token_type_ids is not None:
             example["token_type_ids"] = enc.token_type_ids
         examples.append(example)

@@ -17,13 +17,11 @@ rows with the same report and metric names (``val_f1_<label>``, ...) as a traine
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.svm import LinearSVC
@@ -33,12 +31,12 @@ from peftlab.data.classification import LabelledRow
 from peftlab.evaluation.metrics import classification_report
 from peftlab.files import check_can_write, write_text_atomic
 from peftlab.tasks.classification.task import read_classification_rows
+from peftlab.tasks.classification.tfidf import make_vectorizer
 
 BASELINE_FILE = "baseline.json"
 MODELS = ("svm", "logreg")
 C_VALUES = (0.1, 0.3, 1.0, 3.0)
 CLASS_WEIGHTS = (None, "balanced")
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
 @dataclass
@@ -55,13 +53,8 @@ class BaselineResult:
     seconds: float = 0.0
 
 
-def normalize_text(text: str) -> str:
-    """Lower-case, and every number one token: "30 days" and "14 days" share a feature."""
-    return _NUMBER.sub(" specialnumber ", text.lower())
-
-
 def _texts(rows: list[LabelledRow]) -> list[str]:
-    return [r.text if r.text_pair is None else f"{r.text}\n{r.text_pair}" for r in rows]
+    return [r.joined for r in rows]
 
 
 def make_classifier(model: str, c: float, class_weight: str | None, seed: int, n_classes: int):
@@ -70,10 +63,6 @@ def make_classifier(model: str, c: float, class_weight: str | None, seed: int, n
     # liblinear: ~10x faster than lbfgs on sparse binary problems; it has no multinomial loss
     return LogisticRegression(C=c, class_weight=class_weight, max_iter=2000, random_state=seed,
                               solver="liblinear" if n_classes == 2 else "lbfgs")
-
-
-def make_vectorizer() -> TfidfVectorizer:
-    return TfidfVectorizer(preprocessor=normalize_text, ngram_range=(1, 2))
 
 
 def _score(report: dict[str, Any], metric: str, labels: list[str]) -> float:

@@ -23,12 +23,16 @@ class ClassificationConfig:
     threshold_metric: str = "f1"  # f1 (of the positive class) | macro_f1 | accuracy
     loss: str = "cross_entropy"  # cross_entropy | focal (down-weights easy examples)
     focal_gamma: float = 2.0  # focal loss: (1 - p_true) ** gamma times cross-entropy
+    # tfidf: average the class probabilities with a TF-IDF logistic regression fitted on the
+    # training rows (validation metrics, threshold, predict/eval/serve all read the mean)
+    ensemble: str = "none"  # none | tfidf
 
     def validate(self, where: str) -> None:
         choice(f"{where}.mode", self.mode, ["head", "verbalizer"])
         choice(f"{where}.class_weights", self.class_weights, ["none", "balanced"])
         choice(f"{where}.threshold_metric", self.threshold_metric, THRESHOLD_METRICS)
         choice(f"{where}.loss", self.loss, ["cross_entropy", "focal"])
+        choice(f"{where}.ensemble", self.ensemble, ["none", "tfidf"])
         if isinstance(self.threshold, str):
             choice(f"{where}.threshold", self.threshold, ["auto"])
         elif self.threshold is not None and not 0.0 < self.threshold < 1.0:

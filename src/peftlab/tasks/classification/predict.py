@@ -16,7 +16,6 @@ from peftlab.methods.chain import load_adapter
 from peftlab.models import load_model
 from peftlab.tasks.classification.task import (
     make_encoder,
-    predict_logits,
     read_meta,
     task_from_meta,
 )
@@ -45,7 +44,7 @@ class Classifier:
                       batch_size: int = 32) -> torch.Tensor:
         """Class probabilities (n, n_classes) for raw texts."""
         examples, _ = self._encode(texts, text_pairs)
-        return predict_logits(self.model, self.task, examples, batch_size).softmax(-1)
+        return self.task.scores(self.model, examples, batch_size).softmax(-1)
 
     def classify(self, texts: list[str], text_pairs: list[str] | None = None,
                  batch_size: int = 32) -> tuple[list[str], torch.Tensor, int]:
@@ -53,7 +52,7 @@ class Classifier:
         classifier's max_length): labels as ``predict`` decides them, i.e. by the saved
         decision threshold when the classifier has one."""
         examples, truncated = self._encode(texts, text_pairs)
-        logits = predict_logits(self.model, self.task, examples, batch_size)
+        logits = self.task.scores(self.model, examples, batch_size)
         labels = [self.labels[i] for i in self.task.decide(logits).tolist()]
         return labels, logits.softmax(-1), truncated
 
@@ -117,7 +116,7 @@ def predict_file(input: str | Path | list, adapter: str | Path, model: str | Non
     for r in rows:
         r.label = None  # encode without labels: gold may hold classes the model never saw
     examples, stats = build_examples(rows, clf.labels, make_encoder(meta, clf.tokenizer))
-    logits = predict_logits(clf.model, clf.task, examples, batch_size)
+    logits = clf.task.scores(clf.model, examples, batch_size)
     probs, decided = logits.softmax(-1), clf.task.decide(logits)
 
     predictions = []

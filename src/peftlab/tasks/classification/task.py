@@ -31,6 +31,7 @@ eval read it. On imbalanced data (8% unfair clauses) that is worth more than cla
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from peftlab.models.lm import backbone_hidden_states
 from peftlab.runtime.precision import autocast_for
 from peftlab.tasks.base import PreparedTask, Task, TaskSpec, register_task
 from peftlab.tasks.classification.config import ClassificationConfig
+from peftlab.tasks.classification.tfidf import ENSEMBLE_C, TfidfModel
 from peftlab.tasks.heads import load_head, save_head
 
 LABELS_FILE = "labels.json"
@@ -105,6 +107,7 @@ class ClassificationTask(Task):
             raise ConfigError(f"classification.threshold applies to binary classification; "
                               f"the data has {len(self.labels)} classes {self.labels}")
         self.head_params: dict[str, nn.Parameter] = {}  # heads the task (not the method) saves
+        self.tfidf: TfidfModel | None = None  # classification.ensemble: tfidf
 
     # -- the training contract --------------------------------------------------------
     def length(self, example: dict[str, Any]) -> int:
@@ -179,8 +182,7 @@ class ClassificationTask(Task):
                 precision: str) -> dict[str, float]:
         """accuracy, macro_f1 and (up to 32 classes) f1_<label>, logged as val_*; with
         ``threshold: auto`` at the threshold tuned on these very examples (also logged)."""
-        return self._metrics(predict_logits(model, self, examples, batch_size, precision),
-                             examples)
+        return self._metrics(self.scores(model, examples, batch_size, precision), examples)
 
     def validate(self, model: nn.Module, examples: list[dict], batch_size: int,
                  precision: str) -> tuple[float, dict[str, float]]:
@@ -189,7 +191,21 @@ class ClassificationTask(Task):
         logits = predict_logits(model, self, examples, batch_size, precision)
         labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         loss = float(self._summed_loss(logits, labels)) / max(len(examples), 1)
-        return loss, self._metrics(logits, examples)
+        return loss, self._metrics(self._with_ensemble(logits, examples), examples)
+
+    def scores(self, model: nn.Module, examples: list[dict], batch_size: int,
+               precision: str = "fp32") -> torch.Tensor:
+        """What every decision reads, (n, n_classes): the model's class logits, or with a
+        TF-IDF ensemble member the log of the mean of both models' probabilities (softmax of
+        it gives that mean back, so thresholds and argmax work on either)."""
+        return self._with_ensemble(predict_logits(model, self, examples, batch_size, precision),
+                                   examples)
+
+    def _with_ensemble(self, logits: torch.Tensor, examples: list[dict]) -> torch.Tensor:
+        if self.tfidf is None:
+            return logits
+        words = self.tfidf.proba([e["text"] for e in examples])
+        return ((logits.float().softmax(-1) + words) / 2).log()
 
     def _metrics(self, logits: torch.Tensor, examples: list[dict]) -> dict[str, float]:
         threshold = self._tuned(logits, examples)[0] if self.tune_threshold else None
@@ -217,7 +233,7 @@ class ClassificationTask(Task):
                      precision: str) -> dict[str, Any]:
         """The full per-class report and confusion matrix (written to eval_classification.json),
         at the decision threshold if there is one, with the argmax scores beside it."""
-        logits = predict_logits(model, self, examples, batch_size, precision)
+        logits = self.scores(model, examples, batch_size, precision)
         report = self._report(logits, examples)
         if self.threshold is not None:
             argmax = classification_report([e["label"] for e in examples], logits.argmax(-1),
@@ -235,7 +251,7 @@ class ClassificationTask(Task):
         the final weights; :meth:`save` writes it to labels.json."""
         if not self.tune_threshold:
             return
-        logits = predict_logits(model, self, examples, batch_size, precision)
+        logits = self.scores(model, examples, batch_size, precision)
         threshold, value = self._tuned(logits, examples)
         at_argmax = self._report(logits, examples)
         before = (at_argmax["per_class"][self.labels[1]]["f1"] if self.threshold_metric == "f1"
@@ -270,6 +286,8 @@ class ClassificationTask(Task):
         (directory / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if self.head_params:
             save_head(self.head_params, directory / HEAD_FILE)
+        if self.tfidf is not None:
+            self.tfidf.save(directory)
 
     def restore(self, model: nn.Module, directory: str | Path) -> None:
         """What :meth:`save` wrote beyond the method's adapter: the head, if labels.json
@@ -281,6 +299,8 @@ class ClassificationTask(Task):
         meta = read_meta(directory)
         if meta.get("head_file"):
             load_head(model, directory / HEAD_FILE)
+        if meta.get("ensemble") == "tfidf":
+            self.tfidf = TfidfModel.load(directory)
         self.threshold = meta.get("threshold")
         self.threshold_metric = meta.get("threshold_metric", self.threshold_metric)
         self.tune_threshold = False  # the saved threshold is the one to use
@@ -464,8 +484,27 @@ def build_classification_task(cfg: RunConfig, tokenizer: Any) -> PreparedTask:
                           "data; set data.validation or data.validation_split")
     task = task_from_meta(meta, tokenizer, weights, loss=ccfg.loss, focal_gamma=ccfg.focal_gamma,
                           tune_threshold=ccfg.threshold == "auto")
+    if ccfg.ensemble == "tfidf":
+        task.tfidf = _fit_tfidf(rows, labels, cfg.train.seed, report)
     return PreparedTask(task, train, val, report, model_kind=model_kind,
                         model_kwargs=model_kwargs)
+
+
+def _fit_tfidf(rows: list[LabelledRow], labels: list[str], seed: int,
+               report: dict[str, Any]) -> TfidfModel:
+    """The ensemble's TF-IDF member, fitted on the training rows before any training."""
+    started = time.perf_counter()
+    try:
+        model = TfidfModel.fit([r.joined for r in rows], [labels.index(r.label) for r in rows],
+                               len(labels), seed=seed)
+    except ValueError as err:
+        raise DataError(f"classification.ensemble: tfidf: {err}") from None
+    report["ensemble"] = {"member": "tfidf+logreg", "C": ENSEMBLE_C,
+                          "features": len(model.vocabulary),
+                          "seconds": round(time.perf_counter() - started, 1)}
+    print(f"classification: TF-IDF ensemble member fitted on {len(rows)} rows "
+          f"({len(model.vocabulary)} word 1-2-grams, {report['ensemble']['seconds']} s)")
+    return model
 
 
 def read_classification_rows(
@@ -535,6 +574,7 @@ def classification_meta(cfg, labels: list[str], tokenizer) -> dict[str, Any]:
         "max_length": cfg.train.max_length,
         "threshold": ccfg.threshold if isinstance(ccfg.threshold, float) else None,
         "threshold_metric": ccfg.threshold_metric,
+        "ensemble": ccfg.ensemble,
     }
     if ccfg.mode == "verbalizer":
         template = ccfg.prompt_template or default_template(data.text_pair_field)
