@@ -82,3 +82,41 @@ def test_trained_ensemble_predicts_the_mean_of_both_members(tiny_bert_dir, tmp_p
     torch.testing.assert_close(got, both, atol=1e-6, rtol=0)
     assert [p["prediction"] for p in result["predictions"]] == [
         "pos" if float(p) >= result["threshold"] else "neg" for p in both[:, 1]]
+
+
+def test_mean_pooling_reads_the_mean_of_the_real_tokens(tiny_bert_dir, tmp_path):  # noqa: F811
+    """``classification.pooling: mean``: logits = classifier(mean of the last hidden states
+    over attended tokens), by hand; padding does not change a row's logits; it trains."""
+    from peftlab.models import load_model
+    from peftlab.tasks.classification.task import task_from_meta
+
+    model, tok = load_model(str(tiny_bert_dir), kind="sequence_classification",
+                            labels=["neg", "pos"], quiet=True)
+    model.eval()
+    meta = {"labels": ["neg", "pos"], "mode": "head", "pooling": "mean", "max_length": 32,
+            "text_field": "text", "text_pair_field": None}
+    task = task_from_meta(meta, tok)
+    short, long = tok("good film")["input_ids"], tok("a rather long and boring film")["input_ids"]
+    batch = task.collate([{"input_ids": short, "label": 0}, {"input_ids": long, "label": 1}])
+    logits = task.logits(model, batch)
+    hidden = model.bert(input_ids=torch.tensor([short])).last_hidden_state[0]
+    torch.testing.assert_close(logits[0], model.classifier(hidden.mean(0)))
+    alone = task.logits(model, task.collate([{"input_ids": short, "label": 0}]))
+    torch.testing.assert_close(logits[0], alone[0])
+    cls = task_from_meta(dict(meta, pooling="model"), tok).logits(model, batch)
+    assert not torch.allclose(cls, logits)
+
+    rows = _synthetic(160, 0)
+    cfg = from_dict(_cfg(tiny_bert_dir, _write_jsonl(tmp_path / "t.jsonl", rows), tmp_path / "r",
+                         classification={"pooling": "mean"},
+                         data={"validation_split": 0.25}, train={"epochs": 2}))
+    history = run_training(cfg, progress=False).result.history
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert json.loads((tmp_path / "r" / "adapter" / "labels.json").read_text())["pooling"] == "mean"
+
+
+def test_mean_pooling_is_for_heads():
+    with pytest.raises(ConfigError, match="pooling: mean applies to mode: head"):
+        from_dict({"model": "x", "task": "classification", "data": {"train": "t.jsonl"},
+                   "classification": {"pooling": "mean", "mode": "verbalizer"}})

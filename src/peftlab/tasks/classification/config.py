@@ -26,6 +26,10 @@ class ClassificationConfig:
     # tfidf: average the class probabilities with a TF-IDF logistic regression fitted on the
     # training rows (validation metrics, threshold, predict/eval/serve all read the mean)
     ensemble: str = "none"  # none | tfidf
+    # model: the model's own pooling (BERT: the pooler on [CLS]; decoders: the last token);
+    # mean: the mean of the last hidden states over the real tokens, as sentence-embedding
+    # checkpoints (all-MiniLM, sentence-transformers) were trained to be read
+    pooling: str = "model"  # model | mean
 
     def validate(self, where: str) -> None:
         choice(f"{where}.mode", self.mode, ["head", "verbalizer"])
@@ -33,6 +37,10 @@ class ClassificationConfig:
         choice(f"{where}.threshold_metric", self.threshold_metric, THRESHOLD_METRICS)
         choice(f"{where}.loss", self.loss, ["cross_entropy", "focal"])
         choice(f"{where}.ensemble", self.ensemble, ["none", "tfidf"])
+        choice(f"{where}.pooling", self.pooling, ["model", "mean"])
+        if self.pooling == "mean" and self.mode != "head":
+            raise ConfigError(f"{where}.pooling: mean applies to mode: head (a verbalizer reads "
+                              "the next-token logits)")
         if isinstance(self.threshold, str):
             choice(f"{where}.threshold", self.threshold, ["auto"])
         elif self.threshold is not None and not 0.0 < self.threshold < 1.0:

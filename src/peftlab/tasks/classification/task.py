@@ -141,6 +141,8 @@ class ClassificationTask(Task):
         that position by searching for the pad token, which fails when pad == eos and a text
         ends with eos. Encoders (a ``classifier`` on the pooled [CLS]) use their own forward.
         """
+        if self.meta.get("pooling", "model") == "mean":
+            return self._mean_pooled_logits(model, batch)
         head = getattr(model, "score", None)
         if isinstance(head, nn.Module) and model.base_model is not model:
             mask = batch["attention_mask"]
@@ -150,6 +152,30 @@ class ClassificationTask(Task):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
                   if k in batch}
         return model(**inputs).logits.float()
+
+    def _mean_pooled_logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """``pooling: mean``: the head reads the mean of the last hidden states over the
+        attended tokens (a decoder's ``score``, or an encoder's ``classifier`` after its
+        dropout, bypassing BERT's pooler)."""
+        mask = batch["attention_mask"]
+        decoder = getattr(model, "score", None)
+        if isinstance(decoder, nn.Linear) and model.base_model is not model:
+            hidden, head = backbone_hidden_states(model, batch["input_ids"], mask), decoder
+        else:
+            head = getattr(model, "classifier", None)
+            if not isinstance(head, nn.Linear) or model.base_model is model:
+                raise ValueError(f"classification.pooling: mean needs a linear head on the hidden "
+                                 f"states (BERT-style 'classifier' or a decoder's 'score'); "
+                                 f"{type(model).__name__} has {type(head).__name__}")
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
+                      if k in batch}
+            hidden = model.base_model(**inputs).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        dropout = getattr(model, "dropout", None)  # BERT's, before its classifier
+        if isinstance(dropout, nn.Dropout) and head is not decoder:
+            pooled = dropout(pooled)
+        return head(pooled).float()
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         logits = self.logits(model, batch)
@@ -575,6 +601,7 @@ def classification_meta(cfg, labels: list[str], tokenizer) -> dict[str, Any]:
         "threshold": ccfg.threshold if isinstance(ccfg.threshold, float) else None,
         "threshold_metric": ccfg.threshold_metric,
         "ensemble": ccfg.ensemble,
+        "pooling": ccfg.pooling,
     }
     if ccfg.mode == "verbalizer":
         template = ccfg.prompt_template or default_template(data.text_pair_field)
