@@ -12,9 +12,15 @@ held-back test documents are not available here):
     #    same validation documents
     python benchmarks/claudette_unfair.py adapter --run runs/claudette_unfair --seconds 2400
 
-Both report unfair-class F1, macro-F1 and the recall of each unfair category (limitation of
-liability, unilateral termination, ...). Writes benchmarks/results/claudette_unfair.{json,md}.
-Machine: shared by several jobs, so times are indicative only.
+    # 3. a recipe (configs/claudette_unfair.yaml + overrides) under the SAME outer folds as 1:
+    #    each fold trains on its 32 training documents (its own grouped validation documents
+    #    choose the best step and the threshold) and scores its held-out documents; also a
+    #    TF-IDF logistic regression and the mean of both on the same inner validation
+    python benchmarks/claudette_unfair.py cv --name lora --set train.epochs=3 --jobs 2
+
+All report unfair-class F1, macro-F1 and the recall of each unfair category (limitation of
+liability, unilateral termination, ...), pooled over the held-out folds. Writes
+benchmarks/results/claudette_unfair.{json,md}. Times are indicative only.
 """
 
 from __future__ import annotations
