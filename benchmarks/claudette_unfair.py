@@ -297,18 +297,22 @@ def tables(results: dict) -> str:
                     else f"minilm-l6 + LoRA, threshold {r['threshold']:.3f} ({r['note']})")
             lines.append(_row(name, r, r.get("seconds", r.get("train_seconds"))))
         lines.append("")
+    scored = {k: results[k] for k in ("baseline_cv", "baseline_val", "adapter_val")
+              if k in results}
+    for key, r in results.items():
+        if key.startswith("cv_"):  # the recipe as configured, pooled over the same folds
+            scored[key[3:]] = r["model"]
     cats = Counter()
-    for k in ("baseline_cv", "baseline_val", "adapter_val"):
-        if k in results:
-            cats.update(results[k]["category_recall"].keys())
+    for r in scored.values():
+        cats.update(r["category_recall"].keys())
     if cats:
-        cols = [k for k in ("baseline_cv", "baseline_val", "adapter_val") if k in results]
-        lines += ["## Recall per unfair category", "",
-                  "| category | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += ["## Recall per unfair category (baseline_cv and the recipes: the same "
+                  "held-out folds)", "",
+                  "| category | " + " | ".join(scored) + " |", "|---|" + "---|" * len(scored)]
         for c in cats:
             cells = []
-            for k in cols:
-                e = results[k]["category_recall"].get(c)
+            for r in scored.values():
+                e = r["category_recall"].get(c)
                 cells.append("-" if e is None else f"{100 * e['recall']:.0f} (n={e['sentences']})")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
