@@ -278,11 +278,13 @@ def tables(results: dict) -> str:
                 what = " ".join(r["sets"]) or "as shipped"
                 lines += [_row(f"{key[3:]}: {what}", r["model"], r["train_seconds"]),
                           _row(f"{key[3:]}: TF-IDF logreg, threshold on inner validation",
-                               r["tfidf_lr"], None),
-                          _row(f"{key[3:]}: mean of both probabilities", r["ensemble"], None)]
-                if "network" in r:
+                               r["tfidf_lr"], None)]
+                if "network" in r:  # the recipe is an ensemble already: show its network
                     lines.append(_row(f"{key[3:]}: its network alone, threshold on inner "
                                       "validation", r["network"], None))
+                else:
+                    lines.append(_row(f"{key[3:]}: mean of both probabilities",
+                                      r["ensemble"], None))
         lines.append("")
     val = [(k, results[k]) for k in ("baseline_val", "adapter_val") if k in results]
     if val:
