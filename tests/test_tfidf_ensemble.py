@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 from peftlab.api import predict
 from peftlab.config import ConfigError, from_dict
+from peftlab.files import CorruptFileError
 from peftlab.tasks.classification.predict import load_classifier
 from peftlab.tasks.classification.tfidf import TFIDF_WEIGHTS, TfidfModel, make_vectorizer
 from peftlab.training.recipe import run_training
@@ -38,6 +39,9 @@ def test_save_load_round_trip_and_missing_file(tmp_path):
     model = TfidfModel.fit(TEXTS, [1, 0, 1, 1, 1, 0], 2)
     model.save(tmp_path)
     torch.testing.assert_close(TfidfModel.load(tmp_path).proba(TEXTS), model.proba(TEXTS))
+    (tmp_path / TFIDF_WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(CorruptFileError, match="tfidf.safetensors: not a readable safetensors"):
+        TfidfModel.load(tmp_path)
     (tmp_path / TFIDF_WEIGHTS).unlink()
     with pytest.raises(FileNotFoundError, match="tfidf.safetensors: missing"):
         TfidfModel.load(tmp_path)

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import normalize
 
-from peftlab.files import read_json
+from peftlab.files import read_json, read_safetensors
 
 TFIDF_JSON, TFIDF_WEIGHTS = "tfidf.json", "tfidf.safetensors"
 ENSEMBLE_C = 10.0  # weak regularisation: the network carries the smooth part of the decision
@@ -103,6 +103,12 @@ class TfidfModel:
                 raise FileNotFoundError(f"{directory / name}: missing (labels.json says the "
                                         "classifier has a TF-IDF ensemble member)")
         meta = read_json(directory / TFIDF_JSON)
-        arrays = load_file(str(directory / TFIDF_WEIGHTS))
-        return cls(meta["vocabulary"], arrays["idf"], arrays["coef"], arrays["intercept"],
+        arrays = read_safetensors(directory / TFIDF_WEIGHTS)
+        missing = ([f"{TFIDF_JSON}: {k}" for k in ("vocabulary", "n_classes") if k not in meta]
+                   + [f"{TFIDF_WEIGHTS}: {k}" for k in ("idf", "coef", "intercept")
+                      if k not in arrays])
+        if missing:
+            raise ValueError(f"{directory}: the TF-IDF ensemble member lacks {missing}")
+        return cls(meta["vocabulary"], arrays["idf"].double().numpy(),
+                   arrays["coef"].double().numpy(), arrays["intercept"].double().numpy(),
                    int(meta["n_classes"]))
