@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.bench_scripts import load_bench_script
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its sibling train_throughput
-    spec = importlib.util.spec_from_file_location("scaling", BENCH / "scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench():
+    return load_bench_script("scaling.py", "scaling")
 
 
 def _cell(name, size, seq, seconds, peak, model, compiled=False):

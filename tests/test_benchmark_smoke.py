@@ -8,7 +8,6 @@ and checks the comparison is apples to apples: on identical weights and batches 
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 
@@ -21,22 +20,19 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedTo
 
 from peftlab.lab.demo_data import generate_demo_data
 from peftlab.models import load_tokenizer
+from tests.bench_scripts import load_bench_script
 from tests.deps import import_test_dep
 
 import_test_dep("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("train_throughput.py", "train_throughput")
 
 
 @pytest.fixture(scope="module")

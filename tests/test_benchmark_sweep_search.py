@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from peftlab.config import load_config
 from peftlab.lab.search_space import space_from_dict
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.bench_scripts import load_bench_script
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its sibling _common
-    spec = importlib.util.spec_from_file_location("sweep_search", BENCH / "sweep_search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench():
+    return load_bench_script("sweep_search.py", "sweep_search")
 
 
 def _t(state, value, start, complete):
