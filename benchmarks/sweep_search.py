@@ -108,7 +108,7 @@ def summarize(trials: list[dict[str, Any]], started: float, budget: float) -> di
     return {"finished": counts["COMPLETE"], "pruned": counts["PRUNED"],
             "failed": counts["FAIL"], "cut_at_budget": len(trials) - len(ended),
             "best_accuracy": best, "best_at_s": curve[-1][0] if curve else None,
-            "curve": curve}
+            "curve": curve, "finished_values": [t["value"] for t in done]}
 
 
 def time_to_reach(curve: list[list[float]], target: float | None) -> float | None:
