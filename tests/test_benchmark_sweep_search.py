@@ -29,7 +29,8 @@ def test_summary_budget_time_to_reach_and_medians(bench):
     g, s = bench.summarize(grid, t0, 400.0), bench.summarize(tpe, t0, 400.0)
     assert g == {"finished": 3, "pruned": 0, "failed": 0, "cut_at_budget": 2,
                  "best_accuracy": 0.84, "best_at_s": 200.0,
-                 "curve": [[100.0, 0.80], [200.0, 0.84]]}
+                 "curve": [[100.0, 0.80], [200.0, 0.84]],
+                 "finished_values": [0.80, 0.84, 0.82]}
     assert (s["finished"], s["pruned"], s["failed"], s["cut_at_budget"]) == (3, 1, 1, 0)
     assert s["best_accuracy"] == 0.86 and s["best_at_s"] == 250.0
     assert bench.time_to_reach(s["curve"], 0.84) == 150.0  # 0.85 at 150 s beats the grid's best
