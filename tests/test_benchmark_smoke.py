@@ -139,9 +139,13 @@ def test_generation_worker_matches_transformers(bench, sft_setup, diverse_chat_m
     cfg = {"model": str(diverse_chat_model_dir), "adapter": str(tmp / "adapter"),
            "max_new_tokens": 5, "conversations": convs, "b1_prompts": 2}
     ours = bench.gen_worker(dict(cfg, name=bench.CANDIDATE))
-    ref = bench.gen_worker(dict(cfg, name="ref"))
+    # peftlab decodes in what `precision: auto` picks here; the peer in the same precision
+    same = {"fp32": "ref", "bf16": "ref_bf16"}[ours["precision"]]
+    ref = bench.gen_worker(dict(cfg, name=same))
+    assert ref["precision"] == ours["precision"]
     for label, n in (("b1", 2), ("b8", 8)):
         assert ours[label]["replies"] == ref[label]["replies"]
+        assert ours[label]["new_tokens"] == ref[label]["new_tokens"]
         assert len(ref[label]["new_tokens"]) == n
         assert all(1 <= c <= 5 for c in ref[label]["new_tokens"])
         assert all(ref[label]["replies"]) and len(set(ref[label]["replies"])) > 1

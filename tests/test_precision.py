@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from peftlab.runtime import precision
 from peftlab.runtime.precision import (
     choose_precision,
     matmul_gflops,
     measured_matmul_gflops,
+    prepare_inference,
     resolve_precision,
 )
 
@@ -66,3 +68,35 @@ def test_explicit_precision_passes_through_and_auto_is_measured_once():
     rates = measured_matmul_gflops()
     assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
     assert measured_matmul_gflops() is rates  # cached per process
+
+
+def _tied_lm() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11, bias=False))
+    model[1].weight = model[0].weight  # tied, as in SmolLM2
+    model.register_buffer("inv_freq", torch.rand(4))  # a non-weight buffer (RoPE)
+    return model
+
+
+def test_prepare_inference_stores_weights_in_bf16_only_when_asked_or_measured(monkeypatch):
+    model = _tied_lm()
+    before = model[0].weight.detach().clone()
+    assert prepare_inference(model, "fp32") == "fp32"
+    assert model[0].weight.dtype == torch.float32
+    assert prepare_inference(model, "bf16") == "bf16"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model[1].weight is model[0].weight  # still tied: one cast, one tensor
+    assert model.inv_freq.dtype == torch.float32  # buffers keep their precision
+    torch.testing.assert_close(model[0].weight.float(), before, atol=0.01, rtol=0.01)
+    out = model(torch.tensor([[1, 2, 3]]))
+    assert out.dtype == torch.bfloat16
+    # auto follows the measured matmul rates
+    monkeypatch.setattr(precision, "measured_matmul_gflops",
+                        lambda: {"fp32": 100.0, "bf16": 90.0})
+    other = _tied_lm()
+    assert prepare_inference(other, "auto") == "fp32" and other[0].weight.dtype == torch.float32
+    monkeypatch.setattr(precision, "measured_matmul_gflops",
+                        lambda: {"fp32": 100.0, "bf16": 400.0})
+    assert prepare_inference(other, "auto") == "bf16" and other[0].weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"precision must be one of .*'bf-16'"):
+        prepare_inference(other, "bf-16")

@@ -20,6 +20,7 @@ from peftlab.cli import main
 from peftlab.evaluation.generate import generate_replies, greedy_generate, stop_token_ids
 from peftlab.methods.lora import LoraConfig, apply_lora, load_lora, save_lora
 from peftlab.models import load_model
+from peftlab.runtime.precision import prepare_inference
 from peftlab.serve.engine import Engine, Sampling
 from peftlab.serve.server import make_app
 from tests.live_server import live_server
@@ -48,7 +49,10 @@ def adapters(tiny_chat_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_chat_model_dir, adapters):
-    return Engine(str(tiny_chat_model_dir), adapters, base_name="base", max_tokens_limit=64)
+    # bf16 weights (what `precision: auto` picks where bf16 matmuls are fast); the answers are
+    # compared with the same model cast the same way (`_direct`)
+    return Engine(str(tiny_chat_model_dir), adapters, base_name="base", max_tokens_limit=64,
+                  precision="bf16")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,15 @@ def _direct(model_dir: Path, adapter: Path | None, max_new: int) -> str:
     model, tok = load_model(str(model_dir))
     if adapter is not None:
         load_lora(model, adapter)
+    prepare_inference(model, "bf16")
     return generate_replies(model, tok, [CHAT], max_new_tokens=max_new, batch_size=1)[0]
+
+
+def test_engine_holds_bf16_weights_and_adapter_stacks(engine):
+    assert engine.precision == "bf16"
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    stacks = [m._stacked for m in engine.model.modules() if getattr(m, "_stacked", None)]
+    assert stacks and all(s.a.dtype == s.b_t.dtype == torch.bfloat16 for s in stacks)
 
 
 def test_models_lists_base_and_adapters(server):
@@ -132,6 +144,7 @@ def test_text_completions(server, tiny_chat_model_dir, adapters):
     assert r["usage"]["prompt_tokens"] == len(ids)
     # the same continuation, computed directly: the alpha adapter, greedy, cut at a stop token
     load_lora(model, adapters["alpha"])
+    prepare_inference(model, "bf16")
     stops = stop_token_ids(tok)
     new_ids = greedy_generate(model.eval(), [ids], 5, stops, tok.pad_token_id)[0]
     expected = tok.decode([t for t in new_ids if t not in stops], skip_special_tokens=True)

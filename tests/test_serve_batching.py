@@ -159,7 +159,8 @@ def _drain(events, timeout: float = 60.0) -> tuple[list[int], str]:
 @pytest.mark.parametrize("chunk", [256, 3])
 def test_mixed_batch_gives_each_request_its_greedy_tokens_alone(tiny_chat_model_dir, adapters,
                                                                 reference, chunk):
-    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", prefill_chunk=chunk,
+    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", precision="fp32",
+                    prefill_chunk=chunk,
                     max_batch=8)
     names = ["alpha", "base", "beta", "beta", "alpha", "base", "alpha", "beta", "base"]
     prompts = [engine.encode_chat([{"role": "user", "content": f"question {i} " * (1 + i % 4)}])
@@ -179,7 +180,8 @@ def test_mixed_batch_gives_each_request_its_greedy_tokens_alone(tiny_chat_model_
 
 def test_a_request_joining_a_running_batch_matches_alone(tiny_chat_model_dir, adapters,
                                                          reference):
-    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", prefill_chunk=4)
+    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", precision="fp32",
+                    prefill_chunk=4)
     long_prompt = engine.encode_chat([{"role": "user", "content": "a long question " * 6}])
     short = engine.encode_chat([{"role": "user", "content": "hi"}])
     with engine:
@@ -196,7 +198,8 @@ def test_a_request_joining_a_running_batch_matches_alone(tiny_chat_model_dir, ad
 
 def test_shared_prompt_prefixes_are_reused_with_the_same_tokens(tiny_chat_model_dir, adapters,
                                                                   reference):
-    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", prefill_chunk=5)
+    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", precision="fp32",
+                    prefill_chunk=5)
     system = {"role": "system", "content": "You are a careful assistant who answers briefly."}
     asks = [("alpha", "capital of the sea?"), ("alpha", "capital of the sky?"),
             ("beta", "capital of the sea?"), ("beta", "name a colour"), ("alpha", "a colour?")]
@@ -257,7 +260,8 @@ def _settles(engine: Engine, **expected: int) -> bool:
 
 
 def test_cancel_timeout_and_queue_limit(tiny_chat_model_dir):
-    engine = Engine(str(tiny_chat_model_dir), base_name="base", max_batch=1, max_queue=1,
+    engine = Engine(str(tiny_chat_model_dir), base_name="base", precision="fp32",
+                    max_batch=1, max_queue=1,
                     max_tokens_limit=64, request_timeout=30)
     _slow(engine, 0.02)
     ids = engine.encode_chat([{"role": "user", "content": "hi"}])
@@ -283,7 +287,7 @@ def test_cancel_timeout_and_queue_limit(tiny_chat_model_dir):
 
 
 def test_sampling_follows_the_seed(tiny_chat_model_dir):
-    with Engine(str(tiny_chat_model_dir), base_name="base") as engine:
+    with Engine(str(tiny_chat_model_dir), base_name="base", precision="fp32") as engine:
         ids = engine.encode_text("capital of")
         runs = [engine.complete("base", ids, Sampling(max_tokens=12, temperature=1.0, seed=s))
                 for s in (5, 5, 6)]

@@ -22,6 +22,7 @@ from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
 from peftlab.lab.baseline import describe as describe_baseline
 from peftlab.lab.demo import run_demo
 from peftlab.lab.sweep import table
+from peftlab.runtime.precision import PRECISIONS, prepare_inference
 from peftlab.serve.classify import Classifiers
 from peftlab.serve.engine import Engine
 from peftlab.serve.server import bind, is_loopback, make_app, make_server
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="weights for generation: auto (default) = bf16 where bf16 matmuls are "
+                        "clearly faster, else fp32")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API: one base model, many LoRA "
                        "adapters chosen by the request's model name; classifiers too")
@@ -135,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="allow browser pages from ORIGIN (repeatable; default: none)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice; 1 on a busy machine)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="weights for generation: auto (default) = bf16 where bf16 matmuls are "
+                        "clearly faster (decoding ~2x faster), else fp32")
 
     p = sub.add_parser("export", help="fold an adapter into the model; write GGUF and/or a "
                        "plain transformers directory")
@@ -316,6 +323,7 @@ def classification_line(report: dict) -> str:
 
 def _chat(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, adapter=args.adapter)
+    prepare_inference(model, args.precision)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(text: str) -> str:
@@ -384,13 +392,14 @@ def _serve(args: argparse.Namespace) -> int:
         engine = None if args.model is None else Engine(
             args.model, adapters, base_name=args.name, max_tokens_limit=args.max_tokens_limit,
             max_batch=args.max_batch, max_queue=args.max_queue,
-            prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
+            prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout,
+            precision=args.precision)
         app = make_app(engine, api_key=args.api_key, cors_origins=args.cors_origin,
                        loopback_only=is_loopback(args.host), classifiers=classifiers)
         ids = [*(engine.model_ids() if engine else []), *classifiers.names()]
         host, port = sock.getsockname()[:2]
-        print(f"serving {ids} at http://{host}:{port}/v1 (Ctrl-C stops)",
-              flush=True)
+        dtype = f", generating in {engine.precision}" if engine else ""
+        print(f"serving {ids} at http://{host}:{port}/v1{dtype} (Ctrl-C stops)", flush=True)
         make_server(app).run(sockets=[sock])
     finally:
         sock.close()

@@ -80,6 +80,25 @@ def prepare_precision(model: nn.Module, precision: str) -> None:
             param.data = param.data.to(torch.bfloat16)
 
 
+def prepare_inference(model: nn.Module, precision: str) -> str:
+    """Resolve ``precision`` for a model that only runs forward (serving, decoding) and,
+    for bf16, store every floating weight in bf16; returns the resolved precision.
+
+    Why: a decoding step reads every weight once to produce one token per row, so it is
+    bound by memory traffic, and bf16 halves it -- on an AVX512-BF16 EPYC greedy decoding of
+    SmolLM2-135M at batch 8 ran 2.4x faster than in fp32. Greedy tokens can differ from the
+    fp32 ones (rounding). Buffers (RoPE frequencies) keep their dtype; tied weights stay tied.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    resolved = resolve_precision(precision)
+    if resolved == "bf16":
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
+    return resolved
+
+
 def autocast_for(precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CPU (matmuls in bf16, reductions in fp32), or nothing for fp32."""
     if precision == "bf16":

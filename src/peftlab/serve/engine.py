@@ -21,6 +21,7 @@ from peftlab.evaluation.generate import stop_token_ids
 from peftlab.methods import lora, method_for_adapter_dir
 from peftlab.methods.chain import recorded_chain
 from peftlab.models import load_model
+from peftlab.runtime.precision import prepare_inference
 from peftlab.serve.scheduler import Event, Job, NotRunning, QueueFull, Sampling, Scheduler
 from peftlab.serve.text import TextStream
 
@@ -52,13 +53,16 @@ class Engine:
     ``max_batch`` requests decode together; up to ``max_queue`` more wait (then 429);
     ``prefill_chunk`` tokens of a new prompt run per step; a request still running after
     ``request_timeout`` seconds is dropped; up to ``prefix_cache`` shared prompt prefixes
-    keep their KV cache (0: off). Call :meth:`start` (or use ``with``) to run it.
+    keep their KV cache (0: off). ``precision``: ``auto`` decodes in bf16 where bf16
+    matmuls are clearly faster (see :func:`~peftlab.runtime.precision.prepare_inference`),
+    else fp32. Call :meth:`start` (or use ``with``) to run it.
     """
 
     def __init__(self, model: str, adapters: dict[str, str | Path] | None = None,
                  base_name: str | None = None, max_tokens_limit: int = 2048,
                  max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 256,
-                 request_timeout: float | None = 600.0, prefix_cache: int = 32):
+                 request_timeout: float | None = 600.0, prefix_cache: int = 32,
+                 precision: str = "auto"):
         adapters = adapters or {}
         self.base_name = base_name or public_name(model)
         for name in adapters:
@@ -85,6 +89,8 @@ class Engine:
                                  "(modules_to_save), which cannot be switched per request")
             self.adapters[name] = directory
         self.model.requires_grad_(False)  # serving never trains
+        # before the row stacks: they are copies in the base weights' dtype
+        self.precision = prepare_inference(self.model, precision)
         route = lora.attach_row_adapters(self.model, list(self.adapters)) if self.adapters else None
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0)
                                   or 1 << 30)
