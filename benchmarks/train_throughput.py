@@ -427,21 +427,28 @@ def cls_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                 return model(**{k: batch[k] for k in inputs}, labels=batch["labels"]).loss
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    torch.manual_seed(cfg["seed"])  # BERT has dropout: same masks on both sides
+    torch.manual_seed(cfg["seed"])  # BERT has dropout: same masks on both peers
     model.train()
     n = batches["input_ids"].shape[0]
     losses, seconds, tokens = [], [], []
     clock = step_clock(cfg)
-    for t in range(cfg["steps"]):
-        start = clock()
-        batch = {k: v[t % n] for k, v in batches.items()}
-        loss = step_loss(batch)
-        loss.backward()
-        optimizer.step()
-        seconds.append(clock() - start)
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        tokens.append(batch["input_ids"].numel())  # padded positions: all are computed
+    # peftlab's Trainer draws dropout masks from bulk random bits on a CPU (fast_dropout)
+    switched = contextlib.nullcontext()
+    if name == CANDIDATE:
+        from peftlab.runtime.fast_dropout import fast_dropout
+
+        switched = fast_dropout(model)
+    with switched:
+        for t in range(cfg["steps"]):
+            start = clock()
+            batch = {k: v[t % n] for k, v in batches.items()}
+            loss = step_loss(batch)
+            loss.backward()
+            optimizer.step()
+            seconds.append(clock() - start)
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            tokens.append(batch["input_ids"].numel())  # padded positions: all are computed
     return {"name": name, "precision": precision, "losses": losses, "step_seconds": seconds,
             "step_tokens": tokens, "examples_per_step": batches["labels"].shape[1],
             "peak_rss_mb": round(_peak_rss_mb(), 1)}

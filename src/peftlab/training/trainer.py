@@ -24,6 +24,7 @@ from peftlab.runtime import checkpoint as ckpt
 from peftlab.runtime import sharded_checkpoint as sharded_ckpt
 from peftlab.runtime.device import to_device
 from peftlab.runtime.distributed import World
+from peftlab.runtime.fast_dropout import fast_dropout
 from peftlab.runtime.fsdp import (
     clip_grad_norm,
     gather_full_model,
@@ -179,7 +180,10 @@ class Trainer:
         window.loss_sum, window.steps = state["window"]
         stopped_by_hook = False
         # the bar is closed before any error line is printed; NEFTune's hook is removed
-        with neftune(self.model, cfg.neftune_alpha), compiled_blocks(self.model, self.compiled), bar:
+        # dropout masks from bulk random bits on a CPU (compiled blocks make their own)
+        cheap_dropout = world.device.type == "cpu" and not self.compiled
+        with neftune(self.model, cfg.neftune_alpha), fast_dropout(self.model, cheap_dropout), \
+                compiled_blocks(self.model, self.compiled), bar:
             for group in self._step_groups(micro):
                 if step >= self.total_steps:
                     break
