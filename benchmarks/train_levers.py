@@ -10,6 +10,10 @@ re-checks the decisions behind those defaults, so they can be re-made on another
 * ``compile`` — the defaults plus ``torch.compile`` (inductor) of every transformer block. The
   inductor cache lives in a fresh temp dir, so round 1 pays a cold compile and later rounds
   show what a warm on-disk cache costs.
+* ``eager``   — the defaults with ``compile: false`` (``auto`` compiles where a run is long
+  enough to pay, which depends on the machine's speed).
+* ``eager_sdpa`` — eager, with attention always through SDPA's kernel (``train.attention:
+  sdpa``) instead of the kernel timed fastest per shape.
 
 Same model, LoRA, data, optimiser and worker as ``train_throughput.py`` (its helpers are
 imported); each configuration runs in its own subprocess, alternating, for ``--repeats`` rounds.
@@ -37,6 +41,8 @@ LEVERS = {
     "auto": {},
     "bf16": {"precision": "bf16"},
     "compile": {"compile": True},
+    "eager": {"compile": False},
+    "eager_sdpa": {"compile": False, "attention": "sdpa"},
 }
 
 

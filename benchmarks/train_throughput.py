@@ -335,7 +335,8 @@ def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dic
                        weight_decay=0.0, scheduler="constant", warmup_steps=0, max_grad_norm=None,
                        precision=precision, log_every=1, save_every=steps, seed=cfg["seed"],
                        activation_checkpointing=cfg["name"] == CANDIDATE_CKPT,
-                       compile=cfg.get("compile", "auto"))  # train_levers.py sets it
+                       compile=cfg.get("compile", "auto"),  # train_levers.py sets these two
+                       attention=cfg.get("attention", "auto"))
     if tcfg.compile == "auto":  # decide as peftlab would for a real run, not a 12-step probe
         tcfg.compile, _ = resolve_compile(tcfg, model, max(steps, AUTO_COMPILE_STEPS),
                                           float(batches["attention_mask"][0].sum()))
@@ -432,12 +433,15 @@ def cls_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     n = batches["input_ids"].shape[0]
     losses, seconds, tokens = [], [], []
     clock = step_clock(cfg)
-    # peftlab's Trainer draws dropout masks from bulk random bits on a CPU (fast_dropout)
-    switched = contextlib.nullcontext()
+    # peftlab's Trainer, eager on a CPU, draws dropout masks from bulk random bits and picks
+    # the attention kernel per shape (fast_dropout, cpu_attention)
+    switched = contextlib.ExitStack()
     if name == CANDIDATE:
+        from peftlab.runtime.cpu_attention import cpu_attention
         from peftlab.runtime.fast_dropout import fast_dropout
 
-        switched = fast_dropout(model)
+        switched.enter_context(fast_dropout(model))
+        switched.enter_context(cpu_attention(model))
     with switched:
         for t in range(cfg["steps"]):
             start = clock()

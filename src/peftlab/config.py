@@ -239,6 +239,10 @@ class TrainConfig:
     # activations; the first step compiles (~30 s for SmolLM2). auto: on where measured to pay
     # (bf16 on a CPU, >= 50M parameters, >= 50 steps, ~4 min of training; training/compile.py)
     compile: bool | str = "auto"
+    # attention kernel while training eager on a CPU (peftlab.runtime.cpu_attention): auto
+    # times SDPA's flash kernel against a grouped softmax(q k^T) v once per shape (up to 1,024
+    # keys) and uses the faster; sdpa: always transformers' SDPA call
+    attention: str = "auto"  # auto | sdpa
     # NEFTune: uniform noise alpha/sqrt(L*d) on the input embeddings in training steps only
     # (peftlab.runtime.neftune; TRL's neftune_noise_alpha; the paper uses 5-15)
     neftune_alpha: float | None = None
@@ -261,6 +265,7 @@ class TrainConfig:
         if len(set(self.report_to)) != len(self.report_to):
             raise ConfigError(f"{where}.report_to: {self.report_to} names a tracker twice")
         choice(f"{where}.precision", self.precision, ["auto", "bf16", "fp32"])
+        choice(f"{where}.attention", self.attention, ["auto", "sdpa"])
         for key in ("batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")

@@ -22,6 +22,7 @@ from peftlab.data.collate import length_grouped_batches
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.runtime import checkpoint as ckpt
 from peftlab.runtime import sharded_checkpoint as sharded_ckpt
+from peftlab.runtime.cpu_attention import cpu_attention
 from peftlab.runtime.device import to_device
 from peftlab.runtime.distributed import World
 from peftlab.runtime.fast_dropout import fast_dropout
@@ -180,10 +181,12 @@ class Trainer:
         window.loss_sum, window.steps = state["window"]
         stopped_by_hook = False
         # the bar is closed before any error line is printed; NEFTune's hook is removed
-        # dropout masks from bulk random bits on a CPU (compiled blocks make their own)
-        cheap_dropout = world.device.type == "cpu" and not self.compiled
-        with neftune(self.model, cfg.neftune_alpha), fast_dropout(self.model, cheap_dropout), \
-                compiled_blocks(self.model, self.compiled), bar:
+        # eager on a CPU: dropout masks from bulk random bits, attention kernel per shape
+        # (compiled blocks generate their own random numbers and fuse their own attention)
+        eager_cpu = world.device.type == "cpu" and not self.compiled
+        with neftune(self.model, cfg.neftune_alpha), fast_dropout(self.model, eager_cpu), \
+                cpu_attention(self.model, eager_cpu and cfg.attention == "auto"), compiled_blocks(self.model, self.compiled), \
+                bar:
             for group in self._step_groups(micro):
                 if step >= self.total_steps:
                     break

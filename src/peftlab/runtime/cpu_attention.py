@@ -1,0 +1,210 @@
+"""Attention for training on a CPU: SDPA's flash kernel or a grouped matmul-softmax-matmul,
+whichever this CPU runs faster for the shape, measured the first time a shape is seen.
+
+Why: on a 2-core AVX512-BF16 EPYC, SDPA's CPU flash kernel (causal, GQA) took 48 ms forward
+plus backward for SmolLM2's attention at 8 x 256 tokens in bf16, the plain sequence
+``softmax(q k^T) v`` 27 ms: at short sequences the flash kernel's blocking and recomputation
+cost more than the S x S probabilities it avoids. At 1,024 tokens the flash kernel wins
+(0.6x the time), and the probabilities saved for backward grow as S^2, so the grouped path
+is only considered up to :data:`MAX_GROUPED_LEN` keys. ``precision: auto`` measures matmuls
+once per process for the same reason: which is faster differs between CPUs.
+
+The grouped path never copies keys and values per query head (what ``repeat_kv`` does): the
+query heads sharing a key head are stacked along the sequence axis, ``(B, KV, G*S, D)``, so
+each key head meets its G query heads in one matmul. With a dropout probability it drops
+out the probabilities with :func:`~peftlab.runtime.fast_dropout.apply_dropout` (torch's
+per-element Bernoulli draws made a third of a MiniLM step).
+
+Inside :func:`cpu_attention` (the Trainer opens it while it trains eager on a CPU) every
+SDPA config of the model points at :func:`attention_forward`, registered with transformers'
+``AttentionInterface``; on leaving the model's own implementation comes back, so what is
+saved, merged or served is the model as loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from peftlab.runtime.fast_dropout import apply_dropout
+
+ATTENTION_NAME = "peftlab_cpu_attention"
+MAX_GROUPED_LEN = 1024  # beyond, flash wins on the CPUs we measured, and S^2 memory grows
+_TOKENS_TO_TIME = 2048  # batch x length of the timed shape: long enough to time, short to run
+
+# (dtype, heads, key heads, head dim, length bucket, with backward) -> grouped is faster
+_CHOICES: dict[tuple, bool] = {}
+
+
+def grouped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None,
+                      scale: float | None = None, causal: bool = False,
+                      dropout: float = 0.0) -> Tensor:
+    """``softmax(q k^T * scale + mask) v`` for query ``(B, H, S, D)`` and key/value
+    ``(B, KV, L, D)`` with ``H = KV * G`` (query head h reads key head h // G, as in
+    transformers' ``repeat_kv``). ``mask``: bool (True = attend) or additive float,
+    broadcastable to ``(B, H, S, L)``; ``causal`` applies only without a mask. Returns
+    ``(B, S, H, D)``, the layout transformers' attention functions return.
+
+    The softmax runs in the scores' dtype (its kernel accumulates in fp32 and rounds once);
+    under autocast it would write fp32 probabilities and cast them back for the matmul.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scale = dim ** -0.5 if scale is None else scale
+    scores = torch.matmul(query.reshape(batch, kv_heads, groups * q_len, dim),
+                          key.transpose(-1, -2))
+    scores = scores.view(batch, kv_heads, groups, q_len, kv_len).mul_(scale)
+    softmax = torch.softmax
+    if mask is not None:
+        mask = _grouped_mask(mask, kv_heads, groups)[..., :kv_len]
+        if mask.dtype == torch.bool:
+            # a query with no key to attend (left padding) gets zeros, as from SDPA
+            scores = scores.masked_fill_(~mask, float("-inf"))
+            softmax = _safe_softmax
+        else:
+            scores = scores.add_(mask.to(scores.dtype))
+    elif causal and q_len > 1:
+        future = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(
+            kv_len - q_len + 1)
+        scores = scores.masked_fill_(future, float("-inf"))
+    with torch.autocast(query.device.type, enabled=False):
+        probs = softmax(scores.to(value.dtype), dim=-1)
+    probs = apply_dropout(probs, dropout)
+    out = torch.matmul(probs.view(batch, kv_heads, groups * q_len, kv_len), value)
+    return out.view(batch, heads, q_len, -1).transpose(1, 2).contiguous()
+
+
+def _safe_softmax(scores: Tensor, dim: int) -> Tensor:
+    """Softmax whose rows of only -inf are zeros (SDPA's math path calls the same op)."""
+    return torch.ops.aten._safe_softmax(scores, dim)
+
+
+def _grouped_mask(mask: Tensor, kv_heads: int, groups: int) -> Tensor:
+    """A ``(B|1, 1|H, S, L)`` mask as ``(B|1, 1|KV, 1|G, S, L)``, matching the grouped scores."""
+    if mask.dim() == 2:  # (S, L)
+        return mask
+    if mask.shape[1] == 1:
+        return mask.unsqueeze(2)
+    return mask.reshape(mask.shape[0], kv_heads, groups, *mask.shape[-2:])
+
+
+def _length_bucket(length: int) -> int:
+    """The power of two at or above ``length`` (timed once, used for every length up to it)."""
+    return 1 << max(length - 1, 1).bit_length()
+
+
+def grouped_is_faster(query: Tensor, key: Tensor, backward: bool, repeats: int = 3) -> bool:
+    """Whether :func:`grouped_attention` beats SDPA (causal) here for shapes like these,
+    timed once per (dtype, heads, key heads, head dim, length bucket, backward) in this
+    process on random inputs, best of ``repeats`` taken in turn (a burst of load hits both).
+
+    The dtype is the one the matmuls run in: under CPU autocast its dtype (Llama's RoPE
+    hands over fp32 queries and keys, which autocast casts to bf16 for either kernel)."""
+    heads, dim, kv_heads = query.shape[1], query.shape[-1], key.shape[1]
+    length = _length_bucket(key.shape[2])
+    dtype = query.dtype
+    if torch.is_autocast_enabled("cpu") and dtype in (torch.float32, torch.bfloat16):
+        dtype = torch.get_autocast_dtype("cpu")
+    signature = (dtype, heads, kv_heads, dim, length, backward)
+    if signature not in _CHOICES:
+        _CHOICES[signature] = _time_grouped_vs_sdpa(dtype, heads, kv_heads, dim, length,
+                                                    backward, repeats)
+    return _CHOICES[signature]
+
+
+def _time_grouped_vs_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
+                          length: int, backward: bool, repeats: int) -> bool:
+    batch = max(1, _TOKENS_TO_TIME // length)
+    # a generator of its own: timing must not move the training's random stream (dropout
+    # masks after a resume would differ from a straight run's)
+    rng = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, length, dim, generator=rng).to(dtype)
+    k = torch.randn(batch, kv_heads, length, dim, generator=rng).to(dtype)
+    v = torch.randn(batch, kv_heads, length, dim, generator=rng).to(dtype)
+    groups = heads // kv_heads
+
+    def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    candidates = {"sdpa": sdpa,
+                  "grouped": lambda q, k, v: grouped_attention(q, k, v, causal=True)}
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.enable_grad() if backward else torch.no_grad(), \
+            torch.autocast("cpu", enabled=False):
+        for step in range(repeats + 1):  # the first round warms up and is not counted
+            for name, run in candidates.items():
+                leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+                start = time.perf_counter()
+                out = run(*leaves)
+                if backward:
+                    out.sum().backward()
+                if step:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return best["grouped"] < 0.9 * best["sdpa"]  # clearly faster, or keep torch's kernel
+
+
+def measured_choices() -> dict[str, str]:
+    """What was chosen so far, for reports: ``"bf16 h9/3 d64 len256 fwd+bwd" -> "grouped"``."""
+    out = {}
+    for (dtype, heads, kv_heads, dim, length, backward), grouped in _CHOICES.items():
+        name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
+            "float32", "fp32")
+        key = f"{name} h{heads}/{kv_heads} d{dim} len{length} {'fwd+bwd' if backward else 'fwd'}"
+        out[key] = "grouped" if grouped else "sdpa"
+    return out
+
+
+def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, dropout: float = 0.0,
+                      scaling: float | None = None, is_causal: bool | None = None,
+                      **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention-function contract. On a CPU, without a KV cache, up to
+    :data:`MAX_GROUPED_LEN` keys: :func:`grouped_attention` when it was measured faster or
+    when there is a dropout probability; otherwise transformers' own SDPA call."""
+    special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap"))
+    q_len, kv_len = query.shape[2], key.shape[2]
+    plain = (query.device.type != "cpu" or special or q_len != kv_len
+             or kv_len > MAX_GROUPED_LEN or kwargs.get("output_attentions"))
+    if not plain and (dropout > 0.0 or grouped_is_faster(query, key, torch.is_grad_enabled())):
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return grouped_attention(query, key, value, attention_mask, scaling,
+                                 causal=bool(causal) and attention_mask is None,
+                                 dropout=dropout), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, attention_forward)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the masks SDPA gets: same numbers
+
+
+@contextmanager
+def cpu_attention(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Inside the block every SDPA config of ``model`` uses :func:`attention_forward`;
+    yields how many configs were switched (0 when disabled)."""
+    switched: list[object] = []
+    if enabled:
+        seen: set[int] = set()
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if config is None or id(config) in seen:
+                continue
+            seen.add(id(config))
+            if getattr(config, "_attn_implementation", None) == "sdpa":
+                config._attn_implementation = ATTENTION_NAME
+                switched.append(config)
+    try:
+        yield len(switched)
+    finally:
+        for config in switched:
+            config._attn_implementation = "sdpa"
