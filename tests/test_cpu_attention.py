@@ -99,29 +99,32 @@ def test_grouped_attention_in_bf16_stays_close_to_fp32():
 def test_the_choice_is_timed_once_per_signature(monkeypatch):
     calls = []
 
-    def fake_timing(dtype, heads, kv_heads, dim, length, backward, repeats):
+    def fake_timing(dtype, heads, kv_heads, dim, length, repeats):
         calls.append(length)
         return length <= 256
 
     monkeypatch.setattr(attention_module, "_CHOICES", {})
     monkeypatch.setattr(attention_module, "_time_grouped_vs_sdpa", fake_timing)
     q, k = torch.zeros(1, 4, 200, 8), torch.zeros(1, 2, 200, 8)
-    assert grouped_is_faster(q, k, backward=True)
-    assert grouped_is_faster(q[:, :, :256], k[:, :, :256], backward=True)  # same bucket
+    assert grouped_is_faster(q, k)
+    assert grouped_is_faster(q[:, :, :256], k[:, :, :256])  # same bucket
+    with torch.no_grad():  # the same choice without grad (checkpointed forwards)
+        assert grouped_is_faster(q, k)
     assert calls == [256]
-    assert not grouped_is_faster(torch.zeros(1, 4, 257, 8), torch.zeros(1, 2, 257, 8), True)
-    grouped_is_faster(q, k, backward=False)  # forward only is its own signature
+    assert not grouped_is_faster(torch.zeros(1, 4, 257, 8), torch.zeros(1, 2, 257, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # timed in the dtype autocast runs
+        grouped_is_faster(q, k)
     assert calls == [256, 512, 256]
-    assert measured_choices() == {"fp32 h4/2 d8 len256 fwd+bwd": "grouped",
-                                  "fp32 h4/2 d8 len512 fwd+bwd": "sdpa",
-                                  "fp32 h4/2 d8 len256 fwd": "grouped"}
+    assert measured_choices() == {"fp32 h4/2 d8 len256": "grouped",
+                                  "fp32 h4/2 d8 len512": "sdpa",
+                                  "bf16 h4/2 d8 len256": "grouped"}
 
 
 def test_the_real_timing_returns_a_choice(monkeypatch):
     monkeypatch.setattr(attention_module, "_CHOICES", {})
     q, k = torch.zeros(1, 4, 16, 8, dtype=torch.bfloat16), torch.zeros(1, 2, 16, 8)
-    assert grouped_is_faster(q, k, backward=True, repeats=1) in (True, False)
-    assert list(measured_choices()) == ["bf16 h4/2 d8 len16 fwd+bwd"]
+    assert grouped_is_faster(q, k, repeats=1) in (True, False)
+    assert list(measured_choices()) == ["bf16 h4/2 d8 len16"]
 
 
 @pytest.mark.parametrize("grouped", [True, False])
@@ -207,5 +210,26 @@ def test_timing_leaves_the_global_random_stream_alone(monkeypatch):
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    grouped_is_faster(torch.zeros(1, 2, 8, 4), torch.zeros(1, 1, 8, 4), backward=True, repeats=1)
+    grouped_is_faster(torch.zeros(1, 2, 8, 4), torch.zeros(1, 1, 8, 4), repeats=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_meets_a_new_shape_inside_the_checkpoint(monkeypatch,
+                                                                          reentrant):
+    """The first forward that meets a shape times both kernels from inside the checkpointed
+    block; the recomputation must save what the forward saved, and the gradients hold."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 40, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={
+        "use_reentrant": reentrant})
+    model.train()
+    monkeypatch.setattr(attention_module, "_CHOICES", {})
+    with cpu_attention(model):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(measured_choices()) == 1
+    for p, g in zip(model.parameters(), expected, strict=True):
+        assert_close(p.grad, g)

@@ -39,7 +39,7 @@ ATTENTION_NAME = "peftlab_cpu_attention"
 MAX_GROUPED_LEN = 1024  # beyond, flash wins on the CPUs we measured, and S^2 memory grows
 _TOKENS_TO_TIME = 2048  # batch x length of the timed shape: long enough to time, short to run
 
-# (dtype, heads, key heads, head dim, length bucket, with backward) -> grouped is faster
+# (dtype, heads, key heads, head dim, length bucket) -> grouped is faster (forward + backward)
 _CHOICES: dict[tuple, bool] = {}
 
 
@@ -101,10 +101,12 @@ def _length_bucket(length: int) -> int:
     return 1 << max(length - 1, 1).bit_length()
 
 
-def grouped_is_faster(query: Tensor, key: Tensor, backward: bool, repeats: int = 3) -> bool:
+def grouped_is_faster(query: Tensor, key: Tensor, repeats: int = 3) -> bool:
     """Whether :func:`grouped_attention` beats SDPA (causal) here for shapes like these,
-    timed once per (dtype, heads, key heads, head dim, length bucket, backward) in this
-    process on random inputs, best of ``repeats`` taken in turn (a burst of load hits both).
+    forward plus backward, timed once per (dtype, heads, key heads, head dim, length bucket)
+    in this process on random inputs, best of ``repeats`` taken in turn (a burst of load hits
+    both). Not per grad mode: under activation checkpointing the forward may run without
+    grad and its recomputation with it, and both must take the same path.
 
     The dtype is the one the matmuls run in: under CPU autocast its dtype (Llama's RoPE
     hands over fp32 queries and keys, which autocast casts to bf16 for either kernel)."""
@@ -113,15 +115,15 @@ def grouped_is_faster(query: Tensor, key: Tensor, backward: bool, repeats: int =
     dtype = query.dtype
     if torch.is_autocast_enabled("cpu") and dtype in (torch.float32, torch.bfloat16):
         dtype = torch.get_autocast_dtype("cpu")
-    signature = (dtype, heads, kv_heads, dim, length, backward)
+    signature = (dtype, heads, kv_heads, dim, length)
     if signature not in _CHOICES:
         _CHOICES[signature] = _time_grouped_vs_sdpa(dtype, heads, kv_heads, dim, length,
-                                                    backward, repeats)
+                                                    repeats)
     return _CHOICES[signature]
 
 
 def _time_grouped_vs_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
-                          length: int, backward: bool, repeats: int) -> bool:
+                          length: int, repeats: int) -> bool:
     batch = max(1, _TOKENS_TO_TIME // length)
     # a generator of its own: timing must not move the training's random stream (dropout
     # masks after a resume would differ from a straight run's)
@@ -139,27 +141,27 @@ def _time_grouped_vs_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: in
     candidates = {"sdpa": sdpa,
                   "grouped": lambda q, k, v: grouped_attention(q, k, v, causal=True)}
     best = dict.fromkeys(candidates, float("inf"))
-    with torch.enable_grad() if backward else torch.no_grad(), \
-            torch.autocast("cpu", enabled=False):
+    # identity saved-tensor hooks: when the first forward that meets this shape runs under
+    # activation checkpointing, what the timing saves must not be counted as the block's
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         for step in range(repeats + 1):  # the first round warms up and is not counted
             for name, run in candidates.items():
-                leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                 start = time.perf_counter()
-                out = run(*leaves)
-                if backward:
-                    out.sum().backward()
+                run(*leaves).sum().backward()
                 if step:
                     best[name] = min(best[name], time.perf_counter() - start)
     return best["grouped"] < 0.9 * best["sdpa"]  # clearly faster, or keep torch's kernel
 
 
 def measured_choices() -> dict[str, str]:
-    """What was chosen so far, for reports: ``"bf16 h9/3 d64 len256 fwd+bwd" -> "grouped"``."""
+    """What was chosen so far, for reports: ``"bf16 h9/3 d64 len256" -> "grouped"``."""
     out = {}
-    for (dtype, heads, kv_heads, dim, length, backward), grouped in _CHOICES.items():
+    for (dtype, heads, kv_heads, dim, length), grouped in _CHOICES.items():
         name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
             "float32", "fp32")
-        key = f"{name} h{heads}/{kv_heads} d{dim} len{length} {'fwd+bwd' if backward else 'fwd'}"
+        key = f"{name} h{heads}/{kv_heads} d{dim} len{length}"
         out[key] = "grouped" if grouped else "sdpa"
     return out
 
@@ -175,7 +177,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     q_len, kv_len = query.shape[2], key.shape[2]
     plain = (query.device.type != "cpu" or special or q_len != kv_len
              or kv_len > MAX_GROUPED_LEN or kwargs.get("output_attentions"))
-    if not plain and (dropout > 0.0 or grouped_is_faster(query, key, torch.is_grad_enabled())):
+    if not plain and (dropout > 0.0 or grouped_is_faster(query, key)):
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         return grouped_attention(query, key, value, attention_mask, scaling,
                                  causal=bool(causal) and attention_mask is None,
