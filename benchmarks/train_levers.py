@@ -77,7 +77,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"{tt.MODEL}, LoRA r=16 on q,k,v,o,gate,up,down, batch {r['batch_size']} x "
         f"{r['seq_len']} packed Alpaca; {r['steps']} steps x {r['repeats']} round(s), median "
         f"tokens/s over steps after the first {min(tt.WARMUP_STEPS, r['steps'] - 1)}. Machine: "
-        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, AMX: {m['amx_bf16']}; load "
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, AMX: {m['amx_bf16']}, matmul "
+        f"peaks bf16 {m.get('bf16_peak_gflops', '?')} / fp32 {m.get('fp32_peak_gflops', '?')} "
+        f"GFLOP/s; load "
         f"average {m['loadavg_start'][0]} at start, {r['loadavg_end'][0]} at end.",
         "",
         "| lever | precision | tokens/s | vs auto | first step s (per round) | start-up s | "
@@ -120,6 +122,11 @@ def main() -> None:
 
     started = time.perf_counter()
     machine = tt.machine_info()
+    from peftlab.runtime.precision import matmul_gflops
+
+    peaks = matmul_gflops(repeats=10, budget_s=3.0)  # the machine's state, for the table
+    machine.update(bf16_peak_gflops=round(peaks["bf16"], 1),
+                   fp32_peak_gflops=round(peaks["fp32"], 1))
     with tempfile.TemporaryDirectory(prefix="peftlab-levers-") as tmp_name:
         tmp = Path(tmp_name)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")  # cold in round 1
