@@ -133,12 +133,9 @@ def _time_grouped_vs_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: in
     v = torch.randn(batch, kv_heads, length, dim, generator=rng).to(dtype)
     groups = heads // kv_heads
 
-    def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    candidates = {"sdpa": sdpa,
+    # SDPA as transformers calls it for an unmasked causal batch: GQA inside the kernel
+    candidates = {"sdpa": lambda q, k, v: nn.functional.scaled_dot_product_attention(
+                      q, k, v, is_causal=True, enable_gqa=groups > 1).transpose(1, 2).contiguous(),
                   "grouped": lambda q, k, v: grouped_attention(q, k, v, causal=True)}
     best = dict.fromkeys(candidates, float("inf"))
     # identity saved-tensor hooks: when the first forward that meets this shape runs under
