@@ -433,16 +433,10 @@ def cls_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     n = batches["input_ids"].shape[0]
     losses, seconds, tokens = [], [], []
     clock = step_clock(cfg)
-    # peftlab's Trainer, eager on a CPU, draws dropout masks from bulk random bits and picks
-    # the attention kernel per shape (fast_dropout, cpu_attention)
-    switched = contextlib.ExitStack()
-    if name == CANDIDATE:
-        from peftlab.runtime.cpu_attention import cpu_attention
-        from peftlab.runtime.fast_dropout import fast_dropout
+    # what peftlab's Trainer opens while it trains eager on a CPU
+    from peftlab.training.trainer import eager_cpu_kernels
 
-        switched.enter_context(fast_dropout(model))
-        switched.enter_context(cpu_attention(model))
-    with switched:
+    with eager_cpu_kernels(model, enabled=name == CANDIDATE):
         for t in range(cfg["steps"]):
             start = clock()
             batch = {k: v[t % n] for k, v in batches.items()}

@@ -73,11 +73,8 @@ def resolve_precision(precision: str) -> str:
 
 def prepare_precision(model: nn.Module, precision: str) -> None:
     """bf16: store frozen weights in bf16 (no fp32 copy); trainable weights stay fp32."""
-    if precision != "bf16":
-        return
-    for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point():
-            param.data = param.data.to(torch.bfloat16)
+    if precision == "bf16":
+        _store_bf16(model, frozen_only=True)
 
 
 def prepare_inference(model: nn.Module, precision: str) -> str:
@@ -93,10 +90,16 @@ def prepare_inference(model: nn.Module, precision: str) -> str:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     resolved = resolve_precision(precision)
     if resolved == "bf16":
-        for param in model.parameters():
-            if param.is_floating_point():
-                param.data = param.data.to(torch.bfloat16)
+        _store_bf16(model, frozen_only=False)
     return resolved
+
+
+def _store_bf16(model: nn.Module, frozen_only: bool) -> None:
+    """Floating parameters (only those without grad when ``frozen_only``) stored in bf16, in
+    place: modules keep their parameter objects, so tied weights stay tied."""
+    for param in model.parameters():
+        if param.is_floating_point() and not (frozen_only and param.requires_grad):
+            param.data = param.data.to(torch.bfloat16)
 
 
 def autocast_for(precision: str) -> contextlib.AbstractContextManager:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,17 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             legacy(gradient_checkpointing_kwargs=kwargs)
     except ValueError as err:  # e.g. an architecture without checkpointable blocks
         raise ConfigError(f"{where}: {err}; set it to false") from err
+
+
+@contextmanager
+def eager_cpu_kernels(model: nn.Module, enabled: bool = True,
+                      attention: str = "auto") -> Iterator[None]:
+    """What the loop opens while it trains eager on a CPU: dropout masks from bulk random bits
+    (:mod:`~peftlab.runtime.fast_dropout`) and, with ``train.attention: auto``, the attention
+    kernel timed fastest per shape (:mod:`~peftlab.runtime.cpu_attention`). Compiled blocks
+    need neither: inductor makes its own random numbers and fuses its own attention."""
+    with fast_dropout(model, enabled), cpu_attention(model, enabled and attention == "auto"):
+        yield
 
 
 def check_best_metric(best_metric: str, task: Task, val_examples: list[dict] | None) -> None:
@@ -181,12 +193,10 @@ class Trainer:
         window.loss_sum, window.steps = state["window"]
         stopped_by_hook = False
         # the bar is closed before any error line is printed; NEFTune's hook is removed
-        # eager on a CPU: dropout masks from bulk random bits, attention kernel per shape
-        # (compiled blocks generate their own random numbers and fuse their own attention)
         eager_cpu = world.device.type == "cpu" and not self.compiled
-        with neftune(self.model, cfg.neftune_alpha), fast_dropout(self.model, eager_cpu), \
-                cpu_attention(self.model, eager_cpu and cfg.attention == "auto"), compiled_blocks(self.model, self.compiled), \
-                bar:
+        with neftune(self.model, cfg.neftune_alpha), \
+                eager_cpu_kernels(self.model, eager_cpu, cfg.attention), \
+                compiled_blocks(self.model, self.compiled), bar:
             for group in self._step_groups(micro):
                 if step >= self.total_steps:
                     break
