@@ -8,7 +8,10 @@ search the same four hyper-parameters (the same base config, the same evaluation
   36 points, every trial to the end, visited in the grid sampler's seeded shuffled order;
 * `tpe_asha`: TPE over the continuous version (lr [1e-4, 1e-2] log, r [4, 16] int log,
   alpha [8, 32] log, dropout [0, 0.1]; 5 random start-up trials) with ASHA pruning (first
-  rung at the first evaluation, a third of the training; reduction factor 3).
+  rung at the first evaluation, a third of the training; reduction factor 3) and a pruning
+  margin of 1/sqrt(dev rows) -- two standard errors of a dev accuracy at its noisiest
+  (p = 0.5): a trial within it of the best value at a rung is a tie, not pruned
+  (`MarginPruner`; `--margin 0` for plain ASHA).
 
 Each (arm, seed) is a `peftlab sweep --space` in its own process with one torch thread; all
 of them start together (so every arm sees the same machine load) and get the same hard
@@ -52,14 +55,15 @@ RANGES = {"train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
           "method.dropout": {"low": 0.0, "high": 0.1}}
 
 
-def spaces(seed: int, eval_every: int, trials: int) -> dict[str, dict[str, Any]]:
+def spaces(seed: int, eval_every: int, trials: int,
+           margin: float) -> dict[str, dict[str, Any]]:
     """SPACE.yaml of each arm (the budget, --timeout, is added by the caller)."""
     return {
         "grid": {"params": GRID, "sampler": "grid", "pruner": "none", "seed": seed},
         "tpe_asha": {"params": RANGES, "sampler": {"name": "tpe", "startup_trials": 5},
                      "trials": trials, "seed": seed,
                      "pruner": {"name": "asha", "min_resource": eval_every,
-                                "reduction_factor": 3}},
+                                "reduction_factor": 3, "margin": margin}},
     }
 
 
@@ -163,7 +167,8 @@ def table(results: dict[str, Any]) -> str:
         f"every {meta['eval_every']} steps. Space: lr x r x alpha x dropout; grid = "
         f"{meta.get('grid_size', 36)} points in seeded shuffled order; TPE+ASHA over the "
         f"continuous ranges (5 random start-up trials), ASHA first rung at step "
-        f"{meta['eval_every']}, reduction factor 3. "
+        f"{meta['eval_every']}, reduction factor 3"
+        f"{_margin_text(meta.get('asha_margin'))}. "
         f"{len(seeds)} seed(s) x 2 arms = {2 * len(seeds)} processes at once, 1 torch thread "
         f"each, hard budget {meta['budget_s']:.0f} s (trials still running then do not "
         f"count). CPU: {meta['cpu']} ({meta['cores']} cores), {meta['note']}.",
@@ -195,6 +200,13 @@ def _s(x: float | None, missing: str = "-") -> str:
     return missing if x is None else f"{x:.0f}"
 
 
+def _margin_text(margin: float | None) -> str:
+    if not margin:
+        return ""
+    return (f", margin {100 * margin:.1f} points (a trial within it of the rung's best value "
+            "is not pruned)")
+
+
 def _n(x: float) -> str:
     return f"{x:g}"
 
@@ -206,7 +218,7 @@ def run_arms(work: Path, data: dict[str, str], seeds: list[int], args: argparse.
     procs = {}
     started = time.time()
     for seed in seeds:
-        for name, space in spaces(seed, args.eval_every, args.trials).items():
+        for name, space in spaces(seed, args.eval_every, args.trials, args.margin).items():
             run = f"{name}-s{seed}"
             cfg = base_config(data, str(work / run), args.eval_every, args.threads)
             cmd = [sys.executable, __file__, "--arm", name, "--config", json.dumps(cfg),
@@ -242,6 +254,8 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=500,
                    help="TPE arm's trial cap (the budget should be what stops it)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--margin", type=float, default=None,
+                   help="ASHA's pruning margin (accuracy units; default 1/sqrt(dev rows))")
     p.add_argument("--work", default="/tmp/peftlab-sweep-search")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--note", default="shared with other jobs")
@@ -257,6 +271,8 @@ def main() -> None:
     budget = args.budget or (120.0 if args.quick else 1920.0)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     steps = -(-n_train // 32)
+    if args.margin is None:
+        args.margin = round(1 / n_dev ** 0.5, 4)
     args.eval_every = args.eval_every or max(1, steps // 3)
     if not (SHARED / "sst2" / "train.tsv").is_file():
         sys.exit(f"sweep_search: {SHARED / 'sst2'} not found (the shared SST-2 data)")
@@ -277,7 +293,8 @@ def main() -> None:
                         "steps": steps, "eval_every": args.eval_every, "threads": args.threads,
                         "grid_size": len(GRID["train.lr"]) * len(GRID["method.r"])
                         * len(GRID["method.alpha"]) * len(GRID["method.dropout"]),
-                        "tpe_trial_cap": args.trials, "seeds": seeds,
+                        "tpe_trial_cap": args.trials, "asha_margin": args.margin,
+                        "seeds": seeds,
                         "cpu": cpu_name(), "cores": os.cpu_count(),
                         "note": f"{args.note}; load average {load:.1f} at the start, "
                                 f"{load_end[1]:.1f} over the last 5 min",

@@ -61,13 +61,14 @@ def test_summary_budget_time_to_reach_and_medians(bench):
 
 
 def test_arm_spaces_share_one_space_and_the_config_is_valid(bench, tmp_path):
-    spaces = bench.spaces(seed=1, eval_every=30, trials=100)
+    spaces = bench.spaces(seed=1, eval_every=30, trials=100, margin=0.034)
     grid, tpe = space_from_dict(spaces["grid"]), space_from_dict(spaces["tpe_asha"])
     assert grid.grid_size == 36 and grid.seed == tpe.seed == 1
     assert [p.key for p in grid.params] == [p.key for p in tpe.params]
     for g, t in zip(grid.params, tpe.params, strict=True):  # the grid is a lattice of the ranges
         assert (min(g.choices), max(g.choices)) == (t.low, t.high)
     assert tpe.pruner == "asha" and tpe.pruner_options["min_resource"] == 30
+    assert tpe.pruner_options["margin"] == 0.034
     assert tpe.sampler == "tpe" and tpe.sampler_options == {"startup_trials": 5}
     cfg = load_config(base=bench.base_config({"train": "t.jsonl", "validation": "v.jsonl"},
                                              str(tmp_path), 30, 1))

@@ -217,6 +217,38 @@ def test_asha_first_rung_is_the_first_evaluation():
     good.report(0.85, 30)  # in the top third of the six values at the first rung
     assert not good.should_prune()
 
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_margin_keeps_ties_with_the_leader(direction):
+    """ASHA alone stops a trial outside the top third; with ``margin`` it stops it only when
+    it trails the best value reported at that step by more than the margin."""
+    sign = 1.0 if direction == "maximize" else -1.0
+
+    def study_with(margin: float) -> optuna.Study:
+        pruner = {"name": "asha", "margin": margin} if margin else "asha"
+        space = space_from_dict({"params": {"train.lr": [1]}, "pruner": pruner})
+        study = optuna.create_study(direction=direction,
+                                    pruner=make_pruner(space, eval_every=30))
+        for value in (0.80, 0.84, 0.85, 0.86, 0.70, 0.60):  # six trials at the first rung
+            trial = study.ask()
+            trial.report(sign * value, 30)
+            trial.should_prune()
+            study.tell(trial, sign * value)
+        return study
+
+    for margin, pruned in ((0.0, {0.84: True, 0.83: True, 0.60: True}),
+                           (0.02, {0.84: False, 0.83: True, 0.60: True}),
+                           (0.2, {0.84: False, 0.83: False, 0.60: True})):
+        study = study_with(margin)
+        for value, expect in pruned.items():
+            trial = study.ask()
+            trial.report(sign * value, 30)
+            assert trial.should_prune() == expect, (margin, value)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    with pytest.raises(ConfigError, match="margin: got -0.1, expected a number >= 0"):
+        space_from_dict({"params": {"train.lr": [1]},
+                         "pruner": {"name": "median", "margin": -0.1}}, "space.yaml")
+
+
 def _cli_args(config: Path, space: Path) -> list[str]:
     return ["sweep", str(config), "--space", str(space), "--no-progress"]
 

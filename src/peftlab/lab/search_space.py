@@ -9,6 +9,7 @@ settings, which command-line flags override)::
       method: {choices: [{name: lora, r: 8}, {name: ia3}]}   # categorical, any YAML values
     sampler: tpe            # tpe | random | grid, or {name: tpe, startup_trials: 5}
     pruner: asha            # median | asha | none, or {name: asha, min_resource: 4, ...}
+                            # margin: 0.02 -- never prune within 0.02 of the step's best
     trials: 20
     timeout: 1800           # seconds
     workers: 1
@@ -35,8 +36,8 @@ from peftlab.errors import suggest
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "asha", "none")
-PRUNER_OPTIONS = {"median": ("startup_trials", "warmup_steps"),
-                  "asha": ("min_resource", "reduction_factor")}
+PRUNER_OPTIONS = {"median": ("startup_trials", "warmup_steps", "margin"),
+                  "asha": ("min_resource", "reduction_factor", "margin")}
 SAMPLER_OPTIONS = {"tpe": ("startup_trials",)}
 SETTINGS = ("params", "sampler", "pruner", "trials", "timeout", "workers", "seed")
 Scalar = str | int | float | bool | None
@@ -234,6 +235,11 @@ def _sampler(value: Any, where: str) -> tuple[str, dict[str, Any]]:
 def _pruner(value: Any, where: str) -> tuple[str, dict[str, Any]]:
     value, options = _named(value, where, "pruner", PRUNERS, PRUNER_OPTIONS)
     for key, v in options.items():
+        if key == "margin":
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+                raise ConfigError(f"{where}: pruner {value}: margin: got {v!r}, expected a "
+                                  "number >= 0 (metric units)")
+            continue
         ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
             key == "min_resource" and v == "auto")
         if not ok or (key == "reduction_factor" and v < 2):

@@ -21,6 +21,7 @@ after it). The report is ``peftlab.lab.sweep.write_report``'s, plus Optuna's imp
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -169,16 +170,54 @@ def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
 def make_pruner(space: SearchSpace, eval_every: int | None = None) -> optuna.pruners.BasePruner:
     """ASHA's first rung defaults to the first evaluation (``eval_every``): Optuna's "auto"
     (a hundredth of the longest finished trial) puts several rungs below the first evaluation,
-    so that one value must win them all at once -- a trial outside the top 1/3**k stops there."""
+    so that one value must win them all at once -- a trial outside the top 1/3**k stops there.
+    ``margin`` (median and ASHA): see :class:`MarginPruner`."""
     opts = space.pruner_options
+    pruner: optuna.pruners.BasePruner
     if space.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=opts.get("startup_trials", 2),
-                                           n_warmup_steps=opts.get("warmup_steps", 0))
-    if space.pruner == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=opts.get("startup_trials", 2),
+                                             n_warmup_steps=opts.get("warmup_steps", 0))
+    elif space.pruner == "asha":
+        pruner = optuna.pruners.SuccessiveHalvingPruner(
             min_resource=opts.get("min_resource", eval_every or "auto"),
             reduction_factor=opts.get("reduction_factor", 3))
-    return optuna.pruners.NopPruner()
+    else:
+        return optuna.pruners.NopPruner()
+    margin = float(opts.get("margin", 0.0))
+    return MarginPruner(pruner, margin) if margin > 0 else pruner
+
+
+class MarginPruner(optuna.pruners.BasePruner):
+    """Prune only what the wrapped pruner prunes *and* trails the best value any trial
+    reported at the same step by more than ``margin`` (metric units).
+
+    Why: the median rule and ASHA rank trials. Once a search has found the good region (what
+    TPE is for), its trials tie within the validation metric's noise -- one sentence of an
+    872-row dev set is 0.11 accuracy points, its standard error about 1.2 -- and ranking
+    still stops two of every three of them at a rung, on noise. With a margin of about two
+    standard errors, clearly bad trials still stop at the first rung while statistical ties
+    with the leader train to the end."""
+
+    def __init__(self, wrapped: optuna.pruners.BasePruner, margin: float):
+        self.wrapped, self.margin = wrapped, margin
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if not self.wrapped.prune(study, trial):
+            return False
+        step = trial.last_step
+        if step is None:
+            return True
+        value = trial.intermediate_values[step]
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        values = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False,
+                                                                          states=states)
+                  if step in t.intermediate_values]
+        values = [v for v in values + [value] if not math.isnan(v)]
+        if math.isnan(value) or not values:
+            return True
+        if study.direction == optuna.study.StudyDirection.MINIMIZE:
+            return value > min(values) + self.margin
+        return value < max(values) - self.margin
 
 
 def _trial_dir(out: Path, number: int, overrides: dict[str, str]) -> Path:
