@@ -17,8 +17,12 @@ Each cell runs in its own subprocess (peak RSS is its own). "Fits in 24 GB" is a
 a run to exhaustion: resident memory after the model is built (``model_mb``) plus the measured
 training growth per token (peak minus ``model_mb``, over 2,048 tokens) scaled to 24 GB.
 
+A cell whose worker dies (the kernel's out-of-memory killer, on a 24 GB machine) is recorded
+as such -- "does not fit" is a measurement too -- and the run goes on.
+
     python benchmarks/scaling.py --quick     # 135M and 360M, 2 timed steps
     python benchmarks/scaling.py             # + 1.7B
+    python benchmarks/scaling.py --sizes 1.7B --merge   # re-measure cells, keep the others
 """
 
 from __future__ import annotations
@@ -183,6 +187,23 @@ def fits_tokens(cell: dict[str, Any]) -> int | None:
     return int(TOKENS_PER_STEP * (BUDGET_MB - cell["model_mb"]) / growth)
 
 
+def failed_cell(cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    """The record of a worker that died: killed by signal 9 is the out-of-memory killer."""
+    rc = res["returncode"]
+    error = "killed: out of memory" if rc in (-9, 137) else f"failed (exit {rc})"
+    return {"name": cfg["name"], "size": cfg["size"], "seq_len": cfg["seq_len"],
+            "error": error, "log_tail": res["log_tail"][-2000:]}
+
+
+def merged(previous: Path, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells of an earlier result file that this run did not re-measure, then this run's."""
+    if not previous.is_file():
+        return cells
+    new = {(c["name"], c["size"], c["seq_len"]) for c in cells}
+    old = json.loads(previous.read_text())["cells"]
+    return [c for c in old if (c["name"], c["size"], c["seq_len"]) not in new] + cells
+
+
 def summarize(cells: list[dict[str, Any]], skip: int) -> list[dict[str, Any]]:
     rows = []
     keys = sorted({(c["size"], c["seq_len"]) for c in cells},
@@ -192,13 +213,16 @@ def summarize(cells: list[dict[str, Any]], skip: int) -> list[dict[str, Any]]:
         for c in cells:
             if (c["size"], c["seq_len"]) != (size, seq):
                 continue
+            if "error" in c:
+                row[c["name"]] = {"error": c["error"]}
+                continue
             timed = c["step_seconds"][skip:] or c["step_seconds"][-1:]
             row[c["name"]] = {"tokens_per_s": TOKENS_PER_STEP / statistics.median(timed),
                               "first_step_s": round(c["step_seconds"][0], 1),
                               "peak_rss_mb": c["peak_rss_mb"], "model_mb": c["model_mb"],
                               "fits_tokens_24gb": fits_tokens(c), "compiled": c["compiled"],
                               "precision": c["precision"], "final_loss": c["losses"][-1]}
-        if "peftlab" in row and "peer" in row:
+        if "tokens_per_s" in row.get("peftlab", {}) and "tokens_per_s" in row.get("peer", {}):
             row["ratio"] = row["peftlab"]["tokens_per_s"] / row["peer"]["tokens_per_s"]
             row["rss_ratio"] = row["peftlab"]["peak_rss_mb"] / row["peer"]["peak_rss_mb"]
         rows.append(row)
@@ -226,13 +250,15 @@ def markdown(result: dict[str, Any]) -> str:
     ]
 
     def gb(x: dict[str, Any] | None) -> str:
-        return "–" if x is None else f"{x['peak_rss_mb'] / 1024:.1f}"
+        return "–" if x is None or "error" in x else f"{x['peak_rss_mb'] / 1024:.1f}"
 
     def tps(x: dict[str, Any] | None) -> str:
+        if x is not None and "error" in x:
+            return x["error"]
         return "–" if x is None else f"{x['tokens_per_s']:.0f}"
 
     def fit(x: dict[str, Any] | None) -> str:
-        return "–" if x is None or x["fits_tokens_24gb"] is None else f"{x['fits_tokens_24gb']:,}"
+        return "–" if x is None or x.get("fits_tokens_24gb") is None else f"{x['fits_tokens_24gb']:,}"
 
     for row in result["rows"]:
         p, q, k = row.get("peftlab"), row.get("peer"), row.get("peftlab_ckpt")
@@ -240,8 +266,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['size']} | {row['seq_len']} x {row['batch']} | {tps(p)} | {tps(q)} | "
                      f"{ratio} | {gb(p)} | {gb(q)} | {tps(k)} | {gb(k)} | "
                      f"{fit(p)} / {fit(k)} / {fit(q)} |")
-    compiled = sorted({c["size"] for c in result["cells"] if c["compiled"]})
-    lines += ["", f"peftlab precision: {sorted({c['precision'] for c in result['cells'] if c['name'] != 'peer'})}; "
+    measured = [c for c in result["cells"] if "error" not in c]
+    compiled = sorted({c["size"] for c in measured if c["compiled"]})
+    lines += ["", f"peftlab precision: {sorted({c['precision'] for c in measured if c['name'] != 'peer'})}; "
               f"train.compile auto on for: {compiled or 'none'}. Peak RSS: the training "
               "peak (reset after the model is built, so the fp32 load transient is not "
               "counted; the JSON keeps the peak with loading). Tokens/step in 24 GB: resident "
@@ -259,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time steps by wall clock or by each worker's CPU time (--threads 1)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the cells of OUT/scaling.json this run does not re-measure")
     p.add_argument("--worker", choices=["worker"], help=argparse.SUPPRESS)  # set by tt.spawn
     p.add_argument("--worker-config", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
@@ -277,6 +306,12 @@ def main(argv: list[str] | None = None) -> None:
     machine = tt.machine_info()
     peaks = tt.best_matmul_gflops(3)
     cells: list[dict[str, Any]] = []
+    previous = args.out / "scaling.json"
+    if args.merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        if (old["steps"], old["clock"], old["threads"]) != (steps, args.clock, args.threads):
+            raise SystemExit(f"error: --merge: {previous} was measured with steps/clock/threads "
+                             f"{old['steps']}/{old['clock']}/{old['threads']}; give the same")
     with tempfile.TemporaryDirectory(prefix="peftlab-scaling-") as tmp_name:
         tmp = Path(tmp_name)
         for size in sizes:
@@ -290,7 +325,13 @@ def main(argv: list[str] | None = None) -> None:
                     cfg = {"name": name, "size": size, "seq_len": seq, "steps": steps,
                            "batches": str(path), "clock": args.clock}
                     res = tt.spawn("worker", cfg, tmp, f"{name}-{size}-{seq}", args.threads,
-                                   script=Path(__file__))
+                                   script=Path(__file__), check=False)
+                    if res.get("failed"):
+                        cells.append(failed_cell(cfg, res))
+                        write_results(args, machine, peaks, steps, sizes, cells, started)
+                        print(f"  {size:5s} seq {seq:5d} {name:13s} {cells[-1]['error']}",
+                              flush=True)
+                        continue
                     cells.append(res)
                     write_results(args, machine, peaks, steps, sizes, cells, started)
                     print(f"  {size:5s} seq {seq:5d} {name:13s} "
@@ -303,8 +344,13 @@ def main(argv: list[str] | None = None) -> None:
 def write_results(args, machine: dict[str, Any], peaks: dict[str, float], steps: int,
                   sizes: list[str], cells: list[dict[str, Any]], started: float,
                   final: bool = False) -> None:
-    """Write the JSON and table after every cell, so a stopped run keeps what it measured."""
+    """Write the JSON and table after every cell, so a stopped run keeps what it measured
+    (``--merge``: with the earlier file's cells this run did not re-measure)."""
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    previous = args.out / "scaling.json"
+    if args.merge:
+        cells = merged(previous, cells)
+        sizes = sorted({c["size"] for c in cells}, key=list(SHAPES).index)
     result = {"machine": machine, "cpu": machine["cpu"], "bf16_peak_gflops": peaks["bf16"],
               "fp32_peak_gflops": peaks["fp32"], "steps": steps, "skip": 1,
               "clock": args.clock, "threads": args.threads,

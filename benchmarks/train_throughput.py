@@ -531,9 +531,10 @@ WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def spawn(kind: str, cfg: dict[str, Any], tmp: Path, tag: str, threads: int | None = None,
-          script: Path | None = None) -> dict[str, Any]:
+          script: Path | None = None, check: bool = True) -> dict[str, Any]:
     """Run one worker (``script --worker kind``, default this file) in a fresh interpreter;
-    return its JSON result."""
+    return its JSON result. ``check=False``: a worker that failed (e.g. killed for memory)
+    gives ``{"failed": True, "returncode": ..., "log_tail": ...}`` instead of ending the run."""
     cfg = dict(cfg, out_dir=str(tmp / f"out-{tag}"), threads=threads, spawn_time=time.time())
     cfg_path, res_path, log_path = (tmp / f"{tag}.{ext}" for ext in ("cfg.json", "res.json", "log"))
     cfg_path.write_text(json.dumps(cfg))
@@ -547,6 +548,8 @@ def spawn(kind: str, cfg: dict[str, Any], tmp: Path, tag: str, threads: int | No
                               stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        if not check:
+            return {"failed": True, "returncode": proc.returncode, "log_tail": tail}
         raise SystemExit(f"error: worker {tag} failed (exit {proc.returncode}):\n{tail}")
     return json.loads(res_path.read_text())
 

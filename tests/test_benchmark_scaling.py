@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.bench_scripts import load_bench_script
@@ -49,3 +51,27 @@ def test_summary_and_table(bench):
     md = bench.markdown(result)
     assert "| 135M | 256 x 8 | 683 | 512 | 1.33x | 2.9 | 5.9 | 256 | 2.0 |" in md
     assert "test cpu" in md and "870" in md and "['135M']" in md
+
+
+def test_a_killed_cell_is_a_result_and_merge_keeps_the_rest(bench, tmp_path):
+    """The out-of-memory killer's SIGKILL is recorded as "does not fit", not a crash; a
+    --merge run replaces only the cells it measured again."""
+    cfg = {"name": "peer", "size": "1.7B", "seq_len": 2048}
+    dead = bench.failed_cell(cfg, {"returncode": -9, "log_tail": "..."})
+    assert dead["error"] == "killed: out of memory"
+    assert bench.failed_cell(cfg, {"returncode": 1, "log_tail": ""})["error"] == "failed (exit 1)"
+    ours = _cell("peftlab", "1.7B", 2048, [9.0, 2.0], 6000, 4000)
+    (row,) = bench.summarize([ours, dead], skip=1)
+    assert row["peer"] == {"error": "killed: out of memory"} and "ratio" not in row
+    result = {"machine": {"cpu": "c", "cores": 2, "torch": "x", "loadavg_start": [0.5],
+                          "loadavg_end": [0.7]},
+              "fp32_peak_gflops": 1.0, "bf16_peak_gflops": 1.0, "steps": 2, "skip": 1,
+              "rows": [row], "cells": [ours, dead]}
+    assert "| 1.7B | 2048 x 1 | 1024 | killed: out of memory | – | 5.9 | – |" in \
+        bench.markdown(result)
+    old = [_cell("peftlab", "135M", 256, [1.0, 1.0], 3000, 1000),
+           _cell("peftlab", "1.7B", 2048, [50.0, 50.0], 9000, 8000)]
+    previous = tmp_path / "scaling.json"
+    previous.write_text(json.dumps({"cells": old}))
+    assert bench.merged(previous, [ours, dead]) == [old[0], ours, dead]
+    assert bench.merged(tmp_path / "missing.json", [ours]) == [ours]
