@@ -195,12 +195,9 @@ def failed_cell(cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
             "error": error, "log_tail": res["log_tail"][-2000:]}
 
 
-def merged(previous: Path, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The cells of an earlier result file that this run did not re-measure, then this run's."""
-    if not previous.is_file():
-        return cells
+def merged(old: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells of an earlier result that this run did not re-measure, then this run's."""
     new = {(c["name"], c["size"], c["seq_len"]) for c in cells}
-    old = json.loads(previous.read_text())["cells"]
     return [c for c in old if (c["name"], c["size"], c["seq_len"]) not in new] + cells
 
 
@@ -273,6 +270,13 @@ def markdown(result: dict[str, Any]) -> str:
               "peak (reset after the model is built, so the fp32 load transient is not "
               "counted; the JSON keeps the peak with loading). Tokens/step in 24 GB: resident "
               "model memory + measured growth per token, extrapolated (not run)."]
+    earlier = result.get("earlier")
+    if earlier and earlier["cells"]:
+        old = ", ".join(f"{n} {s} x {q}" for n, s, q in earlier["cells"])
+        lines += ["", f"Merged run: the cells {old} come from an earlier run on "
+                  f"{earlier['machine']['cpu']} (matmul peaks fp32 "
+                  f"{earlier['fp32_peak_gflops']:.0f}, bf16 {earlier['bf16_peak_gflops']:.0f} "
+                  "GFLOP/s); the others from this one (peaks above)."]
     return "\n".join(lines)
 
 
@@ -307,8 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     peaks = tt.best_matmul_gflops(3)
     cells: list[dict[str, Any]] = []
     previous = args.out / "scaling.json"
-    if args.merge and previous.is_file():
-        old = json.loads(previous.read_text())
+    args.previous = json.loads(previous.read_text()) if args.merge and previous.is_file() else None
+    if args.previous:
+        old = args.previous
         if (old["steps"], old["clock"], old["threads"]) != (steps, args.clock, args.threads):
             raise SystemExit(f"error: --merge: {previous} was measured with steps/clock/threads "
                              f"{old['steps']}/{old['clock']}/{old['threads']}; give the same")
@@ -347,16 +352,22 @@ def write_results(args, machine: dict[str, Any], peaks: dict[str, float], steps:
     """Write the JSON and table after every cell, so a stopped run keeps what it measured
     (``--merge``: with the earlier file's cells this run did not re-measure)."""
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    previous = args.out / "scaling.json"
-    if args.merge:
-        cells = merged(previous, cells)
+    earlier, n_new = None, len(cells)
+    if getattr(args, "previous", None):
+        old = args.previous
+        cells = merged(old["cells"], cells)
+        kept = cells[:len(cells) - n_new]
         sizes = sorted({c["size"] for c in cells}, key=list(SHAPES).index)
+        earlier = {"machine": old["machine"], "bf16_peak_gflops": old["bf16_peak_gflops"],
+                   "fp32_peak_gflops": old["fp32_peak_gflops"],
+                   "cells": [[c["name"], c["size"], c["seq_len"]] for c in kept]}
     result = {"machine": machine, "cpu": machine["cpu"], "bf16_peak_gflops": peaks["bf16"],
               "fp32_peak_gflops": peaks["fp32"], "steps": steps, "skip": 1,
               "clock": args.clock, "threads": args.threads,
               "tokens_per_step": TOKENS_PER_STEP, "params": {s: n_params(s) for s in sizes},
               "cells": cells, "rows": summarize(cells, 1),
-              "seconds": round(time.perf_counter() - started), "complete": final}
+              "seconds": round(time.perf_counter() - started), "complete": final,
+              "earlier": earlier}
     report = markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")

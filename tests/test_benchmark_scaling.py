@@ -53,7 +53,7 @@ def test_summary_and_table(bench):
     assert "test cpu" in md and "870" in md and "['135M']" in md
 
 
-def test_a_killed_cell_is_a_result_and_merge_keeps_the_rest(bench, tmp_path):
+def test_a_killed_cell_is_a_result_and_merge_keeps_the_rest(bench):
     """The out-of-memory killer's SIGKILL is recorded as "does not fit", not a crash; a
     --merge run replaces only the cells it measured again."""
     cfg = {"name": "peer", "size": "1.7B", "seq_len": 2048}
@@ -71,7 +71,27 @@ def test_a_killed_cell_is_a_result_and_merge_keeps_the_rest(bench, tmp_path):
         bench.markdown(result)
     old = [_cell("peftlab", "135M", 256, [1.0, 1.0], 3000, 1000),
            _cell("peftlab", "1.7B", 2048, [50.0, 50.0], 9000, 8000)]
-    previous = tmp_path / "scaling.json"
-    previous.write_text(json.dumps({"cells": old}))
-    assert bench.merged(previous, [ours, dead]) == [old[0], ours, dead]
-    assert bench.merged(tmp_path / "missing.json", [ours]) == [ours]
+    assert bench.merged(old, [ours, dead]) == [old[0], ours, dead]
+
+
+def test_merge_run_keeps_the_cells_it_did_not_measure(bench, tmp_path, monkeypatch):
+    """write_results with --merge: the earlier file's other cells stay, and the table says
+    which machine measured them."""
+    machine = {"cpu": "old cpu", "cores": 2, "torch": "x", "loadavg_start": [0.1],
+               "loadavg_end": [0.1]}
+    old = {"machine": machine, "bf16_peak_gflops": 571.0, "fp32_peak_gflops": 137.0,
+           "steps": 3, "clock": "cpu", "threads": 1,
+           "cells": [_cell("peftlab", "135M", 256, [1.0, 1.0], 3000, 1000),
+                     _cell("peftlab", "1.7B", 2048, [50.0, 50.0], 9000, 8000)]}
+    monkeypatch.setattr(bench, "n_params", lambda size: 1)
+    args = type("Args", (), {"out": tmp_path, "clock": "cpu", "threads": 1,
+                             "previous": old})()
+    new = _cell("peftlab", "1.7B", 2048, [9.0, 2.0], 6000, 4000)
+    bench.write_results(args, dict(machine, cpu="new cpu"), {"bf16": 400.0, "fp32": 150.0}, 3,
+                        ["1.7B"], [new], 0.0)
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    assert result["cells"] == [old["cells"][0], new]
+    assert result["earlier"]["cells"] == [["peftlab", "135M", 256]]
+    md = (tmp_path / "scaling.md").read_text()
+    assert "the cells peftlab 135M x 256 come from an earlier run on old cpu" in md
+    assert "bf16 571 GFLOP/s" in md and "new cpu" in md
