@@ -85,6 +85,8 @@ def test_space_parsing_and_errors(tmp_path):
             "startup_trials: got -1"),
            ({"params": {"train.lr": [1]}, "pruner": "hyperband"}, "pruner: 'hyperband'"),
            ({"params": {"train.lr": [1]}, "pruner": {"name": "asha", "eta": 3}}, "'eta'"),
+           ({"params": {"train.lr": [1]}, "pruner": {"name": "asha", "margn": 0.1}},
+            "'margn'.*did you mean 'margin'"),
            ({"params": {"train.lr": [1]}, "trials": 0}, "trials: expected a positive"),
            ({"params": {"train.lr": [1]}, "trails": 3}, "'trails'.*did you mean 'trials'")]
     for raw, msg in bad:

@@ -218,7 +218,8 @@ def _named(value: Any, where: str, kind: str, names: Any,
     allowed = allowed_options.get(value, ())
     for key in options:
         if key not in allowed:
-            raise ConfigError(f"{where}: {kind} {value}: unknown option {key!r}; expected: "
+            raise ConfigError(f"{where}: {kind} {value}: unknown option {key!r}"
+                              f"{suggest(str(key), allowed)}; expected: "
                               f"{', '.join(allowed) or 'none'}")
     return value, options
 
