@@ -63,8 +63,13 @@ def _config(model_dir: Path, data: dict[str, Path], out: Path) -> dict:
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
         "data": {"train": str(data["train"]), "validation": str(data["validation"]),
                  "max_rows": 48},
+        # attention: sdpa -- the runs compared here are separate processes, and the eager
+        # CPU kernel choice (attention: auto) is timed per process: under load two processes
+        # may pick different kernels, whose rounding differs by more than atol=1e-6 after a
+        # few steps. (A resume keeps its first part's kernels: test_train.py.)
         "train": {"max_steps": MAX_STEPS, "batch_size": 4, "lr": 3e-3, "precision": "fp32",
-                  "save_every": 1, "eval_every": 4, "log_every": 1, "num_threads": 1},
+                  "save_every": 1, "eval_every": 4, "log_every": 1, "num_threads": 1,
+                  "attention": "sdpa"},
         "output_dir": str(out),
     }
 

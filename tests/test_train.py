@@ -508,3 +508,30 @@ def test_compiled_blocks_train_like_eager(tiny_chat_model_dir, demo_data_dir, tm
     with pytest.raises(peftlab.ConfigError, match="pick one"):
         peftlab.train(_cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "both", max_steps=1,
                            compile=True, activation_checkpointing=True), progress=False)
+
+
+def test_resume_takes_the_attention_kernels_of_the_first_part(tiny_chat_model_dir,
+                                                              demo_data_dir, tmp_path,
+                                                              monkeypatch):
+    """The eager CPU attention kernel is timed per process; a timing in the resumed process
+    (under other load) could pick the other kernel and change the rounding. The checkpoint
+    records the choices and the resume uses them instead of timing again."""
+    from peftlab.runtime import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "_CHOICES", {})
+    cfg = _cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "a", max_steps=2, save_every=1,
+               batch_size=4)
+    peftlab.train(cfg, progress=False)
+    saved = ckpt.latest_checkpoint(tmp_path / "a" / "checkpoints") / ckpt.STATE_FILE
+    kernels = json.loads(saved.read_text())["attention_kernels"]
+    assert kernels == cpu_attention.choices_state() and len(kernels) >= 1
+    flipped = [[*k[:5], not k[5]] for k in kernels]  # what the first part "measured"
+    state = json.loads(saved.read_text())
+    saved.write_text(json.dumps(dict(state, attention_kernels=flipped)))
+    monkeypatch.setattr(cpu_attention, "_CHOICES", {})
+    monkeypatch.setattr(cpu_attention, "_time_grouped_vs_sdpa",
+                        lambda *a: pytest.fail("a resumed run must not time again"))
+    shutil.rmtree(tmp_path / "a" / "adapter")
+    peftlab.train(dict(cfg, train=dict(cfg["train"], max_steps=3)), resume=True,
+                  progress=False)
+    assert cpu_attention.choices_state()[:len(flipped)] == flipped

@@ -152,6 +152,19 @@ def _time_grouped_vs_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: in
     return best["grouped"] < 0.9 * best["sdpa"]  # clearly faster, or keep torch's kernel
 
 
+def choices_state() -> list[list]:
+    """The choices so far as JSON, for a checkpoint: a resumed run must use the kernels its
+    first part used (the two differ in rounding, and a timing under other load may differ)."""
+    return [[str(dtype).removeprefix("torch."), heads, kv_heads, dim, length, grouped]
+            for (dtype, heads, kv_heads, dim, length), grouped in _CHOICES.items()]
+
+
+def restore_choices(state: list[list]) -> None:
+    """Take the choices of :func:`choices_state` (a checkpoint's) instead of timing them."""
+    for dtype, heads, kv_heads, dim, length, grouped in state:
+        _CHOICES[(getattr(torch, dtype), heads, kv_heads, dim, length)] = bool(grouped)
+
+
 def measured_choices() -> dict[str, str]:
     """What was chosen so far, for reports: ``"bf16 h9/3 d64 len256" -> "grouped"``."""
     out = {}

@@ -23,7 +23,7 @@ from peftlab.data.collate import length_grouped_batches
 from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.runtime import checkpoint as ckpt
 from peftlab.runtime import sharded_checkpoint as sharded_ckpt
-from peftlab.runtime.cpu_attention import cpu_attention
+from peftlab.runtime.cpu_attention import choices_state, cpu_attention, restore_choices
 from peftlab.runtime.device import to_device
 from peftlab.runtime.distributed import World
 from peftlab.runtime.fast_dropout import fast_dropout
@@ -174,6 +174,7 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_dir}")
             loaded = self._load(Path(path), self.optimizer)
             state.update({k: loaded[k] for k in state if k in loaded})
+            restore_choices(loaded.get("attention_kernels", []))  # the first part's kernels
             self.metrics.trim(state["step"])
             if world.main:
                 print(f"resumed from {path} at step {state['step']}")
@@ -349,12 +350,14 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     def _save(self, path: Path, state: dict[str, Any]) -> None:
+        state = dict(state, attention_kernels=choices_state())
         if self.fsdp:  # every rank writes its shards (also in one process: any size resumes)
             sharded_ckpt.save_sharded(path, self.model, self.optimizer, state, self.world)
         elif self.world.main:  # every rank holds the same weights and optimizer state
             ckpt.save_checkpoint(path, self.model, self.optimizer, state)
 
     def _save_step(self, state: dict[str, Any]) -> None:
+        state = dict(state, attention_kernels=choices_state())
         if self.fsdp:
             sharded_ckpt.save_step_sharded(self.ckpt_dir, state["step"], self.model,
                                            self.optimizer, state, self.world)
