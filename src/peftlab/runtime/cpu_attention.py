@@ -168,11 +168,9 @@ def restore_choices(state: list[list]) -> None:
 def measured_choices() -> dict[str, str]:
     """What was chosen so far, for reports: ``"bf16 h9/3 d64 len256" -> "grouped"``."""
     out = {}
-    for (dtype, heads, kv_heads, dim, length), grouped in _CHOICES.items():
-        name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace(
-            "float32", "fp32")
-        key = f"{name} h{heads}/{kv_heads} d{dim} len{length}"
-        out[key] = "grouped" if grouped else "sdpa"
+    for dtype, heads, kv_heads, dim, length, grouped in choices_state():
+        name = dtype.replace("bfloat16", "bf16").replace("float32", "fp32")
+        out[f"{name} h{heads}/{kv_heads} d{dim} len{length}"] = "grouped" if grouped else "sdpa"
     return out
 
 
