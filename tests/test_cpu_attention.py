@@ -233,3 +233,13 @@ def test_activation_checkpointing_meets_a_new_shape_inside_the_checkpoint(monkey
     assert len(measured_choices()) == 1
     for p, g in zip(model.parameters(), expected, strict=True):
         assert_close(p.grad, g)
+
+
+def test_restore_choices_skips_what_does_not_read(monkeypatch):
+    monkeypatch.setattr(attention_module, "_CHOICES", {})
+    attention_module.restore_choices([["bfloat16", 9, 3, 64, 256, True], ["nonsense", 1],
+                                      ["no_dtype", 1, 1, 1, 1, True], "x",
+                                      ["Tensor", 1, 1, 1, 1, True]])
+    assert attention_module.choices_state() == [["bfloat16", 9, 3, 64, 256, True]]
+    attention_module.restore_choices({"not": "a list"})
+    assert len(attention_module.choices_state()) == 1

@@ -160,9 +160,16 @@ def choices_state() -> list[list]:
 
 
 def restore_choices(state: list[list]) -> None:
-    """Take the choices of :func:`choices_state` (a checkpoint's) instead of timing them."""
-    for dtype, heads, kv_heads, dim, length, grouped in state:
-        _CHOICES[(getattr(torch, dtype), heads, kv_heads, dim, length)] = bool(grouped)
+    """Take the choices of :func:`choices_state` (a checkpoint's) instead of timing them.
+    An entry that does not read (a hand-edited state) is skipped: that shape is timed again."""
+    for entry in state if isinstance(state, list) else []:
+        try:
+            dtype, heads, kv_heads, dim, length, grouped = entry
+            key = (getattr(torch, str(dtype)), int(heads), int(kv_heads), int(dim), int(length))
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if isinstance(key[0], torch.dtype):
+            _CHOICES[key] = bool(grouped)
 
 
 def measured_choices() -> dict[str, str]:
