@@ -305,11 +305,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: --clock cpu needs --threads 1")
     if any(TOKENS_PER_STEP % s for s in args.seq_lens):
         raise SystemExit(f"error: --seq-lens must divide {TOKENS_PER_STEP}")
-    tt._quiet()
-    started = time.perf_counter()
-    machine = tt.machine_info()
-    peaks = tt.best_matmul_gflops(3)
-    cells: list[dict[str, Any]] = []
     previous = args.out / "scaling.json"
     args.previous = json.loads(previous.read_text()) if args.merge and previous.is_file() else None
     if args.previous:
@@ -317,6 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         if (old["steps"], old["clock"], old["threads"]) != (steps, args.clock, args.threads):
             raise SystemExit(f"error: --merge: {previous} was measured with steps/clock/threads "
                              f"{old['steps']}/{old['clock']}/{old['threads']}; give the same")
+    tt._quiet()
+    started = time.perf_counter()
+    machine = tt.machine_info()
+    peaks = tt.best_matmul_gflops(3)
+    cells: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="peftlab-scaling-") as tmp_name:
         tmp = Path(tmp_name)
         for size in sizes:
