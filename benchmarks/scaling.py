@@ -23,6 +23,10 @@ as such -- "does not fit" is a measurement too -- and the run goes on.
     python benchmarks/scaling.py --quick     # 135M and 360M, 2 timed steps
     python benchmarks/scaling.py             # + 1.7B
     python benchmarks/scaling.py --sizes 1.7B --merge   # re-measure cells, keep the others
+
+A merge labels every kept cell with the earlier file's machine; a file that was itself merged
+holds cells of two machines, so merging into it again mislabels the older ones (the machine
+is recorded per file, not per cell, yet).
 """
 
 from __future__ import annotations
