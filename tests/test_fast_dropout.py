@@ -16,6 +16,7 @@ from peftlab.runtime.fast_dropout import (
     fast_dropout,
     keep_mask,
     kept_fraction,
+    random_words,
 )
 
 
@@ -34,6 +35,24 @@ def test_keep_mask_is_bernoulli_and_seeded(p):
     assert torch.equal(keep_mask((300, 1000), p), mask)
     assert abs(kept_fraction(p) - (1 - p)) <= 1 / 65536
     assert keep_mask((7,), 0.0).all()  # odd sizes; p = 0 keeps all
+
+
+def _splitmix64(counter: int, seed: int) -> int:
+    """SplitMix64's output function in Python's unbounded integers, masked to 64 bits."""
+    z = (counter * 0x9E3779B97F4A7C15 + seed) % 2 ** 64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2 ** 64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2 ** 64
+    return z ^ (z >> 31)
+
+
+def test_random_words_are_splitmix64_of_a_seed_from_torchs_generator():
+    torch.manual_seed(3)
+    seed = int(torch.randint(-(2 ** 63), 2 ** 63 - 1, (1,))) % 2 ** 64
+    torch.manual_seed(3)
+    words = random_words(257)
+    assert words.dtype == torch.int64
+    assert [int(w) % 2 ** 64 for w in words] == [_splitmix64(i, seed) for i in range(257)]
+    assert not torch.equal(random_words(257), words)  # the generator moved on
 
 
 def test_dropout_forward_and_backward_match_the_same_mask():
