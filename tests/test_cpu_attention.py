@@ -88,6 +88,23 @@ def test_grouped_attention_matches_sdpa_outputs_and_gradients(case):
         assert_close(a.grad, b.grad)
 
 
+def test_a_query_with_no_key_to_attend_gets_zeros_as_from_sdpa():
+    # the plain softmax would give NaN for that row; the safe one (used only then) zeros
+    module, q, k, v, attention_mask, _, _ = _case("bool")
+    attention_mask = attention_mask.clone()
+    attention_mask[0, :, 2, :] = False  # the first row's third query sees no key
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ours = grouped_attention(*leaves, attention_mask)
+    ours.pow(2).sum().backward()
+    theirs_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    theirs, _ = sdpa_attention_forward(module, *theirs_leaves, attention_mask)
+    theirs.pow(2).sum().backward()
+    assert torch.equal(ours[0, 2], torch.zeros_like(ours[0, 2]))
+    assert_close(ours, theirs)
+    for a, b in zip(leaves, theirs_leaves, strict=True):
+        assert_close(a.grad, b.grad)
+
+
 def test_grouped_attention_in_bf16_stays_close_to_fp32():
     module, q, k, v, _, _, _ = _case("gqa", b=2, h=6, s=64, d=16)
     exact = grouped_attention(q, k, v, causal=True)

@@ -59,22 +59,27 @@ def grouped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | 
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     scale = dim ** -0.5 if scale is None else scale
-    scores = torch.matmul(query.reshape(batch, kv_heads, groups * q_len, dim),
+    # Out of place from here on: an in-place op on the view of the matmul's output makes
+    # autograd clone and copy back the whole S x S scores in backward (CopySlices), twice per
+    # layer. The scale goes on the queries (D wide, not L).
+    scores = torch.matmul((query * scale).reshape(batch, kv_heads, groups * q_len, dim),
                           key.transpose(-1, -2))
-    scores = scores.view(batch, kv_heads, groups, q_len, kv_len).mul_(scale)
+    scores = scores.view(batch, kv_heads, groups, q_len, kv_len)
     softmax = torch.softmax
     if mask is not None:
         mask = _grouped_mask(mask, kv_heads, groups)[..., :kv_len]
         if mask.dtype == torch.bool:
-            # a query with no key to attend (left padding) gets zeros, as from SDPA
-            scores = scores.masked_fill_(~mask, float("-inf"))
-            softmax = _safe_softmax
+            scores = scores.masked_fill(~mask, float("-inf"))
+            if not bool(mask.any(-1).all()):
+                # a query with no key to attend (left padding) gets zeros, as from SDPA;
+                # only then: the safe softmax took 3x the plain one on MiniLM's scores
+                softmax = _safe_softmax
         else:
-            scores = scores.add_(mask.to(scores.dtype))
+            scores = scores + mask.to(scores.dtype)
     elif causal and q_len > 1:
         future = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(
             kv_len - q_len + 1)
-        scores = scores.masked_fill_(future, float("-inf"))
+        scores = scores.masked_fill(future, float("-inf"))
     with torch.autocast(query.device.type, enabled=False):
         probs = softmax(scores.to(value.dtype), dim=-1)
     probs = apply_dropout(probs, dropout)
