@@ -76,3 +76,21 @@ def test_arm_spaces_share_one_space_and_the_config_is_valid(bench, tmp_path):
     for p in grid.params:
         for v in p.choices:
             load_config(overrides=[f"{p.key}={v}"], base=cfg.to_dict())
+
+
+def test_the_simulated_race_keeps_the_budget_and_prunes_only_with_a_pruner():
+    sim = load_bench_script("sweep_search_sim.py", "sweep_search_sim")
+    values = [0.80, 0.84, 0.85]
+    assert [sim._at(values, s) for s in (0, 15, 30, 60, 90)] == [
+        sim.CHANCE, pytest.approx((sim.CHANCE + 0.80) / 2), 0.80, 0.84, 0.85]
+    assert sim.reach([(100.0, 0.8), (300.0, 0.85)], 0.85) == 300.0
+    assert sim.reach([(100.0, 0.8)], 0.85) == float("inf")
+    grid, tpe = sim.run_arm("grid", 0), sim.run_arm("tpe", 0)
+    for arm in (grid, tpe):
+        times = [t for t, _ in arm["curve"]]
+        best = [v for _, v in arm["curve"]]
+        assert times == sorted(times) and times[-1] <= sim.BUDGET_S
+        assert best == sorted(best)  # a best-so-far curve
+    # a full trial costs 18 + 3 x 44 = 150 s: 12 fit in 1,920 s, and the grid prunes none
+    assert grid["finished"] == 12 and grid["pruned"] == 0
+    assert tpe["pruned"] > 0
