@@ -24,9 +24,8 @@ as such -- "does not fit" is a measurement too -- and the run goes on.
     python benchmarks/scaling.py             # + 1.7B
     python benchmarks/scaling.py --sizes 1.7B --merge   # re-measure cells, keep the others
 
-A merge labels every kept cell with the earlier file's machine; a file that was itself merged
-holds cells of two machines, so merging into it again mislabels the older ones (the machine
-is recorded per file, not per cell, yet).
+Every cell records the machine state that measured it (``measured_on``: CPU and both matmul
+peaks), so a merged file -- merged again and again -- still says which run measured which cell.
 """
 
 from __future__ import annotations
@@ -205,6 +204,27 @@ def merged(old: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[
     return [c for c in old if (c["name"], c["size"], c["seq_len"]) not in new] + cells
 
 
+def measured_on(machine: dict[str, Any], bf16: float, fp32: float) -> dict[str, Any]:
+    """The machine state a cell was measured in: what its tokens/s may be compared with."""
+    return {"cpu": machine["cpu"], "bf16_peak_gflops": round(bf16, 1),
+            "fp32_peak_gflops": round(fp32, 1)}
+
+
+def earlier_runs(cells: list[dict[str, Any]], here: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cells some other run measured, grouped by that run's machine state."""
+    groups: list[dict[str, Any]] = []
+    for c in cells:
+        state = c.get("measured_on", here)
+        if state == here:
+            continue
+        group = next((g for g in groups if g["measured_on"] == state), None)
+        if group is None:
+            group = {"measured_on": state, "cells": []}
+            groups.append(group)
+        group["cells"].append([c["name"], c["size"], c["seq_len"]])
+    return groups
+
+
 def summarize(cells: list[dict[str, Any]], skip: int) -> list[dict[str, Any]]:
     rows = []
     keys = sorted({(c["size"], c["seq_len"]) for c in cells},
@@ -274,13 +294,15 @@ def markdown(result: dict[str, Any]) -> str:
               "peak (reset after the model is built, so the fp32 load transient is not "
               "counted; the JSON keeps the peak with loading). Tokens/step in 24 GB: resident "
               "model memory + measured growth per token, extrapolated (not run)."]
-    earlier = result.get("earlier")
-    if earlier and earlier["cells"]:
-        old = ", ".join(f"{n} {s} x {q}" for n, s, q in earlier["cells"])
+    for group in result.get("earlier") or []:
+        old = ", ".join(f"{n} {s} x {q}" for n, s, q in group["cells"])
+        state = group["measured_on"]
         lines += ["", f"Merged run: the cells {old} come from an earlier run on "
-                  f"{earlier['machine']['cpu']} (matmul peaks fp32 "
-                  f"{earlier['fp32_peak_gflops']:.0f}, bf16 {earlier['bf16_peak_gflops']:.0f} "
-                  "GFLOP/s); the others from this one (peaks above)."]
+                  f"{state['cpu']} (matmul peaks fp32 {state['fp32_peak_gflops']:.0f}, bf16 "
+                  f"{state['bf16_peak_gflops']:.0f} GFLOP/s); compare their tokens/s only "
+                  "with cells of the same run."]
+    if result.get("earlier"):
+        lines += ["", "The other cells come from this run (peaks above)."]
     return "\n".join(lines)
 
 
@@ -356,22 +378,23 @@ def write_results(args, machine: dict[str, Any], peaks: dict[str, float], steps:
     """Write the JSON and table after every cell, so a stopped run keeps what it measured
     (``--merge``: with the earlier file's cells this run did not re-measure)."""
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    earlier, n_new = None, len(cells)
+    here = measured_on(machine, peaks["bf16"], peaks["fp32"])
+    for cell in cells:
+        cell.setdefault("measured_on", here)
     if getattr(args, "previous", None):
         old = args.previous
-        cells = merged(old["cells"], cells)
-        kept = cells[:len(cells) - n_new]
+        before = measured_on(old["machine"], old["bf16_peak_gflops"], old["fp32_peak_gflops"])
+        # cells of a file written before cells were stamped: its own machine measured them
+        cells = merged([{"measured_on": before, **c} for c in old["cells"]], cells)
         sizes = sorted({c["size"] for c in cells}, key=list(SHAPES).index)
-        earlier = {"machine": old["machine"], "bf16_peak_gflops": old["bf16_peak_gflops"],
-                   "fp32_peak_gflops": old["fp32_peak_gflops"],
-                   "cells": [[c["name"], c["size"], c["seq_len"]] for c in kept]}
+    earlier = earlier_runs(cells, here)
     result = {"machine": machine, "cpu": machine["cpu"], "bf16_peak_gflops": peaks["bf16"],
               "fp32_peak_gflops": peaks["fp32"], "steps": steps, "skip": 1,
               "clock": args.clock, "threads": args.threads,
               "tokens_per_step": TOKENS_PER_STEP, "params": {s: n_params(s) for s in sizes},
               "cells": cells, "rows": summarize(cells, 1),
               "seconds": round(time.perf_counter() - started), "complete": final,
-              "earlier": earlier}
+              "earlier": earlier or None}
     report = markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")

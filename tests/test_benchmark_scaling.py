@@ -90,8 +90,25 @@ def test_merge_run_keeps_the_cells_it_did_not_measure(bench, tmp_path, monkeypat
     bench.write_results(args, dict(machine, cpu="new cpu"), {"bf16": 400.0, "fp32": 150.0}, 3,
                         ["1.7B"], [new], 0.0)
     result = json.loads((tmp_path / "scaling.json").read_text())
-    assert result["cells"] == [old["cells"][0], new]
-    assert result["earlier"]["cells"] == [["peftlab", "135M", 256]]
+    first_run = {"cpu": "old cpu", "bf16_peak_gflops": 571.0, "fp32_peak_gflops": 137.0}
+    second_run = {"cpu": "new cpu", "bf16_peak_gflops": 400.0, "fp32_peak_gflops": 150.0}
+    assert result["cells"] == [dict(old["cells"][0], measured_on=first_run),
+                               dict(new, measured_on=second_run)]
+    assert result["earlier"] == [{"measured_on": first_run, "cells": [["peftlab", "135M", 256]]}]
     md = (tmp_path / "scaling.md").read_text()
     assert "the cells peftlab 135M x 256 come from an earlier run on old cpu" in md
     assert "bf16 571 GFLOP/s" in md and "new cpu" in md
+
+    # merging into the merged file again: each kept cell keeps the machine that measured it
+    args.previous = result
+    third = _cell("peer", "135M", 256, [2.0, 2.0], 5000, 1000)
+    bench.write_results(args, dict(machine, cpu="third cpu"), {"bf16": 300.0, "fp32": 90.0}, 3,
+                        ["135M"], [third], 0.0)
+    again = json.loads((tmp_path / "scaling.json").read_text())
+    assert [c["measured_on"]["cpu"] for c in again["cells"]] == ["old cpu", "new cpu",
+                                                                 "third cpu"]
+    assert again["earlier"] == [
+        {"measured_on": first_run, "cells": [["peftlab", "135M", 256]]},
+        {"measured_on": second_run, "cells": [["peftlab", "1.7B", 2048]]}]
+    md = (tmp_path / "scaling.md").read_text()
+    assert "peftlab 1.7B x 2048 come from an earlier run on new cpu" in md
