@@ -407,9 +407,11 @@ def cls_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batches]
     if name == CANDIDATE:
         from peftlab.methods.lora import load_lora
+        from peftlab.runtime.heap import keep_freed_memory
         from peftlab.runtime.precision import autocast_for, prepare_precision, resolve_precision
         from peftlab.tasks.classification.task import ClassificationTask
 
+        keep_freed_memory()  # as the Trainer does when it trains on a CPU
         precision = resolve_precision(cfg.get("precision", "auto"))
         load_lora(model, cfg["adapter"])
         prepare_precision(model, precision)

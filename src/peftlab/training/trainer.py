@@ -35,6 +35,7 @@ from peftlab.runtime.fsdp import (
     shard_model,
     sync_gradients,
 )
+from peftlab.runtime.heap import keep_freed_memory
 from peftlab.runtime.metrics_log import LogWindow, MetricsLog
 from peftlab.runtime.neftune import neftune
 from peftlab.runtime.optim import make_optimizer, set_lr, warmup_steps
@@ -166,6 +167,8 @@ class Trainer:
         if world.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + world.rank)  # dropout: different masks on each rank
+        if world.device.type == "cpu":
+            keep_freed_memory()  # no page faults on every step's activation buffers
         state = {"step": 0, "micro": 0, "best_value": None, "best_step": None, "tokens": 0,
                  "bad_evals": 0, "window": [0.0, 0]}
         if resume:
