@@ -10,7 +10,7 @@ from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftlab.methods.lora import LoraConfig, apply_lora
-from peftlab.models.lm import head_cross_entropy
+from peftlab.models.lm import CHUNK_LOGITS_BYTES, fused_chunk_rows, head_cross_entropy
 from peftlab.tasks.sft.task import IGNORE, SFTTask
 
 HIDDEN, VOCAB = 16, 50
@@ -45,6 +45,36 @@ def test_matches_full_logits_cross_entropy(n, chunk, bias):
     (loss * (1 / 7)).backward()  # the trainer divides by the token count: grad_output != 1
     assert_close(loss.detach(), expected_loss)
     assert_close(h.grad, expected_grad)
+
+
+def test_a_large_vocabulary_is_split_so_no_chunk_of_fp32_logits_passes_30_mib(monkeypatch):
+    """SmolLM2's 49,152 words: 160-row chunks (4,096 rows would be 800 MB, mapped fresh from
+    the kernel and page-faulted on every use); a chunk_size below that is kept."""
+    assert fused_chunk_rows(49_152, 4096) == 160
+    assert fused_chunk_rows(49_152, 100) == 100
+    assert fused_chunk_rows(50, 4096) == 4096
+    assert fused_chunk_rows(1_000_000, 4096) == 32  # never thinner than 32 rows
+    vocab, n = 60_000, 300
+    seen: list[torch.Size] = []
+    linear = F.linear
+
+    def spy(x, w, b=None):
+        out = linear(x, w, b)
+        seen.append(out.shape)
+        return out
+
+    monkeypatch.setattr(F, "linear", spy)
+    torch.manual_seed(0)
+    head = nn.Linear(8, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(n, 8, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    loss = head_cross_entropy(hidden, head, targets, 4096)
+    loss.backward()
+    assert len(seen) == 3 and all(r * vocab * 4 <= CHUNK_LOGITS_BYTES for r, _ in seen)
+    monkeypatch.undo()
+    expected_loss, expected_grad = reference(hidden, head, targets, scale=1.0)
+    assert_close(loss.detach(), expected_loss)
+    assert_close(hidden.grad, expected_grad)
 
 
 def test_trained_head_keeps_the_autograd_path():
