@@ -243,6 +243,9 @@ class TrainConfig:
     # times SDPA's flash kernel against a grouped softmax(q k^T) v once per shape (up to 1,024
     # keys) and uses the faster; sdpa: always transformers' SDPA call
     attention: str = "auto"  # auto | sdpa
+    # on a CPU, glibc keeps freed buffers up to 32 MiB in the process (peftlab.runtime.heap):
+    # no page faults on every step's activations; process-wide, so a library caller may say no
+    keep_freed_memory: bool = True
     # NEFTune: uniform noise alpha/sqrt(L*d) on the input embeddings in training steps only
     # (peftlab.runtime.neftune; TRL's neftune_noise_alpha; the paper uses 5-15)
     neftune_alpha: float | None = None

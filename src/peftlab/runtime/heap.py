@@ -32,8 +32,8 @@ _applied: bool | None = None
 def keep_freed_memory() -> bool:
     """Ask glibc to serve allocations up to 32 MiB from its heap and rarely trim it.
 
-    Process-wide and idempotent (the Trainer calls it when it trains on a CPU). Returns
-    whether the settings are in force."""
+    Process-wide and idempotent (the Trainer calls it when it trains on a CPU, unless
+    ``train.keep_freed_memory: false``). Returns whether the settings are in force."""
     global _applied
     if _applied is None:
         _applied = _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and \

@@ -167,7 +167,7 @@ class Trainer:
         if world.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + world.rank)  # dropout: different masks on each rank
-        if world.device.type == "cpu":
+        if world.device.type == "cpu" and cfg.keep_freed_memory:
             keep_freed_memory()  # no page faults on every step's activation buffers
         state = {"step": 0, "micro": 0, "best_value": None, "best_step": None, "tokens": 0,
                  "bad_evals": 0, "window": [0.0, 0]}
