@@ -81,3 +81,38 @@ def test_sampling_parameters_are_applied_and_reproducible(tiny_chat_model_dir):
     for seed in (0, 1):
         assert sampled(seed, 1.0, 1e-6) == greedy
         assert sampled(seed, 1e-4, 1.0) == greedy
+
+
+def test_bf16_decoding_with_packed_weights_gives_the_unpacked_tokens(tiny_chat_model_dir,
+                                                                     monkeypatch):
+    """generate_tokens packs every linear layer for the CPU's matmul kernel (bf16 products
+    are bit-identical, so the tokens must be too)."""
+    import peftlab.evaluation.generate as gen
+    from peftlab.data.sft import encode_prompt
+    from peftlab.evaluation.generate import generate_tokens, stop_token_ids
+    from peftlab.runtime.packed_linear import packed_linears
+
+    model, tok = _diverse_model(tiny_chat_model_dir)
+    model.to(torch.bfloat16)
+    prompts = [encode_prompt(c, tok) for c in CHATS]
+    tok.padding_side = "left"
+    expected = [greedy_generate(model, [p], 10, stop_token_ids(tok), tok.pad_token_id)[0]
+                for p in prompts]
+    swapped: list[int] = []
+
+    def spy(m):
+        ctx = packed_linears(m)
+
+        class Recorder:
+            def __enter__(self):
+                swapped.append(ctx.__enter__())
+
+            def __exit__(self, *exc):
+                return ctx.__exit__(*exc)
+        return Recorder()
+
+    monkeypatch.setattr(gen, "packed_linears", spy)
+    got = generate_tokens(model, tok, prompts, max_new_tokens=10, batch_size=4)
+    n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert swapped == [n_linear] and n_linear > 0
+    assert got == expected and len({tuple(r) for r in got}) > 1

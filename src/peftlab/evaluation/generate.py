@@ -11,6 +11,7 @@ from peftlab.data.sft import encode_prompt
 from peftlab.methods import has_virtual_tokens
 from peftlab.models.kv_cache import cache_kwargs
 from peftlab.runtime.device import model_device, to_device
+from peftlab.runtime.packed_linear import packed_linears
 
 
 @torch.no_grad()
@@ -35,7 +36,8 @@ def generate_tokens(model: nn.Module, tokenizer, prompts: list[list[int]],
     Runs in the dtype the weights are stored in: autocast would re-cast every fp32
     weight at every decoding step, which costs more than it saves on CPU. Greedy decoding
     of a plain causal LM goes through :func:`greedy_generate` (finished rows leave the
-    batch); sampling and virtual-token methods use transformers' ``generate``.
+    batch); sampling and virtual-token methods use transformers' ``generate``. Frozen linear
+    layers on a CPU run with their weights packed once (:mod:`peftlab.runtime.packed_linear`).
     """
     was_training = model.training
     model.eval()
@@ -46,17 +48,18 @@ def generate_tokens(model: nn.Module, tokenizer, prompts: list[list[int]],
     stop_ids = stop_token_ids(tokenizer)
     own_loop = not do_sample and _plain_causal_lm(model)
     try:
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="generate", disable=not progress):
-            idx = order[start:start + batch_size]
-            if own_loop:
-                new = greedy_generate(model, [prompts[i] for i in idx], max_new_tokens,
-                                      stop_ids, tokenizer.pad_token_id)
-            else:
-                new = _hf_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens,
-                                   stop_ids, do_sample, temperature, top_p)
-            for i, row in zip(idx, new, strict=True):
-                out[i] = row
+        with packed_linears(model):  # frozen weights packed once for the CPU's matmul kernel
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc="generate", disable=not progress):
+                idx = order[start:start + batch_size]
+                if own_loop:
+                    new = greedy_generate(model, [prompts[i] for i in idx], max_new_tokens,
+                                          stop_ids, tokenizer.pad_token_id)
+                else:
+                    new = _hf_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens,
+                                       stop_ids, do_sample, temperature, top_p)
+                for i, row in zip(idx, new, strict=True):
+                    out[i] = row
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
