@@ -27,6 +27,8 @@ classification training (MiniLM on SST-2) and KV-cache generation.
     python benchmarks/train_throughput.py --profile peftlab   # torch.profiler, top ops
     python benchmarks/train_throughput.py --only-cls   # the classification section alone
                                                        # (train_throughput_cls.{json,md})
+    python benchmarks/train_throughput.py --only-gen   # the generation section alone
+                                                       # (train_throughput_gen.{json,md})
 """
 
 from __future__ import annotations
@@ -692,6 +694,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-gen", action="store_true")
     p.add_argument("--only-cls", action="store_true",
                    help="only the classification section; writes train_throughput_cls.*")
+    p.add_argument("--only-gen", action="store_true",
+                   help="only the generation section; writes train_throughput_gen.*")
     p.add_argument("--profile", choices=TRAIN_CONFIGS, help="profile a few steps of one training "
                    "configuration in-process and print the top ops; nothing else runs")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
@@ -719,6 +723,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.only_cls:
         require_file(SST2, "SST-2 data")
         run_only_cls(args)
+        return
+    if args.only_gen:
+        require_file(ALPACA, "Alpaca data")
+        run_only_gen(args)
         return
     require_file(ALPACA, "Alpaca data")
     # A SIGTERM should still remove the temp dir (batches, adapters: ~100 MB).
@@ -816,21 +824,67 @@ def run(args) -> None:
           f"({result['seconds']:.0f} s in total)")
 
 
-def run_only_cls(args) -> None:
-    """The classification section alone, with the machine and both matmul peaks measured
-    before and after it (the same keys as the full run's ``classification``)."""
+def run_section_alone(args, key: str,
+                      section: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """One section of the full run alone, with the machine and both matmul peaks measured
+    before and after it; returns (result JSON with the section under ``key``, machine, peaks)."""
     _quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_info()
     start_peaks = best_matmul_gflops(5)
     with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp_name:
-        cls = run_cls(args, Path(tmp_name))
+        out = section(Path(tmp_name))
     peaks = _peaks([start_peaks, best_matmul_gflops(5)])
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {"cpu": machine["cpu"], "bf16_peak_gflops": peaks["bf16"],
               "fp32_peak_gflops": peaks["fp32"], "machine": machine, "clock": args.clock,
-              "repeats": args.repeats, "classification": cls}
+              "repeats": args.repeats, key: out}
+    return result, machine, peaks
+
+
+def _write_section(args, name: str, result: dict[str, Any], report: str) -> None:
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(report + "\n")
+
+
+def run_only_gen(args) -> None:
+    """The generation section alone (the full run's ``generation`` keys)."""
+    def section(tmp: Path) -> dict[str, Any]:
+        adapter = tmp / "adapter-sft"
+        make_init_adapter(MODEL, adapter, args.seed)
+        return run_gen(args, tmp, read_jsonl(ALPACA), adapter)
+
+    result, machine, peaks = run_section_alone(args, "generation", section)
+    gen = result["generation"]
+    rows = [f"| batch {label[1:]} | {gen[label]['tokens_per_s'][CANDIDATE]:.1f} "
+            f"({gen['candidate_precision']}) | {gen[label]['tokens_per_s']['ref']:.1f} | "
+            f"{gen[label]['tokens_per_s']['ref_bf16']:.1f} | {_f(gen[label]['ratio'])}x | "
+            f"{_f(gen[label]['ratio_vs_bf16'])}x | {gen[label]['replies_match']} |"
+            for label in ("b1", "b8")]
+    report = "\n".join([
+        "# Generation throughput: peftlab vs transformers generate", "",
+        f"{MODEL}, greedy, KV cache, {gen['max_new_tokens']} new tokens, init LoRA merged; "
+        f"batch 1 over {args.gen_b1_prompts} prompts and one batch of 8; {args.repeats} "
+        f"alternating round(s), median. Machine: {machine['cpu']}, {machine['cores']} cores; "
+        f"matmul peaks in this run: bf16 {peaks['bf16']:.0f}, fp32 {peaks['fp32']:.0f} GFLOP/s; "
+        f"load average {machine['loadavg_start'][0]} at start, {machine['loadavg_end'][0]} at "
+        "end.", "",
+        "| | peftlab tokens/s | transformers fp32 | transformers bf16 | vs fp32 | vs bf16 | "
+        "replies match the same-precision peer |",
+        "|---|---:|---:|---:|---:|---:|---|", *rows, "",
+        f"Targets: batch 8 >= {TARGETS['gen_b8'][0]:g}x, batch 1 >= {TARGETS['gen_b1'][0]:g}x "
+        "the faster peer."])
+    _write_section(args, "train_throughput_gen", result, report)
+
+
+def run_only_cls(args) -> None:
+    """The classification section alone (the full run's ``classification`` keys)."""
+    result, machine, peaks = run_section_alone(args, "classification",
+                                               lambda tmp: run_cls(args, tmp))
+    cls = result["classification"]
     t = cls["tokens_per_s"]
     precision = {CANDIDATE: ", ".join(sorted(set(cls["candidate_precision"]))),
                  REF_BF16: "bf16 autocast", REF_FP32: "fp32"}
@@ -848,10 +902,7 @@ def run_only_cls(args) -> None:
           f"{cls['peak_rss_mb'][c]:.0f} | {cls['final_loss'][c]:.4f} |" for c in CONFIGS), "",
         f"vs the best reference: {_f(cls['ratio_vs_best'])}x (target "
         f"{TARGETS['cls_vs_best'][0]:g}x)."])
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_throughput_cls.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "train_throughput_cls.md").write_text(report + "\n")
+    _write_section(args, "train_throughput_cls", result, report)
 
 
 def _quiet() -> None:
