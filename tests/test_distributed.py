@@ -21,8 +21,10 @@ def _cfg(model_dir: Path, data: dict[str, Path], out: Path, grad_accum: int) -> 
             "method": {"name": "lora", "r": 4, "alpha": 8},
             "data": {"train": str(data["train"]), "validation": str(data["validation"]),
                      "max_rows": 40},
+            # attention: sdpa -- separate processes are compared; attention: auto would time
+            # the eager CPU kernel per process, and under load they may pick different ones
             "train": {"max_steps": 4, "batch_size": 4, "grad_accum": grad_accum, "lr": 3e-3,
-                      "precision": "fp32", "log_every": 1, "eval_every": 2,
+                      "precision": "fp32", "attention": "sdpa", "log_every": 1, "eval_every": 2,
                       "max_grad_norm": 1.0, "warmup_steps": 0},
             "output_dir": str(out)}
 
