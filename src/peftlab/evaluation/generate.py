@@ -36,8 +36,8 @@ def generate_tokens(model: nn.Module, tokenizer, prompts: list[list[int]],
     Runs in the dtype the weights are stored in: autocast would re-cast every fp32
     weight at every decoding step, which costs more than it saves on CPU. Greedy decoding
     of a plain causal LM goes through :func:`greedy_generate` (finished rows leave the
-    batch); sampling and virtual-token methods use transformers' ``generate``. Frozen linear
-    layers on a CPU run with their weights packed once (:mod:`peftlab.runtime.packed_linear`).
+    batch); sampling and virtual-token methods use transformers' ``generate``. Linear layers
+    on a CPU run with their weights packed once (:mod:`peftlab.runtime.packed_linear`).
     """
     was_training = model.training
     model.eval()
@@ -48,7 +48,7 @@ def generate_tokens(model: nn.Module, tokenizer, prompts: list[list[int]],
     stop_ids = stop_token_ids(tokenizer)
     own_loop = not do_sample and _plain_causal_lm(model)
     try:
-        with packed_linears(model):  # frozen weights packed once for the CPU's matmul kernel
+        with packed_linears(model):  # weights packed once for the CPU's matmul kernel
             starts = range(0, len(order), batch_size)
             for start in tqdm(starts, desc="generate", disable=not progress):
                 idx = order[start:start + batch_size]
