@@ -40,7 +40,6 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects
-        self.original = [linear]  # a list: not registered as a child module
         self.packed = packed
 
     def forward(self, x: Tensor) -> Tensor:
