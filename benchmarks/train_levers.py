@@ -14,6 +14,8 @@ re-checks the decisions behind those defaults, so they can be re-made on another
   enough to pay, which depends on the machine's speed).
 * ``eager_sdpa`` — eager, with attention always through SDPA's kernel (``train.attention:
   sdpa``) instead of the kernel timed fastest per shape.
+* ``compile_sdpa`` — compiled blocks with attention always through SDPA's kernel (what
+  inductor calls for it), instead of the kernel timed fastest per shape.
 
 Same model, LoRA, data, optimiser and worker as ``train_throughput.py`` (its helpers are
 imported); each configuration runs in its own subprocess, alternating, for ``--repeats`` rounds.
@@ -43,6 +45,7 @@ LEVERS = {
     "compile": {"compile": True},
     "eager": {"compile": False},
     "eager_sdpa": {"compile": False, "attention": "sdpa"},
+    "compile_sdpa": {"compile": True, "attention": "sdpa"},
 }
 
 

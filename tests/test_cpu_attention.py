@@ -260,3 +260,43 @@ def test_restore_choices_skips_what_does_not_read(monkeypatch):
     assert attention_module.choices_state() == [["bfloat16", 9, 3, 64, 256, True]]
     attention_module.restore_choices({"not": "a list"})
     assert len(attention_module.choices_state()) == 1
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_compiled_blocks_take_the_kernel_timed_before_they_run(monkeypatch, faster):
+    """With compiled blocks the choice is timed in the eager owner's pre-hook (the batch's
+    length bucket), read as a constant by the traced code, which must not break its graph on
+    the padding check; logits and gradients stay those of the model's own SDPA."""
+    from torch._dynamo.utils import counters
+
+    from peftlab.training.compile import compiled_blocks
+
+    timed: list[tuple] = []
+    monkeypatch.setattr(attention_module, "_CHOICES", {})
+    monkeypatch.setattr(attention_module, "_time_grouped_vs_sdpa",
+                        lambda *signature: timed.append(signature[:5]) or faster)
+    traced: list[int] = []
+    original = attention_module.grouped_attention
+    monkeypatch.setattr(attention_module, "grouped_attention",
+                        lambda *a, **k: traced.append(1) or original(*a, **k))
+    model = _tiny_llama()
+    ids = torch.randint(0, 40, (2, 9))
+    attention = torch.ones(2, 9, dtype=torch.long)
+    attention[1, :3] = 0  # left padding: the traced code must take the safe softmax
+    reference = model(input_ids=ids, attention_mask=attention, labels=ids)
+    reference.loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    counters.clear()
+    with cpu_attention(model, compiled=True), compiled_blocks(model, True):
+        out = model(input_ids=ids, attention_mask=attention, labels=ids)
+        out.loss.backward()
+    torch._dynamo.reset()
+    assert timed == [(torch.float32, 4, 2, 8, 16)]  # once, for the 9-token batch's bucket
+    assert bool(traced) == faster
+    assert not counters["graph_break"]
+    assert attention_module._TRACED_CHOICE == {}  # cleared on leaving
+    assert_close(out.logits, reference.logits, atol=1e-5, rtol=1e-4)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        assert_close(p.grad, g, atol=1e-5, rtol=1e-4)

@@ -239,7 +239,7 @@ class TrainConfig:
     # activations; the first step compiles (~30 s for SmolLM2). auto: on where measured to pay
     # (bf16 on a CPU, >= 50M parameters, >= 50 steps, ~4 min of training; training/compile.py)
     compile: bool | str = "auto"
-    # attention kernel while training eager on a CPU (peftlab.runtime.cpu_attention): auto
+    # attention kernel while training on a CPU (peftlab.runtime.cpu_attention): auto
     # times SDPA's flash kernel against a grouped softmax(q k^T) v once per shape (up to 1,024
     # keys) and uses the faster; sdpa: always transformers' SDPA call
     attention: str = "auto"  # auto | sdpa

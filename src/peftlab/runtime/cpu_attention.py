@@ -15,10 +15,17 @@ each key head meets its G query heads in one matmul. With a dropout probability 
 out the probabilities with :func:`~peftlab.runtime.fast_dropout.apply_dropout` (torch's
 per-element Bernoulli draws made a third of a MiniLM step).
 
-Inside :func:`cpu_attention` (the Trainer opens it while it trains eager on a CPU) every
-SDPA config of the model points at :func:`attention_forward`, registered with transformers'
+Inside :func:`cpu_attention` (the Trainer opens it while it trains on a CPU) every SDPA
+config of the model points at :func:`attention_forward`, registered with transformers'
 ``AttentionInterface``; on leaving the model's own implementation comes back, so what is
 saved, merged or served is the model as loaded.
+
+Compiled blocks (``train.compile``) choose too: inductor does not fuse attention of its own on
+a CPU, it calls the same SDPA flash kernel, and its backward was ~38% of a compiled SmolLM2
+step on a 2-core AMX Xeon. The timing cannot run inside a traced block, so with
+``compiled=True`` a pre-hook on the module that owns the blocks (it runs eager) times the
+batch's shape and leaves the answer where the traced code reads it as a constant
+(:data:`_TRACED_CHOICE`; a different answer for a later length recompiles the blocks).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftlab.runtime.fast_dropout import apply_dropout
+from peftlab.runtime.fsdp import find_blocks
 
 ATTENTION_NAME = "peftlab_cpu_attention"
 MAX_GROUPED_LEN = 1024  # beyond, flash wins on the CPUs we measured, and S^2 memory grows
@@ -41,6 +49,8 @@ _TOKENS_TO_TIME = 2048  # batch x length of the timed shape: long enough to time
 
 # (dtype, heads, key heads, head dim, length bucket) -> grouped is faster (forward + backward)
 _CHOICES: dict[tuple, bool] = {}
+# (heads, key heads, head dim) -> the choice for the batch now running, read by traced blocks
+_TRACED_CHOICE: dict[tuple[int, int, int], bool] = {}
 
 
 def grouped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None,
@@ -58,6 +68,7 @@ def grouped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | 
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
+    compiling = torch.compiler.is_compiling()
     scale = dim ** -0.5 if scale is None else scale
     # Out of place from here on: an in-place op on the view of the matmul's output makes
     # autograd clone and copy back the whole S x S scores in backward (CopySlices), twice per
@@ -70,7 +81,8 @@ def grouped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | 
         mask = _grouped_mask(mask, kv_heads, groups)[..., :kv_len]
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
-            if not bool(mask.any(-1).all()):
+            # traced code cannot branch on the data: it always takes the safe softmax
+            if compiling or not bool(mask.any(-1).all()):
                 # a query with no key to attend (left padding) gets zeros, as from SDPA;
                 # only then: the safe softmax took 3x the plain one on MiniLM's scores
                 softmax = _safe_softmax
@@ -116,14 +128,20 @@ def grouped_is_faster(query: Tensor, key: Tensor, repeats: int = 3) -> bool:
     The dtype is the one the matmuls run in: under CPU autocast its dtype (Llama's RoPE
     hands over fp32 queries and keys, which autocast casts to bf16 for either kernel)."""
     heads, dim, kv_heads = query.shape[1], query.shape[-1], key.shape[1]
-    length = _length_bucket(key.shape[2])
-    dtype = query.dtype
+    return _choice(_matmul_dtype(query.dtype), heads, kv_heads, dim, key.shape[2], repeats)
+
+
+def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled("cpu") and dtype in (torch.float32, torch.bfloat16):
-        dtype = torch.get_autocast_dtype("cpu")
-    signature = (dtype, heads, kv_heads, dim, length)
+        return torch.get_autocast_dtype("cpu")
+    return dtype
+
+
+def _choice(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, length: int,
+            repeats: int = 3) -> bool:
+    signature = (dtype, heads, kv_heads, dim, _length_bucket(length))
     if signature not in _CHOICES:
-        _CHOICES[signature] = _time_grouped_vs_sdpa(dtype, heads, kv_heads, dim, length,
-                                                    repeats)
+        _CHOICES[signature] = _time_grouped_vs_sdpa(*signature, repeats)
     return _CHOICES[signature]
 
 
@@ -197,7 +215,11 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     q_len, kv_len = query.shape[2], key.shape[2]
     plain = (query.device.type != "cpu" or special or q_len != kv_len
              or kv_len > MAX_GROUPED_LEN or kwargs.get("output_attentions"))
-    if not plain and (dropout > 0.0 or grouped_is_faster(query, key)):
+    if torch.compiler.is_compiling():
+        grouped = _TRACED_CHOICE.get((query.shape[1], key.shape[1], query.shape[-1]), False)
+    else:
+        grouped = not plain and (dropout > 0.0 or grouped_is_faster(query, key))
+    if not plain and grouped:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         return grouped_attention(query, key, value, attention_mask, scaling,
                                  causal=bool(causal) and attention_mask is None,
@@ -210,11 +232,39 @@ AttentionInterface.register(ATTENTION_NAME, attention_forward)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the masks SDPA gets: same numbers
 
 
+def _time_before_traced_blocks(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the (eager) module that owns compiled blocks: time this batch's
+    attention shape here, where timing can run, for the traced blocks to read."""
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    config = getattr(module, "config", None)
+    if not isinstance(inputs, Tensor) or inputs.dim() < 2 or config is None:
+        return
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    length = inputs.shape[1]
+    dtype = _matmul_dtype(next(module.parameters()).dtype)
+    grouped = length <= MAX_GROUPED_LEN and _choice(dtype, heads, kv_heads, dim, length)
+    _TRACED_CHOICE[(heads, kv_heads, dim)] = grouped
+
+
+def _blocks_owner(model: nn.Module) -> nn.Module | None:
+    blocks = find_blocks(model)
+    for module in model.modules():
+        if any(child is blocks for child in module.children()):
+            return module
+    return None
+
+
 @contextmanager
-def cpu_attention(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+def cpu_attention(model: nn.Module, enabled: bool = True,
+                  compiled: bool = False) -> Iterator[int]:
     """Inside the block every SDPA config of ``model`` uses :func:`attention_forward`;
-    yields how many configs were switched (0 when disabled)."""
+    yields how many configs were switched (0 when disabled). ``compiled``: the transformer
+    blocks will run compiled, so the kernel is chosen before they run (see the module's
+    docstring)."""
     switched: list[object] = []
+    hook = None
     if enabled:
         seen: set[int] = set()
         for module in model.modules():
@@ -225,8 +275,14 @@ def cpu_attention(model: nn.Module, enabled: bool = True) -> Iterator[int]:
             if getattr(config, "_attn_implementation", None) == "sdpa":
                 config._attn_implementation = ATTENTION_NAME
                 switched.append(config)
+        owner = _blocks_owner(model) if compiled and switched else None
+        if owner is not None:
+            hook = owner.register_forward_pre_hook(_time_before_traced_blocks, with_kwargs=True)
     try:
         yield len(switched)
     finally:
+        if hook is not None:
+            hook.remove()
+        _TRACED_CHOICE.clear()
         for config in switched:
             config._attn_implementation = "sdpa"

@@ -72,12 +72,13 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 @contextmanager
 def eager_cpu_kernels(model: nn.Module, enabled: bool = True,
-                      attention: str = "auto") -> Iterator[None]:
-    """What the loop opens while it trains eager on a CPU: dropout masks from bulk random bits
-    (:mod:`~peftlab.runtime.fast_dropout`) and, with ``train.attention: auto``, the attention
-    kernel timed fastest per shape (:mod:`~peftlab.runtime.cpu_attention`). Compiled blocks
-    need neither: inductor makes its own random numbers and fuses its own attention."""
-    with fast_dropout(model, enabled), cpu_attention(model, enabled and attention == "auto"):
+                      attention: str = "auto", compiled: bool = False) -> Iterator[None]:
+    """What the loop opens while it trains on a CPU: with ``train.attention: auto``, the
+    attention kernel timed fastest per shape (:mod:`~peftlab.runtime.cpu_attention`; for
+    compiled blocks chosen before they run) and, eager only, dropout masks from bulk random
+    bits (:mod:`~peftlab.runtime.fast_dropout`; inductor makes its own random numbers)."""
+    with fast_dropout(model, enabled and not compiled), \
+            cpu_attention(model, enabled and attention == "auto", compiled=compiled):
         yield
 
 
@@ -197,9 +198,9 @@ class Trainer:
         window.loss_sum, window.steps = state["window"]
         stopped_by_hook = False
         # the bar is closed before any error line is printed; NEFTune's hook is removed
-        eager_cpu = world.device.type == "cpu" and not self.compiled
         with neftune(self.model, cfg.neftune_alpha), \
-                eager_cpu_kernels(self.model, eager_cpu, cfg.attention), \
+                eager_cpu_kernels(self.model, world.device.type == "cpu", cfg.attention,
+                                  self.compiled), \
                 compiled_blocks(self.model, self.compiled), bar:
             for group in self._step_groups(micro):
                 if step >= self.total_steps:
