@@ -17,7 +17,9 @@ Phases, in one run on one machine (so the ratios compare like with like):
 * ``1 client``: one request at a time — the single-request latency and tokens/s;
 * ``16 clients``: continuous batching with mixed adapters (``--max-batch 16``);
 * ``16 clients, serial`` (the reference, skip with ``--no-reference``): the same server
-  with ``--max-batch 1``, i.e. one request at a time as before continuous batching.
+  with ``--max-batch 1``, i.e. one request at a time as before continuous batching;
+* ``1 client`` and ``16 clients, unpacked weights`` (skip with ``--no-unpacked``): the batched
+  server with ``--no-packed-weights``, the lever's own effect.
 
 Targets: 0 errors; aggregate completion tokens/s at 16 clients >= 4x the 1-client figure;
 p50 latency at 16 clients <= 4x the 1-client p50.
@@ -45,6 +47,7 @@ import torch
 
 from peftlab.methods.lora import LoraConfig, apply_lora, save_lora
 from peftlab.models import load_model
+from peftlab.runtime.precision import matmul_gflops
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.jsonl"
@@ -89,10 +92,10 @@ def free_port() -> int:
 
 
 def start_server(model: str, adapters: dict[str, Path], port: int, threads: int,
-                 max_batch: int, log: Path) -> subprocess.Popen:
+                 max_batch: int, log: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "peftlab.cli", "serve", "--model", model, "--name", "base",
            "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),
-           "--max-queue", "256", "--max-tokens-limit", "256"]
+           "--max-queue", "256", "--max-tokens-limit", "256", *extra]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -206,6 +209,7 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
                 .splitlines() if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1_5_15": os.getloadavg(),
+            "matmul_gflops": {k: round(v, 1) for k, v in matmul_gflops().items()},
             "python": platform.python_version(), "torch": torch.__version__,
             "note": "shared machine: other engineers' jobs ran at the same time"}
 
@@ -229,8 +233,14 @@ def table(result: dict) -> str:
     if "vs_serial_tokens_per_s" in r:
         rows.append(f"- tokens/s, continuous batching / serial server at 16 clients: "
                     f"**{r['vs_serial_tokens_per_s']}x**")
+    if "vs_unpacked_tokens_per_s" in r:
+        rows.append(f"- tokens/s, packed / unpacked weights: 1 client "
+                    f"**{r['vs_unpacked_1_client']}x**, 16 clients "
+                    f"**{r['vs_unpacked_tokens_per_s']}x**")
     m = result["machine"]
-    rows.append(f"- machine: {m['cpu']}, {m['cores']} cores, load average at start "
+    peaks = m.get("matmul_gflops", {})
+    rows.append(f"- machine: {m['cpu']}, {m['cores']} cores, matmul peaks bf16 "
+                f"{peaks.get('bf16')} / fp32 {peaks.get('fp32')} GFLOP/s, load average at start "
                 f"{m['load_avg_1_5_15'][0]:.1f}, at end {result['load_avg_end'][0]:.1f} — "
                 f"{m['note']}")
     return "\n".join(rows)
@@ -246,6 +256,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--no-reference", action="store_true", help="skip the serial server phase")
+    ap.add_argument("--no-unpacked", action="store_true",
+                    help="skip the phases of a server with --no-packed-weights")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -257,17 +269,22 @@ def main() -> int:
                     "machine": machine(), "phases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(args.model, Path(tmp))
-        plan = [("batched", args.clients)] + ([] if args.no_reference else [("serial", 1)])
-        for kind, max_batch in plan:
+        # (server, --max-batch, extra flags, phases: (clients, name))
+        many = f"{args.clients} clients"
+        plan = [("batched", args.clients, (), [(1, "1 client"), (args.clients, many)])]
+        if not args.no_reference:
+            plan.append(("serial", 1, (), [(args.clients, f"{many}, serial server")]))
+        if not args.no_unpacked:
+            plan.append(("unpacked", args.clients, ("--no-packed-weights",),
+                         [(1, "1 client, unpacked weights"),
+                          (args.clients, f"{many}, unpacked weights")]))
+        for kind, max_batch, extra, phases in plan:
             port = free_port()
             log = Path(tmp) / f"server-{kind}.log"
-            server = start_server(args.model, adapters, port, args.threads,
-                                  args.clients if kind == "batched" else max_batch, log)
+            server = start_server(args.model, adapters, port, args.threads, max_batch, log,
+                                  extra)
             try:
                 run_phase(port, 1, 0.1, texts, args.max_tokens)  # warm-up
-                phases = [(1, "1 client")] if kind == "batched" else []
-                phases.append((args.clients, f"{args.clients} clients" +
-                               ("" if kind == "batched" else ", serial server")))
                 for clients, name in phases:
                     print(f"phase: {name} for {args.seconds:.0f} s", flush=True)
                     result["phases"][name] = run_phase(port, clients, args.seconds, texts,
@@ -282,6 +299,13 @@ def main() -> int:
     serial = result["phases"].get(f"{args.clients} clients, serial server")
     if serial:
         ratios["vs_serial_tokens_per_s"] = round(many["tokens_per_s"] / serial["tokens_per_s"], 2)
+    unpacked = result["phases"].get(f"{args.clients} clients, unpacked weights")
+    if unpacked:
+        ratios["vs_unpacked_tokens_per_s"] = round(
+            many["tokens_per_s"] / unpacked["tokens_per_s"], 2)
+        ratios["vs_unpacked_1_client"] = round(
+            one["tokens_per_s"] / result["phases"]["1 client, unpacked weights"]["tokens_per_s"],
+            2)
     result["ratios"] = ratios
     result["targets_met"] = {
         "no_errors": all(p["errors"] == 0 for p in result["phases"].values()),

@@ -286,6 +286,30 @@ def test_cancel_timeout_and_queue_limit(tiny_chat_model_dir):
     assert stopped.value.status == 503
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_weights_are_packed_while_serving_and_restored_after(tiny_chat_model_dir, adapters,
+                                                             reference, packed):
+    """Every linear layer, the LoRA layers' base layers included, runs packed while the loop
+    runs (the greedy tokens stay those of the unpacked model alone); stopping restores the
+    model's own modules; ``packed_weights=False`` leaves them alone."""
+    from torch import nn
+
+    from peftlab.runtime.packed_linear import PackedLinear
+
+    engine = Engine(str(tiny_chat_model_dir), adapters, base_name="base", precision="fp32",
+                    packed_weights=packed)
+    linears = sum(type(m) is nn.Linear for m in engine.model.modules())
+    prompt = engine.encode_chat([{"role": "user", "content": "pack me"}])
+    with engine:
+        tokens, _ = _drain(_collect(engine, "beta", prompt, Sampling(max_tokens=12))[1])
+        running = sum(isinstance(m, PackedLinear) for m in engine.model.modules())
+        stats = engine.scheduler.stats()
+    assert tokens == _alone_tokens(reference, engine, "beta", prompt, 12)
+    assert running == stats["packed_layers"] == (linears if packed else 0)
+    assert not any(isinstance(m, PackedLinear) for m in engine.model.modules())
+    assert sum(type(m) is nn.Linear for m in engine.model.modules()) == linears
+
+
 def test_sampling_follows_the_seed(tiny_chat_model_dir):
     with Engine(str(tiny_chat_model_dir), base_name="base", precision="fp32") as engine:
         ids = engine.encode_text("capital of")

@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights for generation: auto (default) = bf16 where bf16 matmuls are "
                         "clearly faster (decoding ~2x faster), else fp32")
+    p.add_argument("--no-packed-weights", dest="packed_weights", action="store_false",
+                   help="do not keep a copy of the weights packed for the CPU's matmul kernel "
+                        "(saves the weights' size in RAM; decoding is slower)")
 
     p = sub.add_parser("export", help="fold an adapter into the model; write GGUF and/or a "
                        "plain transformers directory")
@@ -393,7 +396,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.model, adapters, base_name=args.name, max_tokens_limit=args.max_tokens_limit,
             max_batch=args.max_batch, max_queue=args.max_queue,
             prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout,
-            precision=args.precision)
+            precision=args.precision, packed_weights=args.packed_weights)
         app = make_app(engine, api_key=args.api_key, cors_origins=args.cors_origin,
                        loopback_only=is_loopback(args.host), classifiers=classifiers)
         ids = [*(engine.model_ids() if engine else []), *classifiers.names()]

@@ -55,14 +55,16 @@ class Engine:
     ``request_timeout`` seconds is dropped; up to ``prefix_cache`` shared prompt prefixes
     keep their KV cache (0: off). ``precision``: ``auto`` decodes in bf16 where bf16
     matmuls are clearly faster (see :func:`~peftlab.runtime.precision.prepare_inference`),
-    else fp32. Call :meth:`start` (or use ``with``) to run it.
+    else fp32. ``packed_weights``: while it runs, linear layers on a CPU use a copy of their
+    weights packed for the matmul kernel (faster decoding; the weights' size again in RAM).
+    Call :meth:`start` (or use ``with``) to run it.
     """
 
     def __init__(self, model: str, adapters: dict[str, str | Path] | None = None,
                  base_name: str | None = None, max_tokens_limit: int = 2048,
                  max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 256,
                  request_timeout: float | None = 600.0, prefix_cache: int = 32,
-                 precision: str = "auto"):
+                 precision: str = "auto", packed_weights: bool = True):
         adapters = adapters or {}
         self.base_name = base_name or public_name(model)
         for name in adapters:
@@ -97,7 +99,7 @@ class Engine:
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.scheduler = Scheduler(self.model, route, self.stop_ids, max_batch=max_batch,
                                    max_queue=max_queue, prefill_chunk=prefill_chunk,
-                                   prefix_cache=prefix_cache)
+                                   prefix_cache=prefix_cache, packed_weights=packed_weights)
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> Engine:

@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from peftlab.methods.lora import RowAdapters
 from peftlab.models.kv_cache import cache_kwargs
+from peftlab.runtime.packed_linear import packed_linears
 from peftlab.serve.batch import DecodeBatch, cache_layers
 from peftlab.serve.prefix_cache import PrefixCache
 
@@ -86,7 +87,7 @@ class Scheduler:
 
     def __init__(self, model: nn.Module, route: RowAdapters | None, stop_ids: list[int],
                  max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 256,
-                 prefix_cache: int = 32):
+                 prefix_cache: int = 32, packed_weights: bool = True):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
             if value < 1:
@@ -94,6 +95,8 @@ class Scheduler:
         self.model, self.route = model, route
         self.stops = torch.tensor(stop_ids, dtype=torch.long)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.packed_weights = packed_weights
+        self.packed_layers = 0  # linear layers running packed while the loop runs
         self.prefixes = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         self.device = next(model.parameters()).device
         self.batch: DecodeBatch[Job] = DecodeBatch()
@@ -146,11 +149,21 @@ class Scheduler:
                 "prefix_tokens_reused": self.prefixes.reused_tokens if self.prefixes else 0,
                 "prefill_tokens": self.prefill_tokens,
                 "generated_tokens": self.generated_tokens,
+                "packed_layers": self.packed_layers,
                 "decode_seconds": round(self.seconds["decode"], 3),
                 "prefill_seconds": round(self.seconds["prefill"], 3)}
 
     # -- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
+        # Serving never changes a weight, so the linear layers' weights are packed once for
+        # the loop's lifetime (runtime/packed_linear.py: the CPU matmul kernel's layout, at
+        # the cost of the weights' size again in RAM); the model is restored when it ends.
+        with packed_linears(self.model, self.packed_weights) as self.packed_layers:
+            self._serve()
+        self.packed_layers = 0
+        self._fail_all(NotRunning("the server is stopping"))
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and not self.waiting and not self.batch.rows:
@@ -171,7 +184,6 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - a bug must not kill the server
                 log.exception("scheduler step failed; failing the jobs in flight")
                 self._fail_all(exc)
-        self._fail_all(NotRunning("the server is stopping"))
 
     def _drop_finished_jobs(self) -> None:
         now = time.monotonic()
