@@ -440,9 +440,9 @@ def cls_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     losses, seconds, tokens = [], [], []
     clock = step_clock(cfg)
     # what peftlab's Trainer opens while it trains eager on a CPU
-    from peftlab.training.trainer import eager_cpu_kernels
+    from peftlab.training.trainer import cpu_training_kernels
 
-    with eager_cpu_kernels(model, enabled=name == CANDIDATE):
+    with cpu_training_kernels(model, enabled=name == CANDIDATE):
         for t in range(cfg["steps"]):
             start = clock()
             batch = {k: v[t % n] for k, v in batches.items()}

@@ -300,3 +300,32 @@ def test_compiled_blocks_take_the_kernel_timed_before_they_run(monkeypatch, fast
     assert_close(out.logits, reference.logits, atol=1e-5, rtol=1e-4)
     for p, g in zip(model.parameters(), expected, strict=True):
         assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_blocks_with_attention_dropout_keep_sdpa(monkeypatch):
+    """Traced code with a dropout probability takes SDPA (inductor traces its random numbers;
+    ours come from a generator outside the graph), whatever the timing said."""
+    from torch._dynamo.utils import counters
+
+    from peftlab.training.compile import compiled_blocks
+
+    monkeypatch.setattr(attention_module, "_CHOICES", {})
+    monkeypatch.setattr(attention_module, "_time_grouped_vs_sdpa", lambda *signature: True)
+    traced: list[int] = []
+    original = attention_module.grouped_attention
+    monkeypatch.setattr(attention_module, "grouped_attention",
+                        lambda *a, **k: traced.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1,
+        attn_implementation="sdpa"))
+    model.train()
+    ids = torch.randint(0, 40, (2, 9))
+    torch._dynamo.reset()
+    counters.clear()
+    with cpu_attention(model, compiled=True), compiled_blocks(model, True):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    torch._dynamo.reset()
+    assert torch.isfinite(loss) and not traced and not counters["graph_break"]

@@ -215,8 +215,10 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     q_len, kv_len = query.shape[2], key.shape[2]
     plain = (query.device.type != "cpu" or special or q_len != kv_len
              or kv_len > MAX_GROUPED_LEN or kwargs.get("output_attentions"))
-    if torch.compiler.is_compiling():
-        grouped = _TRACED_CHOICE.get((query.shape[1], key.shape[1], query.shape[-1]), False)
+    if torch.compiler.is_compiling():  # the choice made before the block ran; with a
+        # dropout probability SDPA's own (inductor traces its random numbers, not ours)
+        grouped = dropout == 0.0 and _TRACED_CHOICE.get(
+            (query.shape[1], key.shape[1], query.shape[-1]), False)
     else:
         grouped = not plain and (dropout > 0.0 or grouped_is_faster(query, key))
     if not plain and grouped:

@@ -71,7 +71,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 @contextmanager
-def eager_cpu_kernels(model: nn.Module, enabled: bool = True,
+def cpu_training_kernels(model: nn.Module, enabled: bool = True,
                       attention: str = "auto", compiled: bool = False) -> Iterator[None]:
     """What the loop opens while it trains on a CPU: with ``train.attention: auto``, the
     attention kernel timed fastest per shape (:mod:`~peftlab.runtime.cpu_attention`; for
@@ -199,7 +199,7 @@ class Trainer:
         stopped_by_hook = False
         # the bar is closed before any error line is printed; NEFTune's hook is removed
         with neftune(self.model, cfg.neftune_alpha), \
-                eager_cpu_kernels(self.model, world.device.type == "cpu", cfg.attention,
+                cpu_training_kernels(self.model, world.device.type == "cpu", cfg.attention,
                                   self.compiled), \
                 compiled_blocks(self.model, self.compiled), bar:
             for group in self._step_groups(micro):
