@@ -341,12 +341,19 @@ def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dic
                        activation_checkpointing=cfg["name"] == CANDIDATE_CKPT,
                        compile=cfg.get("compile", "auto"),  # train_levers.py sets these two
                        attention=cfg.get("attention", "auto"))
-    if tcfg.compile == "auto":  # decide as peftlab would for a real run, not a 12-step probe
-        tcfg.compile, _ = resolve_compile(tcfg, model, max(steps, AUTO_COMPILE_STEPS),
-                                          float(batches["attention_mask"][0].sum()))
+    # compile: auto decides as for a real run, not a 12-step probe: the up-front checks for
+    # that length, then (when they pass) the Trainer times eager steps as in a real run
+    horizon = max(steps, AUTO_COMPILE_STEPS)
+    decision = tcfg.compile
+    if decision == "auto":
+        decision, _ = resolve_compile(tcfg, model, horizon,
+                                      float(batches["attention_mask"][0].sum()))
+        tcfg.compile = bool(decision)
     out_dir = Path(cfg["out_dir"])
     trainer = Trainer(model, task, [{"index": i} for i in range(steps)], None, tcfg, out_dir,
                       progress=False)
+    if decision is None:
+        trainer.compile_pending, trainer.compile_horizon = True, horizon
     ends: list[float] = []  # a step = batch request -> optimizer.step() done, as for the refs
     trainer.optimizer.register_step_post_hook(lambda *_: ends.append(clock()))
     startup = _since_spawn(cfg)
@@ -356,7 +363,8 @@ def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dic
     wall = _since_spawn(cfg)
     tokens = [int(batches["attention_mask"][t % task.n].sum()) for t in range(steps)]
     seconds = [end - start for start, end in zip(task.starts, ends, strict=True)]
-    return {"precision": precision, "compiled": bool(tcfg.compile), "losses": task.losses,
+    return {"precision": precision, "compiled": trainer.compiled,
+            "compiled_from_step": trainer.compiled_from_step, "losses": task.losses,
             "step_seconds": seconds, "step_tokens": tokens, "startup_seconds": startup,
             "wall_seconds": wall}
 
@@ -569,9 +577,11 @@ def run_worker(args, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
 
 
 def steady_rates(runs: list[dict[str, Any]], skip: int) -> list[float]:
-    """tokens/s of every step after the first ``skip`` of each run, pooled."""
+    """tokens/s of every step after the first ``skip`` of each run, pooled; a run whose blocks
+    compiled mid-run (``compile: auto`` after timing eager steps) also skips its compile step."""
     return [n / s for run in runs
-            for n, s in list(zip(run["step_tokens"], run["step_seconds"], strict=True))[skip:]]
+            for n, s in list(zip(run["step_tokens"], run["step_seconds"], strict=True))[
+                max(skip, (run.get("compiled_from_step") or -1) + 1):]]
 
 
 def machine_info() -> dict[str, Any]:

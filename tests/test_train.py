@@ -376,13 +376,16 @@ def test_compile_auto_compiles_only_where_it_pays(tiny_chat_model_dir, monkeypat
     on, why = resolve(TrainConfig(precision="bf16"), model, 500)
     assert not on and "parameters" in why  # a tiny model: the compile would cost more
     monkeypatch.setattr(compile_mod, "AUTO_MIN_PARAMS", 1000)
-    assert resolve(TrainConfig(precision="bf16"), model, 500)[0]
-    assert resolve(TrainConfig(precision="bf16"), model, 50)[0]
+    # nothing up front against it: decided after timing eager steps (None = pending)
+    assert resolve(TrainConfig(precision="bf16"), model, 500)[0] is None
+    assert resolve(TrainConfig(precision="bf16"), model, 50, 2048)[0] is None
     assert "steps" in resolve(TrainConfig(precision="bf16"), model, 49)[1]
-    # short runs stay eager: the estimated eager time would not repay the compile
     assert "tokens per step" in resolve(TrainConfig(precision="bf16"), model, 500, 100)[1]
-    assert "estimated" in resolve(TrainConfig(precision="bf16"), model, 50, 2048)[1]
-    assert resolve(TrainConfig(precision="bf16"), model, 500, tokens_per_step=1e9)[0]
+    # the timed half: the remaining steps at the measured eager pace must repay the compile
+    limit = compile_mod.AUTO_MIN_SECONDS
+    assert compile_mod.compile_pays(limit / 48, 48)[0]
+    on, why = compile_mod.compile_pays(limit / 48 * 0.9, 48)
+    assert not on and why.startswith("off: 48 more steps") and f"< {limit} s" in why
     assert "fp32" in resolve(TrainConfig(precision="fp32"), model, 500)[1]
     assert "checkpointing" in resolve(TrainConfig(precision="bf16", activation_checkpointing=True),
                                       model, 500)[1]
@@ -395,17 +398,35 @@ def test_compile_auto_compiles_only_where_it_pays(tiny_chat_model_dir, monkeypat
         from_dict({"model": "x", "data": {"train": "t.jsonl"}, "train": {"compile": "yes"}})
 
 
-def test_compiled_blocks_run_inside_fit_only(tiny_chat_model_dir, demo_data_dir, tmp_path):
-    """train.compile: the blocks run compiled while fit trains (and validates), and the model
-    leaves fit eager, so generation afterwards does not recompile for every KV-cache shape."""
+@pytest.mark.parametrize("pays", [True, False])
+def test_compile_auto_times_eager_steps_then_decides(tiny_chat_model_dir, demo_data_dir,
+                                                     tmp_path, monkeypatch, pays):
+    """compile: auto with nothing against it up front: the first AUTO_MEASURE_STEPS steps run
+    eager, then the blocks compile for the rest only if compile_pays says so (given the last
+    eager step's time and the steps left). Compiled blocks run while fit trains and validates,
+    and the model leaves fit eager, so generation afterwards does not recompile for every
+    KV-cache shape."""
+    from peftlab.training import compile as compile_mod
+    from peftlab.training import trainer as trainer_mod
+
+    for name, value in [("AUTO_MIN_PARAMS", 1), ("AUTO_MIN_STEPS", 1),
+                        ("AUTO_MIN_STEP_TOKENS", 1)]:
+        monkeypatch.setattr(compile_mod, name, value)
+    asked = []
+    monkeypatch.setattr(trainer_mod, "compile_pays",
+                        lambda seconds, remaining: asked.append((seconds, remaining))
+                        or (pays, "on" if pays else "off"))
     trainer, _ = _trainer(tiny_chat_model_dir, demo_data_dir, tmp_path, rows=4, val_rows=4,
-                          max_steps=2, batch_size=4, eval_every=1, compile=True)
+                          max_steps=4, batch_size=4, eval_every=1, precision="bf16")
+    assert trainer.compile_pending and not trainer.compiled
     blocks = list(trainer.model.model.layers)
     seen = []
     trainer.on_evaluate = lambda step, rec: seen.append(
-        [b._compiled_call_impl is not None for b in blocks]) and False
+        blocks[0]._compiled_call_impl is not None) and False
     trainer.fit()
-    assert seen == [[True, True], [True, True]]
+    assert len(asked) == 1 and asked[0][0] > 0 and asked[0][1] == 2  # after 2 of 4 steps
+    assert seen == [False, False, pays, pays]
+    assert trainer.compiled is pays and trainer.compiled_from_step == (2 if pays else None)
     assert all(b._compiled_call_impl is None for b in blocks)
 
 

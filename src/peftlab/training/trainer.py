@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,13 @@ from peftlab.runtime.optim import make_optimizer, set_lr, warmup_steps
 from peftlab.runtime.precision import autocast_for
 from peftlab.runtime.result import TrainResult
 from peftlab.tasks.base import Task
-from peftlab.training.compile import compiled_blocks, resolve_compile, transformer_blocks
+from peftlab.training.compile import (
+    AUTO_MEASURE_STEPS,
+    compile_pays,
+    compiled_blocks,
+    resolve_compile,
+    transformer_blocks,
+)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -155,9 +161,14 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.micro_per_step))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         tokens_per_step = sum(self.lengths) / len(self.lengths) * cfg.batch_size * cfg.grad_accum
-        self.compiled, self.compile_reason = resolve_compile(cfg, model, self.total_steps,
-                                                             tokens_per_step)
-        if self.compiled:
+        compiled, self.compile_reason = resolve_compile(cfg, model, self.total_steps,
+                                                        tokens_per_step)
+        # auto with nothing against it: fit times AUTO_MEASURE_STEPS eager steps, then decides
+        self.compile_pending = compiled is None
+        self.compiled = bool(compiled)
+        self.compile_horizon = self.total_steps  # the run length that decision assumes
+        self.compiled_from_step: int | None = 0 if self.compiled else None
+        if self.compiled or self.compile_pending:
             transformer_blocks(model)  # a model without findable blocks fails here, not in fit
         self.warmup_steps = warmup_steps(cfg, self.total_steps)
         self.save_every = cfg.save_every or cfg.eval_every or self.steps_per_epoch
@@ -198,13 +209,15 @@ class Trainer:
         window.loss_sum, window.steps = state["window"]
         stopped_by_hook = False
         # the bar is closed before any error line is printed; NEFTune's hook is removed
-        with neftune(self.model, cfg.neftune_alpha), \
-                cpu_training_kernels(self.model, world.device.type == "cpu", cfg.attention,
-                                  self.compiled), \
-                compiled_blocks(self.model, self.compiled), bar:
+        kernels = ExitStack()  # reopened compiled when auto decides to compile mid-run
+        with neftune(self.model, cfg.neftune_alpha), kernels, bar:
+            self._open_kernels(kernels)
+            steps_here, last_step_seconds = 0, 0.0
             for group in self._step_groups(micro):
                 if step >= self.total_steps:
                     break
+                if self.compile_pending and steps_here == AUTO_MEASURE_STEPS:
+                    self._decide_compile(kernels, step, last_step_seconds, bar)
                 step_start = time.perf_counter()
                 step_tokens = 0
                 lr = set_lr(self.optimizer, cfg, step, self.total_steps, self.warmup_steps)
@@ -244,7 +257,9 @@ class Trainer:
                 micro += len(group)
                 last_loss = loss_total / max(n_total, 1)
                 state["tokens"] += step_tokens
-                window.add(last_loss, step_tokens, time.perf_counter() - step_start)
+                last_step_seconds = time.perf_counter() - step_start
+                steps_here += 1
+                window.add(last_loss, step_tokens, last_step_seconds)
                 bar.update(1)
                 bar.set_postfix(loss=f"{window.mean_loss:.4f}", tok_s=f"{window.tokens_per_s:.0f}",
                                 lr=f"{lr:.2e}")
@@ -314,6 +329,29 @@ class Trainer:
                            best_metric=self.best_metric,
                            history=history, seconds=seconds, tokens=state["tokens"],
                            stopped_by_hook=stopped_by_hook)
+
+    def _open_kernels(self, kernels: ExitStack) -> None:
+        on_cpu = self.world.device.type == "cpu"
+        kernels.enter_context(cpu_training_kernels(self.model, on_cpu, self.cfg.attention,
+                                                   self.compiled))
+        kernels.enter_context(compiled_blocks(self.model, self.compiled))
+
+    def _decide_compile(self, kernels: ExitStack, step: int, eager_step_seconds: float,
+                        bar: tqdm) -> None:
+        """``compile: auto``'s timed half: compile the blocks from this step on if the rest
+        of the run at the measured eager pace repays it."""
+        self.compile_pending = False
+        remaining = self.compile_horizon - step
+        self.compiled, why = compile_pays(eager_step_seconds, remaining)
+        # every rank takes rank 0's decision: DDP ranks must run the same kind of step
+        self.compiled = self.world.sum([float(self.compiled and self.world.main)])[0] > 0
+        self.compile_reason = why if self.world.size == 1 else f"{why} (rank 0's timing)"
+        if self.compiled:
+            kernels.close()
+            self._open_kernels(kernels)
+            self.compiled_from_step = step
+        if self.world.main:
+            bar.write(f"compile auto -> {self.compile_reason}")
 
     # -- evaluation -----------------------------------------------------------------
     @property
