@@ -83,10 +83,10 @@ def compile_pays(eager_step_seconds: float, remaining_steps: int) -> tuple[bool,
     """The timed half of ``auto``: compile when the remaining steps at the measured eager
     pace take at least :data:`AUTO_MIN_SECONDS`."""
     eager_s = eager_step_seconds * remaining_steps
-    verdict = "on" if eager_s >= AUTO_MIN_SECONDS else "off"
-    relation = ">=" if verdict == "on" else "<"
-    return verdict == "on", (f"{verdict}: {remaining_steps} more steps at {eager_step_seconds:.1f} s "
-                             f"eager = {eager_s:.0f} s {relation} {AUTO_MIN_SECONDS} s")
+    on = eager_s >= AUTO_MIN_SECONDS
+    return on, (f"{'on' if on else 'off'}: {remaining_steps} more steps at "
+                f"{eager_step_seconds:.1f} s eager = {eager_s:.0f} s {'>=' if on else '<'} "
+                f"{AUTO_MIN_SECONDS} s")
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
