@@ -365,6 +365,7 @@ def _train_peftlab(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> dic
     seconds = [end - start for start, end in zip(task.starts, ends, strict=True)]
     return {"precision": precision, "compiled": trainer.compiled,
             "compiled_from_step": trainer.compiled_from_step, "losses": task.losses,
+            "heap_trims": trainer.heap.trims if trainer.heap is not None else 0,
             "step_seconds": seconds, "step_tokens": tokens, "startup_seconds": startup,
             "wall_seconds": wall}
 
@@ -945,7 +946,11 @@ def run_e2e(args, tmp: Path, batches_path: Path, adapter: Path,
                                         "e2e")
     wall = {c: statistics.median(x["wall_seconds"] for x in r) for c, r in e2e_runs.items()}
     startup = {c: statistics.median(x["startup_seconds"] for x in r) for c, r in e2e_runs.items()}
+    mine = e2e_runs[CANDIDATE]
     return {"steps": steps, "source": source, "wall_seconds": wall, "startup_seconds": startup,
+            "peak_rss_mb": {c: max(x["peak_rss_mb"] for x in r) for c, r in e2e_runs.items()},
+            "candidate_compiled_from_step": [x.get("compiled_from_step") for x in mine],
+            "candidate_heap_trims": [x.get("heap_trims", 0) for x in mine],
             "ratio_vs_bf16": ratio(wall[CANDIDATE], wall[REF_BF16]),
             "ratio_vs_bf16_compile": ratio(wall[CANDIDATE], wall[REF_BF16_COMPILE]),
             "definition": "interpreter start -> imports, model load, LoRA, compile, training, "
@@ -1137,6 +1142,12 @@ def markdown(r: dict[str, Any]) -> str:
                   f"{_f(e['ratio_vs_bf16'])}x; vs the compiled bf16 reference "
                   f"{w[REF_BF16_COMPILE]:.1f} s: {_f(e['ratio_vs_bf16_compile'])}x. "
                   f"{e['definition'][0].upper()}{e['definition'][1:]}.", ""]
+        if "peak_rss_mb" in e:  # older results lack these
+            rss = e["peak_rss_mb"]
+            lines += [f"Peak RSS over those steps: peftlab {rss[CANDIDATE]:.0f} MB (compiled "
+                      f"from step {e['candidate_compiled_from_step']}, heap trims "
+                      f"{e['candidate_heap_trims']}), bf16 reference {rss[REF_BF16]:.0f} MB, "
+                      f"compiled bf16 reference {rss[REF_BF16_COMPILE]:.0f} MB.", ""]
     if r["classification"]:
         c = r["classification"]
         lines += [f"Classification ({c['model']}, batch {c['batch_size']} x {c['seq_len']}, "

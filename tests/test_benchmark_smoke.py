@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,6 +118,14 @@ def test_bf16_reference_and_summary(bench, sft_setup, tiny_chat_model_dir):
               "generation": None}
     rows = {row["key"]: row for row in bench.targets(result)}
     assert rows["e2e_vs_bf16"]["status"] == "n/a"
+    # end to end from the same runs: their walls, and what the candidate's memory did
+    e2e = bench.run_e2e(SimpleNamespace(e2e_steps=None, steps=STEPS), tmp, None, None, runs)
+    assert e2e["ratio_vs_bf16"] == pytest.approx(
+        runs[bench.CANDIDATE][0]["wall_seconds"] / runs[bench.REF_BF16][0]["wall_seconds"])
+    assert e2e["candidate_compiled_from_step"] == [None]
+    assert e2e["candidate_heap_trims"] == [0]  # a few tiny steps grow nothing
+    assert e2e["peak_rss_mb"][bench.CANDIDATE] == runs[bench.CANDIDATE][0]["peak_rss_mb"]
+    result["e2e"] = e2e
     assert rows["train_vs_bf16"]["status"] in ("MET", "MISSED")
     assert rows["mfu"]["target"] == ">= 0.7"
     md = bench.markdown({**result, "machine": {"cpu": "test", "cores": 2, "torch_threads": 2,
@@ -129,6 +138,7 @@ def test_bf16_reference_and_summary(bench, sft_setup, tiny_chat_model_dir):
                          "fp32_matmul_gflops": 100.0,
                          "data": {"pad_fraction": 0.1, "labelled_fraction": 0.5}})
     assert "torch.compile(model)" in md and "| first step s (per round) |" in md
+    assert "(compiled from step [None], heap trims [0])" in md
 
 
 def test_generation_worker_matches_transformers(bench, sft_setup, diverse_chat_model_dir):

@@ -1,4 +1,5 @@
-"""keep_freed_memory: a training step's activation buffers stop costing page faults."""
+"""keep_freed_memory: a training step's activation buffers stop costing page faults, and
+what the heap keeps stays bounded (HeapTrimmer)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 import textwrap
 
 import pytest
+
+from peftlab.runtime.heap import HeapTrimmer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
@@ -45,3 +48,88 @@ def test_a_bert_step_stops_page_faulting_once_freed_memory_is_kept():
     default, kept = faults_per_step("default"), faults_per_step("keep")
     assert default > 2000, f"glibc's defaults no longer fault here ({default}/step): is the lever still needed?"
     assert kept < default / 10, (kept, default)
+
+
+FRAGMENTED = """
+import torch
+from peftlab.runtime.heap import keep_freed_memory, resident_bytes, trim_heap
+assert keep_freed_memory()
+big, pins = [], []
+for _ in range(300):  # 1 MiB buffers from the heap, each followed by a small live one
+    big.append(torch.ones(1 << 18))
+    pins.append(torch.ones(16))
+del big  # ~300 MiB free, in holes between the pins: glibc cannot trim its top
+held = resident_bytes()
+assert trim_heap()
+print(held - resident_bytes())
+"""
+
+
+def test_trim_heap_gives_back_freed_holes_the_heap_keeps():
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(FRAGMENTED)], check=True,
+                         capture_output=True, text=True, timeout=300)
+    released = int(out.stdout.strip().splitlines()[-1])
+    assert released > 200 << 20, f"malloc_trim released only {released >> 20} MiB"
+
+
+class FakeProcess:
+    """RSS that grows by ``leak`` per step until trimmed back to ``live``."""
+
+    def __init__(self, live: int, step: int, leak: int):
+        self.live, self.step_bytes, self.leak = live, step, leak
+        self.resident = live + step
+        self.trimmed_at: list[int] = []
+        self.steps = 0
+
+    def run_step(self) -> None:
+        self.steps += 1
+        self.resident = max(self.resident, self.live + self.step_bytes) + self.leak
+
+    def trim(self) -> bool:
+        self.trimmed_at.append(self.steps)
+        self.resident = self.live
+        return True
+
+
+MiB = 1 << 20
+
+
+def drive(proc: FakeProcess, steps: int, **kwargs) -> HeapTrimmer:
+    trimmer = HeapTrimmer(rss=lambda: proc.resident, trim=proc.trim, **kwargs)
+    for _ in range(steps):
+        proc.run_step()
+        trimmer.after_step()
+    return trimmer
+
+
+def test_a_flat_run_is_never_trimmed():
+    proc = FakeProcess(live=1000 * MiB, step=1500 * MiB, leak=MiB)
+    assert drive(proc, 100).trims == 0
+
+
+def test_a_growing_heap_is_trimmed_a_quarter_past_a_steps_working_set():
+    """Working set 2.5 GB, 65 MB more per step (a compiled SmolLM2 run): a trim once RSS is
+    625 MB over the reference taken a step after the start or the last trim."""
+    proc = FakeProcess(live=1000 * MiB, step=1500 * MiB, leak=65 * MiB)
+    trimmer = drive(proc, 40)
+    # reference at step 1: 2565 MiB; trim when >= 641 MiB more: step 11 (2565 + 650)
+    assert proc.trimmed_at[0] == 11
+    # then the reference is re-measured a step after each trim, so trims recur evenly
+    gaps = {b - a for a, b in zip(proc.trimmed_at, proc.trimmed_at[1:], strict=False)}
+    assert gaps == {11}, proc.trimmed_at
+    assert trimmer.trims == len(proc.trimmed_at) == 3
+
+
+def test_small_processes_grow_at_least_min_bytes_before_a_trim():
+    proc = FakeProcess(live=10 * MiB, step=20 * MiB, leak=10 * MiB)
+    drive(proc, 30, min_bytes=256 * MiB)
+    assert proc.trimmed_at == [27]  # 30 MiB reference + 256 MiB: 25 more steps of 10 MiB
+
+
+def test_where_trimming_is_unavailable_nothing_counts_as_a_trim():
+    proc = FakeProcess(live=1000 * MiB, step=1500 * MiB, leak=300 * MiB)
+    trimmer = HeapTrimmer(rss=lambda: proc.resident, trim=lambda: False)  # not glibc
+    for _ in range(5):
+        proc.run_step()
+        assert not trimmer.after_step()
+    assert trimmer.trims == 0 and trimmer.reference == 2800 * MiB

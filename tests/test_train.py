@@ -561,13 +561,16 @@ def test_resume_takes_the_attention_kernels_of_the_first_part(tiny_chat_model_di
 @pytest.mark.parametrize("keep", [True, False])
 def test_fit_on_a_cpu_keeps_freed_memory_unless_told_not_to(tiny_chat_model_dir, demo_data_dir,
                                                             tmp_path, monkeypatch, keep):
-    """``train.keep_freed_memory`` (process-wide mallopt, peftlab.runtime.heap): a library
-    caller who wants glibc's defaults says false, and then fit never touches the allocator."""
+    """``train.keep_freed_memory`` (process-wide mallopt and heap trims, peftlab.runtime.heap):
+    a library caller who wants glibc's defaults says false, and then fit never touches the
+    allocator."""
     import peftlab.training.trainer as trainer_module
 
     calls: list[bool] = []
-    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(True))
-    trainer, _ = _trainer(tiny_chat_model_dir, demo_data_dir, tmp_path, max_steps=1,
+    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(True) or True)
+    trainer, _ = _trainer(tiny_chat_model_dir, demo_data_dir, tmp_path, max_steps=2,
                           keep_freed_memory=keep)
     trainer.fit()
     assert calls == ([True] if keep else [])
+    # what is kept stays bounded: the trimmer watched the steps (measured its reference)
+    assert (trainer.heap is not None and trainer.heap.reference is not None) == keep

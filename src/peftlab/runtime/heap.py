@@ -13,6 +13,13 @@ Buffers above 32 MiB (glibc's largest threshold) are still mapped per use: loops
 bigger temporaries, like a cross-entropy over a large vocabulary, keep them below that
 (:func:`peftlab.models.lm.head_cross_entropy`).
 
+Kept memory must stay bounded: with compiled blocks (inductor) glibc's heap fragments. In a
+SmolLM2 LoRA run (8 x 256 tokens, 2 cores) the bytes in use stayed at ~515 MB while the free
+part of the heap grew ~65 MB per step, RSS 2.4 -> 4.3 GB over 30 steps and on (also with
+glibc's defaults); eager steps reuse their holes and stay flat. ``malloc_trim(0)`` gives all
+of it back (2.5 -> 1.0 GB), so :class:`HeapTrimmer` trims whenever RSS has grown a quarter
+past a step's working set -- every ~10 steps there, never in a flat run.
+
 Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing. PyTorch's guides
 reach the same end by preloading jemalloc or tcmalloc; this needs no extra library.
 """
@@ -20,7 +27,9 @@ reach the same end by preloading jemalloc or tcmalloc; this needs no extra libra
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+from collections.abc import Callable
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -51,3 +60,56 @@ def _mallopt(param: int, value: int) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(param, value) == 1
+
+
+def trim_heap() -> bool:
+    """glibc's ``malloc_trim(0)``: hand every free page of the heap back to the kernel."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    malloc_trim(0)
+    return True
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class HeapTrimmer:
+    """Trims the heap once RSS has grown by ``growth`` (and at least ``min_bytes``) past the
+    working set: the RSS at the end of the first step after the start or the last trim.
+
+    Why that reference: right after a trim RSS is only the live memory, and the next step
+    faults its buffers back in; a step later RSS is what a step needs, so only growth past
+    it is fragmentation. Trimming every step would cost those page faults every step.
+    """
+
+    def __init__(self, growth: float = 0.25, min_bytes: int = 256 << 20,
+                 rss: Callable[[], int] = resident_bytes,
+                 trim: Callable[[], bool] = trim_heap) -> None:
+        self.growth, self.min_bytes, self.rss, self.trim = growth, min_bytes, rss, trim
+        self.reference: int | None = None
+        self.trims = 0
+
+    def after_step(self) -> bool:
+        """Call once per optimizer step; returns whether it trimmed."""
+        now = self.rss()
+        if self.reference is None:
+            self.reference = now
+            return False
+        if now - self.reference < max(self.growth * self.reference, self.min_bytes):
+            return False
+        if self.trim():
+            self.trims += 1
+            self.reference = None  # re-measured at the end of the next step
+            return True
+        return False

@@ -35,7 +35,7 @@ from peftlab.runtime.fsdp import (
     shard_model,
     sync_gradients,
 )
-from peftlab.runtime.heap import keep_freed_memory
+from peftlab.runtime.heap import HeapTrimmer, keep_freed_memory
 from peftlab.runtime.metrics_log import LogWindow, MetricsLog
 from peftlab.runtime.neftune import neftune
 from peftlab.runtime.optim import make_optimizer, set_lr, warmup_steps
@@ -172,6 +172,7 @@ class Trainer:
             transformer_blocks(model)  # a model without findable blocks fails here, not in fit
         self.warmup_steps = warmup_steps(cfg, self.total_steps)
         self.save_every = cfg.save_every or cfg.eval_every or self.steps_per_epoch
+        self.heap: HeapTrimmer | None = None  # set by fit when it keeps freed memory
 
     # -- the loop -------------------------------------------------------------------
     def fit(self, resume: bool | str | Path = False) -> TrainResult:
@@ -179,8 +180,11 @@ class Trainer:
         if world.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + world.rank)  # dropout: different masks on each rank
-        if world.device.type == "cpu" and cfg.keep_freed_memory:
-            keep_freed_memory()  # no page faults on every step's activation buffers
+        self.heap = None
+        if world.device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory():
+            # no page faults on every step's activation buffers, and what is kept stays
+            # bounded (compiled steps fragment the heap)
+            self.heap = HeapTrimmer()
         state = {"step": 0, "micro": 0, "best_value": None, "best_step": None, "tokens": 0,
                  "bad_evals": 0, "window": [0.0, 0]}
         if resume:
@@ -253,6 +257,8 @@ class Trainer:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.heap is not None:
+                    self.heap.after_step()
                 step += 1
                 micro += len(group)
                 last_loss = loss_total / max(n_total, 1)
