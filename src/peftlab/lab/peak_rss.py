@@ -8,22 +8,18 @@ the process-wide ``ru_maxrss`` is the fallback (exact for a trial in a fresh wor
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import threading
-from pathlib import Path
 from types import TracebackType
 
-STATM = Path("/proc/self/statm")
+from peftlab.runtime.heap import resident_bytes
 
 
 def current_rss_mb() -> float | None:
-    try:
-        pages = int(STATM.read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    """The current RSS in MiB, or None where /proc cannot tell it."""
+    rss = resident_bytes()
+    return rss / 2**20 if rss else None
 
 
 def max_rss_mb() -> float:
