@@ -406,6 +406,8 @@ def test_compile_auto_times_eager_steps_then_decides(tiny_chat_model_dir, demo_d
     eager step's time and the steps left). Compiled blocks run while fit trains and validates,
     and the model leaves fit eager, so generation afterwards does not recompile for every
     KV-cache shape."""
+    from torch._dynamo.utils import counters
+
     from peftlab.training import compile as compile_mod
     from peftlab.training import trainer as trainer_mod
 
@@ -420,6 +422,7 @@ def test_compile_auto_times_eager_steps_then_decides(tiny_chat_model_dir, demo_d
                           max_steps=4, batch_size=4, eval_every=1, precision="bf16")
     assert trainer.compile_pending and not trainer.compiled
     blocks = list(trainer.model.model.layers)
+    counters.clear()
     seen = []
     trainer.on_evaluate = lambda step, rec: seen.append(
         blocks[0]._compiled_call_impl is not None) and False
@@ -428,6 +431,11 @@ def test_compile_auto_times_eager_steps_then_decides(tiny_chat_model_dir, demo_d
     assert seen == [False, False, pays, pays]
     assert trainer.compiled is pays and trainer.compiled_from_step == (2 if pays else None)
     assert all(b._compiled_call_impl is None for b in blocks)
+    # LoRA's fused Function under bf16 autocast: torch's on-disk autograd cache keeps the
+    # graphs (an autocast region or an uncacheable op would bypass it: slower warm starts)
+    cache = counters["aot_autograd"]
+    assert cache["autograd_cache_bypass"] == 0
+    assert (cache["autograd_cache_saved"] + cache["autograd_cache_hit"] > 0) is pays
 
 
 def test_label_only_head_equals_full_forward_loss(tiny_chat_model_dir, demo_data_dir):

@@ -102,7 +102,7 @@ class _FusedLora(torch.autograd.Function):
     output with addmm (no full-size add/scale/cast passes), saves only the LoRA input and the
     rank-r activation ``x_lora A^T``, and skips the input gradient (g W) when the input does
     not need it (e.g. the first block's projections). ``x_lora`` is None when it is ``x``
-    itself (no dropout). All tensors arrive in one dtype; the caller disables autocast.
+    itself (no dropout). All tensors arrive in one dtype, autocast's when it is on.
     """
 
     @staticmethod
@@ -325,8 +325,10 @@ class LoraLinear(layers.Wrapper):
             x_lora = dropout(x).to(dtype)
         a = self.lora_A[name].weight.to(dtype)  # fp32 master -> compute dtype (autograd casts back)
         b = self.lora_B[name].weight.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return _FusedLora.apply(x.to(dtype), x_lora, w_t, bias, a, b, self.scaling[name])
+        # No autocast-off region around the call: every operand is already in autocast's dtype
+        # (or autocast is off), so autocast would change nothing inside, and such a region in a
+        # compiled block makes torch bypass its on-disk autograd cache (seconds per warm start).
+        return _FusedLora.apply(x.to(dtype), x_lora, w_t, bias, a, b, self.scaling[name])
 
     def _per_row_forward(self, x: Tensor) -> Tensor:
         """Base output for the whole batch + each row's own low-rank update (one masked pass)."""
