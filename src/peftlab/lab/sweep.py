@@ -27,15 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# The object-oriented API draws without pyplot, so no global backend is chosen (a user's
-# notebook keeps its own) and no figure has to be closed.
-from matplotlib.figure import Figure
-
 from peftlab.config import ConfigError, RunConfig, load_config
 from peftlab.files import CorruptFileError, read_json
 from peftlab.lab.baseline import run_baseline
 from peftlab.lab.pareto import pareto_front
 from peftlab.lab.peak_rss import PeakRSS
+from peftlab.runtime.plots import new_figure
 from peftlab.training.recipe import run_training
 
 TRIAL_FILE = "trial.json"
@@ -344,7 +341,7 @@ def _pareto_row(t: Trial, *extra: str) -> str:
 
 def _plot_history(result: SweepResult, path: Path) -> None:
     """Each trial's best metric in trial order (pruned ones hollow) and the best so far."""
-    fig = Figure(figsize=(7.0, 3.6), dpi=110)
+    fig = new_figure(7.0, 3.6)
     ax = fig.subplots()
     for status, style in (("done", {"color": "tab:blue"}),
                           ("pruned", {"facecolors": "none", "edgecolors": "tab:gray"})):
@@ -372,7 +369,7 @@ def _plot(result: SweepResult, path: Path) -> None:
     ranked = result.ranked
     labels = [f"{t.index:02d} " + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}"
                                             for k, v in t.overrides.items()) for t in ranked]
-    fig = Figure(figsize=(7.0, 0.5 + 0.35 * len(ranked)), dpi=110)
+    fig = new_figure(7.0, 0.5 + 0.35 * len(ranked))
     ax = fig.subplots()
     ax.barh(range(len(ranked)), [t.best_value for t in ranked], color="tab:blue")
     ax.set_yticks(range(len(ranked)), labels, fontsize=8)

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# The object-oriented API draws without pyplot, so no global backend is chosen (a user's
-# notebook keeps its own) and no figure has to be closed.
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # type hints only
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure of the object-oriented API: it draws without pyplot, so no global
+    backend is chosen (a user's notebook keeps its own) and no figure has to be closed.
+    Imported here, on first use: matplotlib costs ~0.6 s to import, which every command that
+    imports the training code (serve, predict, the benchmarks) would pay otherwise."""
+    from matplotlib.figure import Figure  # on first use (see the docstring)
+
+    return Figure(figsize=(width, height), dpi=110)
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    fig = Figure(figsize=(6.4, 4.0), dpi=110)
+    fig = new_figure(6.4, 4.0)
     ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
@@ -34,7 +43,7 @@ def plot_reward_curve(history: list[dict[str, Any]], path: str | Path, title: st
                       kl_label: str = "KL(policy || reference), nats per answer") -> Path:
     """Mean reward per iteration/round, validation reward, and KL (if logged) on a twin axis."""
     steps = [r["step"] for r in history]
-    fig = Figure(figsize=(6.4, 4.0), dpi=110)
+    fig = new_figure(6.4, 4.0)
     ax = fig.subplots()
     ax.plot(steps, [r["reward_mean"] for r in history], label="mean reward", lw=1.4)
     val = [(r["step"], r["val_reward_mean"]) for r in history if "val_reward_mean" in r]

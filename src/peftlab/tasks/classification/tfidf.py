@@ -20,15 +20,19 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.numpy import save_file
-from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import normalize
 
 from peftlab.files import read_json, read_safetensors
+
+if TYPE_CHECKING:
+    from sklearn.feature_extraction.text import TfidfVectorizer  # type hints only
+
+# scikit-learn is imported where it is used: importing it costs ~1.5 s, which every run that
+# imports the task registry would pay otherwise (the ensemble and the baseline are opt-in).
 
 TFIDF_JSON, TFIDF_WEIGHTS = "tfidf.json", "tfidf.safetensors"
 ENSEMBLE_C = 10.0  # weak regularisation: the network carries the smooth part of the decision
@@ -41,6 +45,8 @@ def normalize_text(text: str) -> str:
 
 
 def make_vectorizer() -> TfidfVectorizer:
+    from sklearn.feature_extraction.text import TfidfVectorizer  # on first use (see above)
+
     return TfidfVectorizer(preprocessor=normalize_text, ngram_range=(1, 2))
 
 
@@ -61,6 +67,8 @@ class TfidfModel:
         should not lean to the majority class on an imbalanced set either way."""
         if len(set(labels)) < 2:
             raise ValueError("the TF-IDF model needs at least two classes in the training rows")
+        from sklearn.linear_model import LogisticRegression  # on first use (module comment)
+
         vectorizer = make_vectorizer()
         x = vectorizer.fit_transform(texts)
         clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed,
@@ -75,6 +83,9 @@ class TfidfModel:
                    intercept.astype(np.float64), n_classes)
 
     def proba(self, texts: Sequence[str]) -> torch.Tensor:
+        from sklearn.feature_extraction.text import CountVectorizer  # on first use
+        from sklearn.preprocessing import normalize
+
         counts = CountVectorizer(preprocessor=normalize_text, ngram_range=(1, 2),
                                  vocabulary=self.vocabulary).transform(texts)
         x = normalize(counts.multiply(self.idf).tocsr(), norm="l2")
