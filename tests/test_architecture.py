@@ -50,3 +50,21 @@ def test_no_probing_for_optional_behaviour():
     found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in _sources()
              for n, line in enumerate(p.read_text().splitlines(), start=1) if pattern.search(line)]
     assert not found, "\n".join(found)
+
+
+def test_imports_stay_lazy_where_start_up_matters():
+    """``peftlab --help`` or a mistyped flag does not import torch or transformers (~10 s on
+    2 cores: each command imports what it runs), yet the first registry lookup finds the
+    built-in methods and tasks; and importing the Trainer and the task registry does not import
+    scikit-learn, matplotlib or the HTTP stack (~3 s more of every training start-up): the
+    modules that need them import them on first use."""
+    heavy = ["sklearn", "matplotlib", "fastapi", "uvicorn"]
+    code = ("import sys, peftlab.cli\n"
+            "print(sorted(m for m in ['torch', 'transformers'] if m in sys.modules))\n"
+            "from peftlab.plugins import METHODS, TASKS\n"
+            "print('lora' in METHODS and 'sft' in TASKS)\n"
+            "import peftlab.training.trainer, peftlab.tasks\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["[]", "True", "[]"], done.stdout + done.stderr

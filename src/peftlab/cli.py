@@ -12,21 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from transformers.utils import logging as hf_logging
-
-from peftlab.api import baseline, evaluate, export, load, merge_adapters, predict, sweep, train
+from peftlab.config import PRECISIONS
 from peftlab.errors import describe_error
-from peftlab.evaluation.generate import generate_replies
-from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
-from peftlab.lab.baseline import describe as describe_baseline
-from peftlab.lab.demo import run_demo
-from peftlab.lab.sweep import table
-from peftlab.runtime.precision import PRECISIONS, prepare_inference
-from peftlab.serve.classify import Classifiers
-from peftlab.serve.engine import Engine
-from peftlab.serve.server import bind, is_loopback, make_app, make_server
-from peftlab.ui.app import make_app as make_ui_app
+
+# Each command imports what it runs inside its function: torch, transformers and the API take
+# ~10 s to import on 2 cores, which `peftlab --help` and a mistyped flag should not wait for.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +212,8 @@ def quiet_libraries(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    from transformers.utils import logging as hf_logging  # see the imports' comment
+
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -243,6 +235,8 @@ EXPECTED_ERRORS = (ValueError, KeyError, OSError)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from peftlab.api import train  # on first use (see the imports' comment)
+
     summary = train(args.config, args.overrides, resume=args.resume,
                     progress=not args.no_progress, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
@@ -251,6 +245,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from peftlab.api import sweep  # on first use (see the imports' comment)
+    from peftlab.lab.sweep import table
+
     if bool(args.grid) == (args.space is not None):
         raise ValueError("give either --grid KEY=V1,V2 (repeatable) or --space SPACE.yaml")
     result = sweep(args.config, args.grid or None, overrides=args.overrides, trials=args.trials,
@@ -270,6 +267,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace) -> int:
+    from peftlab.api import baseline  # on first use (see the imports' comment)
+    from peftlab.lab.baseline import describe as describe_baseline
+
     result = baseline(args.config, args.overrides, folds=args.folds)
     for line in describe_baseline(result):
         print(line)
@@ -277,6 +277,9 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from peftlab.api import evaluate  # on first use (see the imports' comment)
+    from peftlab.evaluation.sft_eval import describe_forgetting, generation_table
+
     results = evaluate(args.config, args.overrides, adapter=args.adapter)
     print(f"{'model':<10} {'val_loss':>9} {'perplexity':>11}   ({results['examples']} examples)")
     for name in ("base", "adapter"):
@@ -296,6 +299,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from peftlab.api import predict  # on first use (see the imports' comment)
+
     result = predict(args.adapter, args.input, model=args.model, output=args.output,
                      text_field=args.text_field, text_pair_field=args.text_pair_field,
                      batch_size=args.batch_size)
@@ -325,6 +330,10 @@ def classification_line(report: dict) -> str:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from peftlab.api import load  # on first use (see the imports' comment)
+    from peftlab.evaluation.generate import generate_replies
+    from peftlab.runtime.precision import prepare_inference  # on first use
+
     model, tokenizer = load(args.model, adapter=args.adapter)
     prepare_inference(model, args.precision)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -370,6 +379,17 @@ def _named_dirs(flag: str, specs: list[str], taken: set[str]) -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import torch  # on first use (see the imports' comment)
+
+    from peftlab.serve.classify import Classifiers  # on first use, as torch
+    from peftlab.serve.engine import Engine
+    from peftlab.serve.server import (  # on first use, as torch
+        bind,
+        is_loopback,
+        make_app,
+        make_server,
+    )
+
     taken: set[str] = set()
     adapters = _named_dirs("--adapter", args.adapter, taken)
     classifier_dirs = _named_dirs("--classifier", args.classifier, taken)
@@ -410,6 +430,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from peftlab.api import export  # on first use (see the imports' comment)
+
     written = export(args.model, adapter=args.adapter, gguf=args.gguf, hf=args.hf,
                      dtype=args.dtype, tokenizer_pre=args.tokenizer_pre,
                      gguf_adapter=args.gguf_adapter)
@@ -419,6 +441,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _merge_adapters(args: argparse.Namespace) -> int:
+    from peftlab.api import merge_adapters  # on first use (see the imports' comment)
+
     weights = None
     if args.weights is not None:
         try:
@@ -438,6 +462,9 @@ def _merge_adapters(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from peftlab.serve.server import bind, is_loopback, make_server  # on first use, as above
+    from peftlab.ui.app import make_app as make_ui_app
+
     if not is_loopback(args.host) and not args.allow_remote:
         raise ValueError(f"--host {args.host}: the UI starts training runs and reads run files "
                          "with no login; it binds to 127.0.0.1 unless you add --allow-remote")
@@ -461,6 +488,8 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from peftlab.lab.demo import run_demo  # on first use (see the imports' comment)
+
     run_demo(args.output_dir, overrides=args.overrides)
     return 0
 

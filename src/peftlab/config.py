@@ -209,6 +209,7 @@ def _validate_mixture(data: DataConfig, where: str) -> None:
 
 # The experiment trackers train.report_to may name.
 REPORT_TO = ("tensorboard", "mlflow")
+PRECISIONS = ["auto", "bf16", "fp32"]  # train.precision, --precision of chat and serve
 
 
 @dataclass
@@ -267,7 +268,7 @@ class TrainConfig:
             choice(f"{where}.report_to[{i}]", name, list(REPORT_TO))
         if len(set(self.report_to)) != len(self.report_to):
             raise ConfigError(f"{where}.report_to: {self.report_to} names a tracker twice")
-        choice(f"{where}.precision", self.precision, ["auto", "bf16", "fp32"])
+        choice(f"{where}.precision", self.precision, PRECISIONS)
         choice(f"{where}.attention", self.attention, ["auto", "sdpa"])
         for key in ("batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, key) < 1:

@@ -2,17 +2,30 @@
 
 The config layer looks plug-ins up here by name (their config dataclasses, a task's config
 section) without importing them; ``peftlab.methods`` and ``peftlab.tasks`` fill the
-registries when they are imported, which ``import peftlab`` does.
+registries when they are imported. ``import peftlab`` does not import them (they pull in
+torch and transformers, ~10 s on 2 cores, which ``peftlab --help`` should not wait for); it
+sets :func:`load_builtins_with`, so the first lookup in any registry imports them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from peftlab.errors import ConfigError, suggest
 
 T = TypeVar("T")
+_load_builtins: list[Callable[[], None]] = []  # the package's loader, until its first call
+
+
+def load_builtins_with(loader: Callable[[], None]) -> None:
+    """Call ``loader`` (it imports the built-in plug-ins) before the first registry lookup."""
+    _load_builtins[:] = [loader]
+
+
+def _ensure_builtins() -> None:
+    if _load_builtins:
+        _load_builtins.pop()()  # popped first: a lookup while it imports does not recurse
 
 
 class Registry(Generic[T]):
@@ -29,6 +42,7 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str) -> T:
+        _ensure_builtins()
         if name not in self._items:
             raise ConfigError(f"{self.key}: unknown {self.kind} {name!r}"
                               f"{suggest(str(name), self.names())}; known {self.kind}s: "
@@ -36,12 +50,15 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def names(self) -> list[str]:
+        _ensure_builtins()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        _ensure_builtins()
         return name in self._items
 
     def __iter__(self) -> Iterator[T]:
+        _ensure_builtins()
         return iter(self._items.values())
 
 

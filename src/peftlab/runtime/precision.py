@@ -18,8 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-PRECISIONS = ["auto", "bf16", "fp32"]
-
+from peftlab.config import PRECISIONS
 
 _SHAPE = (512, 576, 1536)  # (tokens, in, out) of SmolLM2's MLP up-projection
 
