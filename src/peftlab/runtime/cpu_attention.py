@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -96,12 +96,11 @@ def grouped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | 
         future = torch.full((q_len, kv_len), float("-inf"), dtype=scores.dtype,
                             device=scores.device).triu(kv_len - q_len + 1)
         scores = scores + future
-    if query.device.type == "cpu":  # CPU autocast leaves softmax's dtype alone; an autocast-
-        # off region would make a compiled block skip torch's on-disk autograd cache
+    # CPU autocast leaves softmax's dtype alone, and an autocast-off region in a compiled block
+    # would make torch skip its on-disk autograd cache: only other devices need one
+    device = query.device.type
+    with nullcontext() if device == "cpu" else torch.autocast(device, enabled=False):
         probs = softmax(scores.to(value.dtype), dim=-1)
-    else:
-        with torch.autocast(query.device.type, enabled=False):
-            probs = softmax(scores.to(value.dtype), dim=-1)
     probs = apply_dropout(probs, dropout)
     out = torch.matmul(probs.view(batch, kv_heads, groups * q_len, kv_len), value)
     return out.view(batch, heads, q_len, -1).transpose(1, 2).contiguous()
