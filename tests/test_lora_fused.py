@@ -123,3 +123,32 @@ def test_disabled_and_merged_layers_skip_the_adapter():
     layer.disabled = False
     layer.merge()
     assert_close(layer(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_layer_updates_the_projection_in_place():
+    """Traced, ``out.addmm_`` became a copy of the whole projection output plus an addmm; the
+    library op is re-placed by inductor (no clone), forward and backward, same numbers."""
+    from torch._inductor.utils import run_and_get_code
+
+    layer = make_layer(bias=False)
+    x = torch.randn(2, 5, IN)
+    expected = run(layer, x, fused=True)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    a.grad = b.grad = None
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+
+    def step():
+        leaf = x.clone().requires_grad_(True)
+        out = compiled(leaf)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        return out.detach(), leaf.grad
+
+    (out, grad_x), codes = run_and_get_code(step)
+    torch._dynamo.reset()
+    for got, want in zip((out, grad_x, a.grad, b.grad), expected, strict=True):
+        assert_close(got, want)
+    assert len(codes) == 2  # forward and backward graphs
+    for code in codes:
+        assert "torch.ops.peftlab.addmm_in_place.default(buf" in code
+        assert "clone" not in code and "auto_functionalized" not in code
