@@ -68,3 +68,22 @@ def test_imports_stay_lazy_where_start_up_matters():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.split() == ["[]", "True", "[]"], done.stdout + done.stderr
+
+
+def test_a_failed_import_of_the_built_ins_is_named_at_every_lookup(monkeypatch):
+    """The first registry lookup imports the built-in plug-ins; if that import fails (a broken
+    torch, say), later lookups must say so, not "unknown method 'lora'"."""
+    from peftlab import plugins
+
+    def broken() -> None:
+        raise ImportError("libtorch_cpu.so: cannot open shared object file")
+
+    monkeypatch.setattr(plugins, "_load_builtins", [broken])
+    monkeypatch.setattr(plugins, "_load_failure", [])
+    registry = plugins.Registry("method", "method.name")
+    with pytest.raises(ImportError, match="libtorch_cpu.so"):
+        registry.get("lora")
+    for lookup in (lambda: registry.get("lora"), registry.names, lambda: "lora" in registry):
+        with pytest.raises(ImportError, match="built-in methods and tasks failed to import: "
+                                              ".*libtorch_cpu.so"):
+            lookup()

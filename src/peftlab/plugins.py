@@ -16,6 +16,7 @@ from peftlab.errors import ConfigError, suggest
 
 T = TypeVar("T")
 _load_builtins: list[Callable[[], None]] = []  # the package's loader, until its first call
+_load_failure: list[Exception] = []  # what that call raised, if it raised
 
 
 def load_builtins_with(loader: Callable[[], None]) -> None:
@@ -24,8 +25,17 @@ def load_builtins_with(loader: Callable[[], None]) -> None:
 
 
 def _ensure_builtins() -> None:
+    if _load_failure:
+        # not "unknown method 'lora'" on every later lookup: the import error that caused it
+        raise ImportError(f"peftlab's built-in methods and tasks failed to import: "
+                          f"{_load_failure[0]!r}") from _load_failure[0]
     if _load_builtins:
-        _load_builtins.pop()()  # popped first: a lookup while it imports does not recurse
+        loader = _load_builtins.pop()  # popped first: a lookup while it imports does not recurse
+        try:
+            loader()
+        except Exception as error:
+            _load_failure.append(error)
+            raise
 
 
 class Registry(Generic[T]):
