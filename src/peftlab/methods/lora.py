@@ -115,7 +115,7 @@ def _add_low_rank_(out: Tensor, m1: Tensor, m2: Tensor, alpha: float = 1.0) -> N
     if torch.compiler.is_compiling():
         torch.ops.peftlab.addmm_in_place(out, m1, m2, alpha)
     else:
-        out.addmm_(m1, m2, alpha=alpha)
+        _addmm_in_place(out, m1, m2, alpha)
 
 
 class _FusedLora(torch.autograd.Function):
