@@ -137,3 +137,46 @@ def test_sft_loss_with_lora_matches_full_model_logits():
     assert_close(loss.detach(), expected.detach())
     for p, g in zip(params, ours, strict=True):
         assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_target_too_unlikely_for_the_softmax_gets_its_exact_loss(dtype):
+    """Target probabilities below the dtype's smallest normal (a loss of ~90+ nats, e.g. a
+    diverging run) come out of the softmax as 0 or a subnormal: their loss is recomputed from
+    the logits, not reported as inf or capped."""
+    head = frozen_head()
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(6, HIDDEN, generator=gen)
+    targets = torch.randint(0, VOCAB, (6,), generator=gen)
+    with torch.no_grad():  # word 7's logit 120-200 below the rest for every row
+        head.weight[7] = -hidden.new_tensor(range(HIDDEN)) * 4.0
+        hidden[:, :] = hidden.abs() + 1.0
+    targets[1] = targets[4] = 7
+    head.to(dtype)
+    h = hidden.to(dtype).requires_grad_(True)
+    loss = head_cross_entropy(h, head, targets, 4)
+    logits = F.linear(h.detach(), head.weight).float()
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    assert torch.softmax(logits, -1)[[1, 4], 7].max() < torch.finfo(dtype).tiny
+    assert torch.isfinite(loss) and float(expected) > 2 * 90
+    assert_close(loss.detach(), expected, rtol=1e-3, atol=0)
+
+
+def test_bf16_loss_is_within_the_rounding_of_the_target_probability():
+    """Inputs in bf16 (autocast off, as under precision: bf16): the softmax runs in bf16, so
+    each token's loss may be off by -log(1 +- 2^-9) <= 0.002 nats from the fp32 CE of the same
+    bf16 logits; the input gradient is the same softmax - onehot, rounded to bf16."""
+    torch.manual_seed(0)
+    head = nn.Linear(HIDDEN, 4_000, bias=False).requires_grad_(False).bfloat16()
+    gen = torch.Generator().manual_seed(6)
+    hidden = (torch.randn(64, HIDDEN, generator=gen) * 3).bfloat16()
+    targets = torch.randint(0, 4_000, (64,), generator=gen)
+    h = hidden.clone().requires_grad_(True)
+    loss = head_cross_entropy(h, head, targets, 16)
+    loss.backward()
+    ref = hidden.float().requires_grad_(True)
+    logits = F.linear(ref.bfloat16(), head.weight).float()  # the same bf16 logits
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    expected.backward()
+    assert abs(float(loss.detach()) - float(expected.detach())) <= 64 * 2 ** -9
+    assert ((h.grad.float() - ref.grad).norm() / ref.grad.norm()) < 0.01

@@ -69,10 +69,20 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Summed CE over chunks of hidden states for a frozen head (W, b), memory-bounded.
 
     The gradient of the summed CE w.r.t. a chunk's logits is softmax - onehot, so the forward
-    turns each chunk's fp32 logits into that in place and multiplies by W right away: only
-    the (tokens, hidden) input gradient is kept (the same size as the hidden states autograd
-    would otherwise save), never the (tokens, vocab) logits, and backward does no head
-    matmul at all. Inputs arrive in one dtype; the caller disables autocast.
+    turns each chunk's logits into that and multiplies by W right away: only the (tokens,
+    hidden) input gradient is kept (the same size as the hidden states autograd would
+    otherwise save), never the (tokens, vocab) logits, and backward does no head matmul at
+    all. Inputs arrive in one dtype; the caller disables autocast.
+
+    The softmax runs in that dtype (ATen's kernel accumulates in fp32 and rounds once) and
+    each token's loss is -log of its target's probability. Why: the same maths as fp32
+    logits with a manual log-sum-exp took 7-8 passes over every chunk (cast, max, subtract,
+    exp, sum, divide, cast back); one fused kernel cut a 160 x 49,152 bf16 chunk from 20-33 ms
+    to 6-7 ms, ~0.15 s of a SmolLM2 step (2-core AMX Xeon). In bf16 a probability carries a
+    relative error <= 2^-9, so a token's loss is off by <= 0.002 nats, of either sign (the
+    summed loss of 1,600 random tokens moved 0.006 of 18,472); the gradient was rounded to
+    bf16 before as well. A probability below the dtype's smallest normal (loss > ~87) is
+    recomputed from the logits in fp32.
     """
 
     @staticmethod
@@ -83,18 +93,19 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             t = targets[rows]
-            logits = F.linear(hidden[rows], weight, bias).float()
-            target_logits = logits.gather(1, t[:, None]).squeeze(1)
-            # Softmax and log-sum-exp in place: torch.logsumexp would allocate another
-            # (tokens, vocab) buffer, and on CPU the page faults of a fresh 200 MB buffer
-            # cost more than the arithmetic.
-            peak = logits.amax(dim=-1, keepdim=True)
-            sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
-            total += (peak + sums.log()).squeeze(1).sub_(target_logits).sum()
-            probs = logits.div_(sums)
-            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            grad_hidden[rows] = probs.to(weight.dtype) @ weight
-            del logits, probs
+            logits = F.linear(hidden[rows], weight, bias)
+            probs = torch.softmax(logits, dim=-1)
+            at = (torch.arange(t.shape[0], device=t.device), t)
+            token_loss = probs[at].float().log_().neg_()
+            tiny = probs[at] < torch.finfo(probs.dtype).tiny
+            if bool(tiny.any()):
+                exact = logits[tiny].float()
+                token_loss[tiny] = exact.logsumexp(-1) - exact.gather(1, t[tiny, None]).squeeze(1)
+            total += token_loss.sum()
+            del logits
+            probs[at] -= 1.0
+            grad_hidden[rows] = probs @ weight
+            del probs
         ctx.save_for_backward(grad_hidden)
         return total
 
