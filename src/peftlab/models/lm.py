@@ -60,7 +60,8 @@ def fused_chunk_rows(vocab: int, chunk_size: int) -> int:
     800 MB in fp32. The loss and gradient of 1,600 tokens took 510-600 ms in one chunk and
     350-410 ms in 160-256-row chunks (0 page faults; 64 rows: 570 ms, the head matmul gets
     too thin), and a whole SFT step of 8 x 256 tokens 3.2 -> 2.7 s (2-core EPYC, bf16).
-    Only this path keeps one chunk alive at a time, so only here does the size matter.
+    Only this path keeps one chunk alive at a time (its logits and their softmax, two
+    buffers each within the bound), so only here does the size matter.
     """
     return min(chunk_size, max(32, CHUNK_LOGITS_BYTES // (4 * vocab)))
 
@@ -96,8 +97,9 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             logits = F.linear(hidden[rows], weight, bias)
             probs = torch.softmax(logits, dim=-1)
             at = (torch.arange(t.shape[0], device=t.device), t)
-            token_loss = probs[at].float().log_().neg_()
-            tiny = probs[at] < torch.finfo(probs.dtype).tiny
+            target_probs = probs[at]
+            token_loss = target_probs.float().log_().neg_()
+            tiny = target_probs < torch.finfo(probs.dtype).tiny
             if bool(tiny.any()):
                 exact = logits[tiny].float()
                 token_loss[tiny] = exact.logsumexp(-1) - exact.gather(1, t[tiny, None]).squeeze(1)
