@@ -98,7 +98,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             probs = torch.softmax(logits, dim=-1)
             at = (torch.arange(t.shape[0], device=t.device), t)
             target_probs = probs[at]
-            token_loss = target_probs.float().log_().neg_()
+            token_loss = target_probs.float().log().neg_()  # .float() may alias in fp32
             tiny = target_probs < torch.finfo(probs.dtype).tiny
             if bool(tiny.any()):
                 exact = logits[tiny].float()
