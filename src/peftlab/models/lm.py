@@ -101,8 +101,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             token_loss = target_probs.float().log().neg_()  # .float() may alias in fp32
             tiny = target_probs < torch.finfo(probs.dtype).tiny
             if bool(tiny.any()):
-                exact = logits[tiny].float()
-                token_loss[tiny] = exact.logsumexp(-1) - exact.gather(1, t[tiny, None]).squeeze(1)
+                token_loss[tiny] = F.cross_entropy(logits[tiny].float(), t[tiny], reduction="none")
             total += token_loss.sum()
             del logits
             probs[at] -= 1.0
