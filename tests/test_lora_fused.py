@@ -104,6 +104,36 @@ def test_bf16_autocast_with_bf16_base_and_fp32_lora():
         assert ((f - r).norm() / r.norm()) < 0.02, name
 
 
+def _captured(got: torch.Tensor, base: torch.Tensor, delta: torch.Tensor) -> float:
+    """The share of ``delta`` that ``got - base`` carries (1.0: all of it)."""
+    d = got.float() - base
+    return float((d * delta).sum() / (delta * delta).sum())
+
+
+def test_bf16_keeps_an_update_smaller_than_the_base_outputs_rounding():
+    """A freshly trained B (~1e-4) changes a bf16 projection by less than half an ulp of its
+    output. Rounded once, from the GEMM's accumulator, the update survives on average; with
+    the base output rounded first it was lost (~24% of it arrived)."""
+    torch.manual_seed(0)
+    n_in, n_out, r, tokens, scaling = 64, 64, 4, 512, 2.0
+    base = nn.Linear(n_in, n_out, bias=False).to(torch.bfloat16).requires_grad_(False)
+    nn.init.normal_(base.weight, std=n_in ** -0.5)
+    layer = LoraLinear(base)
+    layer.add_adapter("default", LoraConfig(r=r, alpha=r * scaling, init="random"))
+    layer.active_adapter = "default"
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        a.normal_(std=n_in ** -0.5).copy_(a.bfloat16())
+        b.normal_(std=1e-4).copy_(b.bfloat16())
+    x = torch.randn(tokens, n_in).bfloat16()
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and layer._fused_dtype(x) == torch.bfloat16
+    w, xf = base.weight.float(), x.float()
+    xa = (xf @ a.T).bfloat16().float()  # the kernel's rank-r activation is bf16 too
+    assert 0.9 < _captured(out, xf @ w.T, scaling * xa @ b.T) < 1.1
+
+
 def test_trainable_base_weight_takes_plain_path():
     layer = make_layer()
     layer.base_layer.weight.requires_grad_(True)

@@ -110,7 +110,7 @@ _LIBRARY.define("addmm_in_place(Tensor(a!) out, Tensor m1, Tensor m2, float alph
 _LIBRARY.impl("addmm_in_place", _addmm_in_place, "CompositeExplicitAutograd")
 
 
-def _add_low_rank_(out: Tensor, m1: Tensor, m2: Tensor, alpha: float = 1.0) -> None:
+def _add_matmul_(out: Tensor, m1: Tensor, m2: Tensor, alpha: float = 1.0) -> None:
     """``out += alpha * m1 @ m2`` in place; the library op only where code is traced."""
     if torch.compiler.is_compiling():
         torch.ops.peftlab.addmm_in_place(out, m1, m2, alpha)
@@ -121,11 +121,21 @@ def _add_low_rank_(out: Tensor, m1: Tensor, m2: Tensor, alpha: float = 1.0) -> N
 class _FusedLora(torch.autograd.Function):
     """y = x W^T + b + scaling * (x_lora A^T) B^T for a *frozen* W, b in one autograd node.
 
-    Against the module-by-module graph this writes the adapter update straight into the base
-    output with addmm (no full-size add/scale/cast passes), saves only the LoRA input and the
-    rank-r activation ``x_lora A^T``, and skips the input gradient (g W) when the input does
-    not need it (e.g. the first block's projections). ``x_lora`` is None when it is ``x``
-    itself (no dropout). All tensors arrive in one dtype, autocast's when it is on.
+    Against the module-by-module graph this needs no full-size add/scale/cast passes, saves
+    only the LoRA input and the rank-r activation ``x_lora A^T``, and skips the input gradient
+    (g W) when the input does not need it (e.g. the first block's projections). ``x_lora`` is
+    None when it is ``x`` itself (no dropout). All tensors arrive in one dtype, autocast's
+    when it is on.
+
+    The small low-rank term is computed first and the base GEMM accumulates into it (addmm
+    with beta = 1), so the sum is rounded once, from the GEMM's fp32 accumulator. Why: in
+    bf16 the other order rounds ``x W^T`` first, and an update below half its ulp is lost:
+    with freshly trained B (~1e-4) only ~24% of the update reached the output, and SFT losses
+    after a few steps sat 0.005-0.015 above the fp32 run's (as for transformers+peft under
+    autocast); now within ~0.003. The price: the big GEMM reads its output back (~0.4 ms per
+    2,048 x 1,536 projection on a 2-core AMX Xeon). The input gradient keeps the cheaper order
+    (base first): its low-rank part only reaches the gradients of earlier layers, and the
+    other order changed no loss measurably while costing 0.1-1.3 ms per projection.
     """
 
     @staticmethod
@@ -135,8 +145,9 @@ class _FusedLora(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         xl = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
         xa = xl @ a.T  # (tokens, r)
-        out = x2 @ w_t if bias is None else torch.addmm(bias, x2, w_t)
-        _add_low_rank_(out, xa, b.T, scaling)
+        xa_scaled = xa * scaling  # (tokens, r): cheap, and keeps xa for grad B
+        out = xa_scaled @ b.T if bias is None else torch.addmm(bias, xa_scaled, b.T)
+        _add_matmul_(out, x2, w_t)  # += x W^T: the big GEMM last, one rounding
         ctx.save_for_backward(xl, xa, w_t, a, b)
         ctx.scaling, ctx.separate_lora_input, ctx.shape = scaling, x_lora is not None, shape
         return out.view(*shape[:-1], out.shape[-1])
@@ -153,7 +164,7 @@ class _FusedLora(torch.autograd.Function):
             if need_x:
                 grad_x = g @ w_t.T
                 if not ctx.separate_lora_input:
-                    _add_low_rank_(grad_x, gb, a)
+                    _add_matmul_(grad_x, gb, a)
                 grad_x = grad_x.view(ctx.shape)
             if need_xl:
                 grad_xl = (gb @ a).view(ctx.shape)
