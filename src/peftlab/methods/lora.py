@@ -110,12 +110,12 @@ _LIBRARY.define("addmm_in_place(Tensor(a!) out, Tensor m1, Tensor m2, float alph
 _LIBRARY.impl("addmm_in_place", _addmm_in_place, "CompositeExplicitAutograd")
 
 
-def _add_matmul_(out: Tensor, m1: Tensor, m2: Tensor, alpha: float = 1.0) -> None:
-    """``out += alpha * m1 @ m2`` in place; the library op only where code is traced."""
+def _add_matmul_(out: Tensor, m1: Tensor, m2: Tensor) -> None:
+    """``out += m1 @ m2`` in place; the library op only where code is traced."""
     if torch.compiler.is_compiling():
-        torch.ops.peftlab.addmm_in_place(out, m1, m2, alpha)
+        torch.ops.peftlab.addmm_in_place(out, m1, m2, 1.0)
     else:
-        _addmm_in_place(out, m1, m2, alpha)
+        _addmm_in_place(out, m1, m2, 1.0)
 
 
 class _FusedLora(torch.autograd.Function):
