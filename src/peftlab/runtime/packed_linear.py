@@ -12,13 +12,16 @@ Inside :func:`packed_linears` every ``nn.Linear`` of the model on the CPU is swa
 for a :class:`PackedLinear` that holds the original parameters (state dicts, tied weights and
 code reading ``.weight`` see no change) plus the packed copy, which costs the weights' size
 again while the block is open. On leaving, the original modules come back. Anything that
-needs a gradient, another device or another dtype takes ``F.linear`` as before.
+needs a gradient, another device or another dtype takes ``F.linear`` as before; layers of a
+dtype this CPU's oneDNN will not pack (bf16 on an AVX2-only CPU, see :func:`packs`) stay as
+they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,19 @@ def packing_available() -> bool:
     """oneDNN's linear ops are in this torch build (CPU wheels have them)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                             "_linear_pointwise")
+
+
+@cache
+def packs(dtype: torch.dtype) -> bool:
+    """oneDNN packs weights of ``dtype`` on this CPU. Why ask: its bf16 path needs AVX512-BW/VL/DQ
+    or AVX-NE-CONVERT (an AVX2-only EPYC refuses it), and refusing costs an exception per layer."""
+    if dtype not in PACKED_DTYPES or not packing_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -56,7 +72,7 @@ class PackedLinear(nn.Module):
 
 def _pack(linear: nn.Linear) -> Tensor | None:
     weight = linear.weight
-    if (weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES
+    if (weight.device.type != "cpu" or not packs(weight.dtype)
             or (linear.bias is not None and linear.bias.dtype != weight.dtype)
             or linear._forward_hooks or linear._forward_pre_hooks):
         return None
@@ -72,7 +88,7 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     runs packed where no gradient is asked for; yields how many were swapped (0 when disabled
     or unavailable). The packed copies are taken on entry: weights must not change inside."""
     swapped: list[tuple[nn.Module, str, nn.Linear]] = []
-    if enabled and packing_available():
+    if enabled:
         with torch.no_grad():
             for parent in list(model.modules()):
                 for name, child in list(parent.named_children()):
