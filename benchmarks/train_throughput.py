@@ -13,6 +13,11 @@ weights, saved once by peft and loaded by both), the same optimiser and the very
   inductor): the peer a performance-minded user runs. Its first step is the compile, reported
   separately (``first_step_seconds``).
 * ``ref_fp32``: the same loop in fp32.
+* ``ref_fp32_compile``: the fp32 loop under ``torch.compile(model)``, run only where the bf16
+  peers cannot run: on a CPU without bf16 instructions (an AVX2-only EPYC) oneDNN has no bf16
+  kernel and a bf16 matmul runs ~100x slower than fp32, so one bf16-autocast step would take
+  tens of minutes; there fp32 is what a user runs and the compiled fp32 loop is the strong
+  peer (``skipped_peers`` in the JSON says why the bf16 rows are missing).
 
 Every worker shares one fresh inductor cache (``TORCHINDUCTOR_CACHE_DIR`` in the run's temp
 dir): round 1 compiles cold, later rounds show what a warm on-disk cache costs.
@@ -64,11 +69,17 @@ CLS_MODEL = "minilm-l6"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CANDIDATE, REF_BF16, REF_FP32 = "peftlab", "ref_bf16", "ref_fp32"
 REF_BF16_COMPILE = "ref_bf16_compile"  # the bf16 peer under torch.compile(model)
+REF_FP32_COMPILE = "ref_fp32_compile"  # the fp32 peer compiled, where bf16 cannot run
+BF16_PEERS = (REF_BF16, REF_BF16_COMPILE)
 CANDIDATE_CKPT = "peftlab_ckpt"  # peftlab defaults + train.activation_checkpointing (opt-in)
 CONFIGS = (CANDIDATE, REF_BF16, REF_FP32)  # also the alternation order within a round
 # the SFT section also measures the compiled peer and peftlab's opt-in memory lever
 TRAIN_CONFIGS = (CANDIDATE, REF_BF16, REF_BF16_COMPILE, REF_FP32, CANDIDATE_CKPT)
 E2E_CONFIGS = (CANDIDATE, REF_BF16, REF_BF16_COMPILE)
+# where bf16 cannot run (see skipped_peers): the fp32 peers, eager and compiled
+FP32_TRAIN_CONFIGS = (CANDIDATE, REF_FP32_COMPILE, REF_FP32, CANDIDATE_CKPT)
+FP32_E2E_CONFIGS = (CANDIDATE, REF_FP32, REF_FP32_COMPILE)
+BF16_RUNNABLE = 0.25  # bf16 matmuls below this share of fp32's speed: no bf16 kernel here
 AUTO_COMPILE_STEPS = 50  # train.compile: auto decides as for a run this long (the e2e run)
 IGNORE = -100
 WARMUP_STEPS = 2  # skipped when taking the steady-state median
@@ -77,6 +88,11 @@ WARMUP_STEPS = 2  # skipped when taking the steady-state median
 TARGETS = {
     "train_vs_bf16": (2.0, True),
     "train_vs_bf16_compile": (1.2, True),
+    # where bf16 cannot run, the same goals against the fp32 peers (what a user runs there)
+    "train_vs_fp32": (2.0, True),
+    "train_vs_fp32_compile": (1.2, True),
+    "e2e_vs_fp32": (0.6, False),
+    "e2e_vs_fp32_compile": (0.8, False),
     "loss_vs_fp32": (0.01, False),
     "mfu": (0.55, True),  # bf16-fast CPU; 0.70 where fp32 is the faster precision (mfu_target)
     "e2e_vs_bf16": (0.6, False),
@@ -375,8 +391,8 @@ def _train_reference(cfg: dict[str, Any], batches: dict[str, torch.Tensor]) -> d
 
     from peftlab.models import load_model
 
-    bf16 = cfg["name"] in (REF_BF16, REF_BF16_COMPILE)
-    compiled = cfg["name"] == REF_BF16_COMPILE
+    bf16 = cfg["name"] in BF16_PEERS
+    compiled = cfg["name"] in (REF_BF16_COMPILE, REF_FP32_COMPILE)
     model, _ = load_model(cfg["model"])
     model = PeftModel.from_pretrained(model, cfg["adapter"], is_trainable=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -608,6 +624,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def skipped_peers(peaks: dict[str, float], tokens_per_step: int) -> dict[str, str]:
+    """The bf16 peers -> why they cannot run here, when bf16 matmuls are far slower than fp32
+    (no bf16 instructions: oneDNN refuses bf16 and a reference kernel runs it); else {}."""
+    if peaks["bf16"] >= BF16_RUNNABLE * peaks["fp32"]:
+        return {}
+    minutes = 4 * flop_params(MODEL) * tokens_per_step / (peaks["bf16"] * 1e9) / 60
+    why = (f"bf16 matmuls run at {peaks['bf16']:.1f} GFLOP/s here against fp32 "
+           f"{peaks['fp32']:.0f} (this CPU has no bf16 instructions), so one bf16-autocast step "
+           f"would take ~{minutes:.0f} min; the fp32 peers, eager and compiled, stand in")
+    return dict.fromkeys(BF16_PEERS, why)
+
+
 def run_training_section(args, tmp: Path, batches_path: Path, adapter: Path,
                          steps: int, repeats: int, configs: tuple[str, ...], label: str,
                          ) -> dict[str, list[dict[str, Any]]]:
@@ -643,9 +671,10 @@ def summarize_training(runs: dict[str, list[dict[str, Any]]], steps: int,
                                     for c, r in runs.items()},
         "candidate_precision": [x["precision"] for x in runs[CANDIDATE]],
         "candidate_compiled": [x.get("compiled", False) for x in runs[CANDIDATE]],
-        "ratio_vs_bf16": ratio(tps[CANDIDATE], tps[REF_BF16]),
+        "ratio_vs_bf16": ratio(tps[CANDIDATE], tps.get(REF_BF16)),
         "ratio_vs_bf16_compile": ratio(tps[CANDIDATE], tps.get(REF_BF16_COMPILE)),
         "ratio_vs_fp32": ratio(tps[CANDIDATE], tps[REF_FP32]),
+        "ratio_vs_fp32_compile": ratio(tps[CANDIDATE], tps.get(REF_FP32_COMPILE)),
         "first_step_seconds": {c: [round(x["step_seconds"][0], 1) for x in r]
                                for c, r in runs.items()},
         "peak_rss_mb": rss,
@@ -787,10 +816,14 @@ def run(args) -> None:
             print(f"{args.profile}: steps {[round(s, 2) for s in res['step_seconds']]} s")
             return
 
-        print(f"training: {args.repeats} round(s) x {list(TRAIN_CONFIGS)}, {args.steps} steps each",
+        args.skipped_peers = skipped_peers(parent_peaks, args.batch_size * args.seq_len)
+        train_configs = FP32_TRAIN_CONFIGS if args.skipped_peers else TRAIN_CONFIGS
+        for name, why in args.skipped_peers.items():
+            print(f"skipping {name}: {why}", flush=True)
+        print(f"training: {args.repeats} round(s) x {list(train_configs)}, {args.steps} steps each",
               flush=True)
         runs = run_training_section(args, tmp, batches_path, adapter, args.steps, args.repeats,
-                                    TRAIN_CONFIGS, "train")
+                                    train_configs, "train")
         e2e = None
         if not args.skip_e2e:
             e2e = run_e2e(args, tmp, batches_path, adapter, runs)
@@ -804,7 +837,7 @@ def run(args) -> None:
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {
         **{k: train[k] for k in ("tokens_per_s", "ratio_vs_bf16", "ratio_vs_bf16_compile",
-                                 "ratio_vs_fp32", "peak_rss_mb", "peak_rss_ratio_vs_fp32", "mfu",
+                                 "ratio_vs_fp32", "ratio_vs_fp32_compile", "peak_rss_mb", "peak_rss_ratio_vs_fp32", "mfu",
                                  "mfu_vs_fp32_peak", "mfu_vs_bf16_peak", "mfu_real_limit",
                                  "final_loss")},
         "cpu": machine["cpu"],
@@ -822,6 +855,7 @@ def run(args) -> None:
         "matmul_gflops_parent": {"start": parent_peaks, "end": parent_peaks_end},
         "training": train,
         "e2e": e2e, "classification": cls, "generation": gen,
+        "skipped_peers": args.skipped_peers,
         "seconds": time.perf_counter() - started,
     }
     result["targets"] = targets(result)
@@ -844,13 +878,14 @@ def run_section_alone(args, key: str,
         torch.set_num_threads(args.threads)
     machine = machine_info()
     start_peaks = best_matmul_gflops(5)
+    args.skipped_peers = skipped_peers(start_peaks, args.batch_size * args.seq_len)
     with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp_name:
         out = section(Path(tmp_name))
     peaks = _peaks([start_peaks, best_matmul_gflops(5)])
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {"cpu": machine["cpu"], "bf16_peak_gflops": peaks["bf16"],
               "fp32_peak_gflops": peaks["fp32"], "machine": machine, "clock": args.clock,
-              "repeats": args.repeats, key: out}
+              "repeats": args.repeats, "skipped_peers": args.skipped_peers, key: out}
     return result, machine, peaks
 
 
@@ -872,7 +907,7 @@ def run_only_gen(args) -> None:
     gen = result["generation"]
     rows = [f"| batch {label[1:]} | {gen[label]['tokens_per_s'][CANDIDATE]:.1f} "
             f"({gen['candidate_precision']}) | {gen[label]['tokens_per_s']['ref']:.1f} | "
-            f"{gen[label]['tokens_per_s']['ref_bf16']:.1f} | {_f(gen[label]['ratio'])}x | "
+            f"{_f(gen[label]['tokens_per_s'].get('ref_bf16'), '.1f')} | {_f(gen[label]['ratio'])}x | "
             f"{_f(gen[label]['ratio_vs_bf16'])}x | {gen[label]['replies_match']} |"
             for label in ("b1", "b8")]
     report = "\n".join([
@@ -909,8 +944,9 @@ def run_only_cls(args) -> None:
         "| config | precision | tokens/s | vs bf16 ref | vs fp32 ref | peak RSS MB | final loss |",
         "|---|---|---:|---:|---:|---:|---:|",
         *(f"| {c} | {precision[c]} | {t[c]:.0f} | "
-          f"{_f(ratio(t[c], t[REF_BF16]))}x | {_f(ratio(t[c], t[REF_FP32]))}x | "
-          f"{cls['peak_rss_mb'][c]:.0f} | {cls['final_loss'][c]:.4f} |" for c in CONFIGS), "",
+          f"{_f(ratio(t[c], t.get(REF_BF16)))}x | {_f(ratio(t[c], t[REF_FP32]))}x | "
+          f"{cls['peak_rss_mb'][c]:.0f} | {cls['final_loss'][c]:.4f} |" for c in CONFIGS
+          if c in t), "",
         f"vs the best reference: {_f(cls['ratio_vs_best'])}x (target "
         f"{TARGETS['cls_vs_best'][0]:g}x)."])
     _write_section(args, "train_throughput_cls", result, report)
@@ -935,7 +971,7 @@ def _peaks(samples: list[dict[str, float]]) -> dict[str, float]:
 
 def run_e2e(args, tmp: Path, batches_path: Path, adapter: Path,
             runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    configs = E2E_CONFIGS
+    configs = FP32_E2E_CONFIGS if getattr(args, "skipped_peers", None) else E2E_CONFIGS
     if args.e2e_steps is None or args.e2e_steps == args.steps:
         steps, source = args.steps, "the training runs above"
         e2e_runs = {c: runs[c] for c in configs}
@@ -951,8 +987,8 @@ def run_e2e(args, tmp: Path, batches_path: Path, adapter: Path,
             "peak_rss_mb": {c: max(x["peak_rss_mb"] for x in r) for c, r in e2e_runs.items()},
             "candidate_compiled_from_step": [x.get("compiled_from_step") for x in mine],
             "candidate_heap_trims": [x.get("heap_trims", 0) for x in mine],
-            "ratio_vs_bf16": ratio(wall[CANDIDATE], wall[REF_BF16]),
-            "ratio_vs_bf16_compile": ratio(wall[CANDIDATE], wall[REF_BF16_COMPILE]),
+            **{f"ratio_vs_{peer[4:]}": ratio(wall[CANDIDATE], wall.get(peer))
+               for peer in (REF_BF16, REF_BF16_COMPILE, REF_FP32, REF_FP32_COMPILE)},
             "definition": "interpreter start -> imports, model load, LoRA, compile, training, "
                           "adapter saved (batches pre-built by the parent, not included); the "
                           "inductor cache is warm from the training section's runs"}
@@ -971,9 +1007,10 @@ def run_cls(args, tmp: Path) -> dict[str, Any]:
                       alpha=16, targets=["query", "value"])
     base = {"model": CLS_MODEL, "batches": str(path), "adapter": str(adapter), "steps": steps,
             "lr": args.lr, "seed": args.seed, "clock": args.clock}
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    configs = [c for c in CONFIGS if c not in getattr(args, "skipped_peers", {})]
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for rnd in range(args.repeats):
-        for name in CONFIGS:
+        for name in configs:
             res = spawn("cls", dict(base, name=name), tmp, f"cls-{name}-{rnd}", args.threads)
             runs[name].append(res)
             print(f"  [cls {rnd + 1}/{args.repeats}] {name:9s} {res['precision']:14s} "
@@ -986,9 +1023,9 @@ def run_cls(args, tmp: Path) -> dict[str, Any]:
             "tokens_per_s": tps,
             "examples_per_s": {c: v / seq_len for c, v in tps.items()},
             "candidate_precision": [x["precision"] for x in runs[CANDIDATE]],
-            "ratio_vs_bf16": ratio(tps[CANDIDATE], tps[REF_BF16]),
+            "ratio_vs_bf16": ratio(tps[CANDIDATE], tps.get(REF_BF16)),
             "ratio_vs_fp32": ratio(tps[CANDIDATE], tps[REF_FP32]),
-            "ratio_vs_best": ratio(tps[CANDIDATE], max(tps[REF_BF16], tps[REF_FP32])),
+            "ratio_vs_best": ratio(tps[CANDIDATE], max(tps.get(REF_BF16, 0.0), tps[REF_FP32])),
             "peak_rss_mb": {c: max(x["peak_rss_mb"] for x in r) for c, r in runs.items()},
             "final_loss": {c: statistics.median(x["losses"][-1] for x in r)
                            for c, r in runs.items()},
@@ -1009,7 +1046,7 @@ def run_gen(args, tmp: Path, records: list[dict[str, Any]], adapter: Path) -> di
     # the peer as loaded (fp32, transformers' default) and cast to bf16; peftlab decodes in
     # what `precision: auto` picks here, and its replies are compared with the peer's in the
     # same precision (bf16 rounding can change greedy tokens)
-    peers = ("ref", "ref_bf16")
+    peers = ("ref",) if REF_BF16 in getattr(args, "skipped_peers", {}) else ("ref", "ref_bf16")
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in (CANDIDATE, *peers)}
     for rnd in range(args.repeats):
         for name in runs:
@@ -1029,10 +1066,10 @@ def run_gen(args, tmp: Path, records: list[dict[str, Any]], adapter: Path) -> di
         best = max(peers, key=lambda c: tps[c])
         out[label] = {"tokens_per_s": tps, "new_tokens": n, "replies_match": match,
                       "ratio": ratio(tps[CANDIDATE], tps["ref"]),
-                      "ratio_vs_bf16": ratio(tps[CANDIDATE], tps["ref_bf16"]),
+                      "ratio_vs_bf16": ratio(tps[CANDIDATE], tps.get("ref_bf16")),
                       "ratio_vs_best": ratio(tps[CANDIDATE], tps[best]), "best_peer": best}
         print(f"  [gen {label}] peftlab ({precision}) {tps[CANDIDATE]:.1f} tok/s, transformers "
-              f"fp32 {tps['ref']:.1f}, bf16 {tps['ref_bf16']:.1f} tok/s, replies match the "
+              f"fp32 {tps['ref']:.1f}, bf16 {_f(tps.get('ref_bf16'), '.1f')} tok/s, replies match the "
               f"{same} peer: {match}", flush=True)
     out["peak_rss_mb"] = {c: max(x["peak_rss_mb"] for x in r) for c, r in runs.items()}
     out["note"] = ("tokens/s: each run's own generated tokens (up to and including the stop "
@@ -1066,6 +1103,16 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         ("gen_b8_vs_fp32", "generation tokens/s, batch 8, vs transformers generate as loaded "
          "(fp32)", (gen.get("b8") or {}).get("ratio")),
     ]
+    if result.get("skipped_peers"):  # no bf16 peers here: the same goals vs the fp32 ones
+        rows[2:2] = [
+            ("train_vs_fp32", "training tokens/s vs transformers+peft fp32 (no bf16 here)",
+             train["ratio_vs_fp32"]),
+            ("train_vs_fp32_compile", "training tokens/s vs the same under torch.compile(model)",
+             train.get("ratio_vs_fp32_compile"))]
+        rows[8:8] = [
+            ("e2e_vs_fp32", "end-to-end wall time vs the fp32 reference", e2e.get("ratio_vs_fp32")),
+            ("e2e_vs_fp32_compile", "end-to-end wall time vs the compiled fp32 reference",
+             e2e.get("ratio_vs_fp32_compile"))]
     out = []
     for key, what, value in rows:
         target, higher = TARGETS[key]
@@ -1099,34 +1146,38 @@ def markdown(r: dict[str, Any]) -> str:
         f"measured in this run: fp32 {r['fp32_matmul_gflops']:.0f} GFLOP/s, bf16 "
         f"{r['bf16_matmul_gflops']:.0f} GFLOP/s (AMX: {m['amx_bf16']}).",
         "",
+        *(f"Not run: {name} -- {why}." for name, why in r.get("skipped_peers", {}).items()),
+        "",
         "| config | precision | tokens/s | vs bf16 ref | vs compiled bf16 ref | vs fp32 ref | "
-        "first step s (per round) | peak RSS MB | MFU (fp32 peak) | MFU (bf16 peak) | "
-        "loss step 1 | final loss |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "vs compiled fp32 ref | first step s (per round) | peak RSS MB | MFU (fp32 peak) | "
+        "MFU (bf16 peak) | loss step 1 | final loss |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     compiled = "compiled blocks" if any(t.get("candidate_compiled", [])) else "eager"
     labels = {CANDIDATE: f"peftlab (Trainer, defaults: {compiled})",
               REF_BF16: "transformers+peft bf16 autocast",
               REF_BF16_COMPILE: "transformers+peft bf16 autocast, torch.compile(model)",
+              REF_FP32_COMPILE: "transformers+peft fp32, torch.compile(model)",
               CANDIDATE_CKPT: "peftlab + activation_checkpointing",
               REF_FP32: "transformers+peft fp32"}
     tps = t["tokens_per_s"]
-    for c in [c for c in TRAIN_CONFIGS if c in tps]:
+    for c in [c for c in (*TRAIN_CONFIGS, REF_FP32_COMPILE) if c in tps]:
         prec = ", ".join(sorted(set(t["candidate_precision"]))) if c == CANDIDATE else (
             "auto" if c == CANDIDATE_CKPT else
-            "bf16 autocast" if c in (REF_BF16, REF_BF16_COMPILE) else "fp32")
+            "bf16 autocast" if c in BF16_PEERS else "fp32")
         mfu = t["mfu_detail"][c]
         first = ", ".join(f"{x:g}" for x in t.get("first_step_seconds", {}).get(c, []))
         lines.append(
             f"| {labels[c]} | {prec} | {tps[c]:.1f} | "
-            f"{_f(ratio(tps[c], tps[REF_BF16]))}x | "
+            f"{_f(ratio(tps[c], tps.get(REF_BF16)))}x | "
             f"{_f(ratio(tps[c], tps.get(REF_BF16_COMPILE)))}x | "
-            f"{_f(ratio(tps[c], tps[REF_FP32]))}x | {first} | "
+            f"{_f(ratio(tps[c], tps[REF_FP32]))}x | "
+            f"{_f(ratio(tps[c], tps.get(REF_FP32_COMPILE)))}x | {first} | "
             f"{t['peak_rss_mb'][c]:.0f} | {mfu['vs_fp32_peak']:.1%} | {mfu['vs_bf16_peak']:.1%} | "
             f"{t['loss_step1'][c]:.4f} | {t['final_loss'][c]:.4f} |")
     d = t["final_loss_abs_diff_vs_fp32"]
     lines += ["", f"Loss agreement after {r['steps']} steps: |peftlab - fp32 ref| = "
-              f"{d[CANDIDATE]:.4f}, |bf16 ref - fp32 ref| = {d[REF_BF16]:.4f} (step 1, identical "
+              f"{d[CANDIDATE]:.4f}, |bf16 ref - fp32 ref| = {_f(d.get(REF_BF16), '.4f')} (step 1, identical "
               f"weights: peftlab {t['loss_step1'][CANDIDATE]:.5f} vs fp32 ref "
               f"{t['loss_step1'][REF_FP32]:.5f}).", "", f"MFU: {t['mfu_definition']}.", ""]
     busy = max(m["loadavg_start"][0], m["loadavg_end"][0])
@@ -1136,24 +1187,24 @@ def markdown(r: dict[str, Any]) -> str:
     if r["e2e"]:
         e = r["e2e"]
         w, st = e["wall_seconds"], e["startup_seconds"]
+        peers = [c for c in (REF_BF16, REF_BF16_COMPILE, REF_FP32, REF_FP32_COMPILE) if c in w]
         lines += [f"End-to-end ({e['steps']} steps, {e['source']}): peftlab "
-                  f"{w[CANDIDATE]:.1f} s (start-up {st[CANDIDATE]:.1f} s) vs bf16 reference "
-                  f"{w[REF_BF16]:.1f} s (start-up {st[REF_BF16]:.1f} s): "
-                  f"{_f(e['ratio_vs_bf16'])}x; vs the compiled bf16 reference "
-                  f"{w[REF_BF16_COMPILE]:.1f} s: {_f(e['ratio_vs_bf16_compile'])}x. "
-                  f"{e['definition'][0].upper()}{e['definition'][1:]}.", ""]
+                  f"{w[CANDIDATE]:.1f} s (start-up {st[CANDIDATE]:.1f} s) vs "
+                  + "; ".join(f"{labels[c]} {w[c]:.1f} s (start-up {st[c]:.1f} s): "
+                              f"{_f(ratio(w[CANDIDATE], w[c]))}x" for c in peers)
+                  + f". {e['definition'][0].upper()}{e['definition'][1:]}.", ""]
         if "peak_rss_mb" in e:  # older results lack these
             rss = e["peak_rss_mb"]
             lines += [f"Peak RSS over those steps: peftlab {rss[CANDIDATE]:.0f} MB (compiled "
                       f"from step {e['candidate_compiled_from_step']}, heap trims "
-                      f"{e['candidate_heap_trims']}), bf16 reference {rss[REF_BF16]:.0f} MB, "
-                      f"compiled bf16 reference {rss[REF_BF16_COMPILE]:.0f} MB.", ""]
+                      f"{e['candidate_heap_trims']}), "
+                      + ", ".join(f"{labels[c]} {rss[c]:.0f} MB" for c in peers) + ".", ""]
     if r["classification"]:
         c = r["classification"]
         lines += [f"Classification ({c['model']}, batch {c['batch_size']} x {c['seq_len']}, "
                   f"{c['steps']} steps, LoRA r=8 query/value + classifier): tokens/s peftlab "
                   f"{c['tokens_per_s'][CANDIDATE]:.0f} ({', '.join(sorted(set(c['candidate_precision'])))}), "
-                  f"bf16 ref {c['tokens_per_s'][REF_BF16]:.0f}, fp32 ref "
+                  f"bf16 ref {_f(c['tokens_per_s'].get(REF_BF16), '.0f')}, fp32 ref "
                   f"{c['tokens_per_s'][REF_FP32]:.0f}; final loss "
                   + ", ".join(f"{k} {v:.4f}" for k, v in c["final_loss"].items()) + ".", ""]
     if r["generation"]:

@@ -141,6 +141,50 @@ def test_bf16_reference_and_summary(bench, sft_setup, tiny_chat_model_dir):
     assert "(compiled from step [None], heap trims [0])" in md
 
 
+def test_without_bf16_instructions_the_fp32_peers_stand_in(bench, sft_setup,
+                                                          tiny_chat_model_dir):
+    """An AVX2-only CPU multiplies bf16 ~100x slower than fp32: the bf16 peers are not run
+    (a step would take tens of minutes), the compiled fp32 peer is, and the goals move to it."""
+    assert bench.skipped_peers({"fp32": 300.0, "bf16": 165.0}, 2048) == {}  # slow bf16, runs
+    skipped = bench.skipped_peers({"fp32": 130.0, "bf16": 1.2}, 2048)
+    assert set(skipped) == set(bench.BF16_PEERS) and "1.2 GFLOP/s" in skipped[bench.REF_BF16]
+    tmp, _ = sft_setup
+    runs = {name: [_train(bench, tiny_chat_model_dir, tmp, name, precision="fp32")]
+            for name in bench.FP32_TRAIN_CONFIGS}
+    compiled = runs[bench.REF_FP32_COMPILE][0]
+    assert compiled["compiled"] and compiled["precision"] == "fp32"
+    assert_close(torch.tensor(compiled["losses"]),
+                 torch.tensor(runs[bench.REF_FP32][0]["losses"]), rtol=1e-4, atol=1e-5)
+    n_flop = bench.flop_params(str(tiny_chat_model_dir))
+    summary = bench.summarize_training(runs, STEPS, n_flop, {"fp32": 130.0, "bf16": 1.2})
+    tps = summary["tokens_per_s"]
+    assert summary["ratio_vs_bf16"] is None and summary["mfu_target"] == 0.70
+    assert summary["ratio_vs_fp32_compile"] == pytest.approx(
+        tps[bench.CANDIDATE] / tps[bench.REF_FP32_COMPILE])
+    args = SimpleNamespace(e2e_steps=None, steps=STEPS, skipped_peers=skipped)
+    e2e = bench.run_e2e(args, tmp, None, None, runs)
+    assert e2e["ratio_vs_bf16"] is None and e2e["ratio_vs_fp32_compile"] == pytest.approx(
+        runs[bench.CANDIDATE][0]["wall_seconds"] / compiled["wall_seconds"])
+    result = {**summary, "training": summary, "e2e": e2e, "classification": None,
+              "generation": None, "skipped_peers": skipped}
+    rows = {row["key"]: row for row in bench.targets(result)}
+    assert rows["train_vs_bf16"]["status"] == rows["e2e_vs_bf16_compile"]["status"] == "n/a"
+    for key in ("train_vs_fp32", "train_vs_fp32_compile", "e2e_vs_fp32", "e2e_vs_fp32_compile"):
+        assert rows[key]["status"] in ("MET", "MISSED")
+    assert rows["train_vs_fp32_compile"]["value"] == summary["ratio_vs_fp32_compile"]
+    md = bench.markdown({**result, "machine": {"cpu": "test", "cores": 2, "torch_threads": 2,
+                                               "torch": "x", "transformers": "x", "peft": "x",
+                                               "loadavg_start": [0.0], "loadavg_end": [0.0],
+                                               "amx_bf16": False},
+                         "targets": bench.targets(result), "steps": STEPS, "repeats": 1,
+                         "warmup_steps": 1, "batch_size": 2, "seq_len": 96, "quick": True,
+                         "optimizer": {"lr": 1e-3}, "bf16_matmul_gflops": 1.2,
+                         "fp32_matmul_gflops": 130.0,
+                         "data": {"pad_fraction": 0.1, "labelled_fraction": 0.5}})
+    assert "Not run: ref_bf16 -- bf16 matmuls run at 1.2 GFLOP/s" in md
+    assert "| transformers+peft fp32, torch.compile(model) | fp32 |" in md
+
+
 def test_generation_worker_matches_transformers(bench, sft_setup, diverse_chat_model_dir):
     tmp, _ = sft_setup
     convs = [[{"role": "user", "content": r["instruction"]}]
