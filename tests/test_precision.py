@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 import torch
 
@@ -70,6 +73,35 @@ def test_explicit_precision_passes_through_and_auto_is_measured_once():
     assert measured_matmul_gflops() is rates  # cached per process
 
 
+def test_bf16_kernels_are_detected_from_the_cpus_instructions():
+    """oneDNN's bf16 kernels need AVX512-BW/VL/DQ or AVX-NE-CONVERT (AMX CPUs have both)."""
+    flags = set(open("/proc/cpuinfo").read().split()) if sys.platform == "linux" else set()
+    if not flags or torch.cuda.is_available():
+        pytest.skip("reads /proc/cpuinfo; on a CPU-only Linux machine")
+    isa = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+    assert precision.cpu_has_bf16_kernels() == isa
+
+
+def test_without_bf16_kernels_auto_takes_fp32_untimed_and_bf16_is_warned(monkeypatch, caplog):
+    monkeypatch.setattr(precision, "cpu_has_bf16_kernels", lambda: False)
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: False)
+
+    def no_timing():
+        raise AssertionError("auto timed matmuls on a CPU without bf16 kernels")
+    monkeypatch.setattr(precision, "measured_matmul_gflops", no_timing)
+    with caplog.at_level(logging.WARNING, logger=precision.__name__):
+        assert resolve_precision("auto") == "fp32" and resolve_precision("fp32") == "fp32"
+        assert not caplog.records
+        assert resolve_precision("bf16") == "bf16"  # as asked, with a warning
+    assert len(caplog.records) == 1 and "~100x slower than fp32" in caplog.text
+    monkeypatch.setattr(precision, "cpu_has_bf16_kernels", lambda: True)
+    monkeypatch.setattr(precision, "measured_matmul_gflops",
+                        lambda: {"fp32": 100.0, "bf16": 300.0})
+    caplog.clear()
+    assert resolve_precision("auto") == "bf16" and resolve_precision("bf16") == "bf16"
+    assert not caplog.records
+
+
 def _tied_lm() -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11, bias=False))
@@ -90,7 +122,8 @@ def test_prepare_inference_stores_weights_in_bf16_only_when_asked_or_measured(mo
     torch.testing.assert_close(model[0].weight.float(), before, atol=0.01, rtol=0.01)
     out = model(torch.tensor([[1, 2, 3]]))
     assert out.dtype == torch.bfloat16
-    # auto follows the measured matmul rates
+    # auto follows the measured matmul rates (on a CPU with bf16 kernels)
+    monkeypatch.setattr(precision, "cpu_has_bf16_kernels", lambda: True)
     monkeypatch.setattr(precision, "measured_matmul_gflops",
                         lambda: {"fp32": 100.0, "bf16": 90.0})
     other = _tied_lm()

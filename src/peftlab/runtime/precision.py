@@ -5,13 +5,17 @@ autocast; trainable weights and optimizer state stay fp32. Whether that is faste
 depends on the CPU: with AMX it is several times faster than fp32, but on CPUs whose
 bf16 path is plain AVX-512 (seen on our own 2-core machine) fp32 matmuls win. ``auto``
 measures a transformer-sized matmul in both dtypes once per process (best of a few
-repeats, so a busy machine does not decide) and picks the faster.
+repeats, so a busy machine does not decide) and picks the faster. A CPU with no bf16
+instructions at all (AVX2 only, e.g. a Zen 3 EPYC) has no oneDNN bf16 kernel: torch's fallback
+ran bf16 matmuls at ~1 GFLOP/s there against fp32's ~130, so ``auto`` takes fp32 without
+timing, and an explicit ``bf16`` is warned about.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Callable
 
@@ -20,7 +24,19 @@ from torch import nn
 
 from peftlab.config import PRECISIONS
 
+logger = logging.getLogger(__name__)
+
 _SHAPE = (512, 576, 1536)  # (tokens, in, out) of SmolLM2's MLP up-projection
+
+
+@functools.cache
+def cpu_has_bf16_kernels() -> bool:
+    """oneDNN has a bf16 matmul kernel for this CPU (AVX512-BW/VL/DQ, AVX-NE-CONVERT or AMX).
+    Without one, bf16 matmuls run in a reference loop two orders of magnitude slower."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is None or not torch.backends.mkldnn.is_available():
+        return True  # cannot tell: let the measurement decide
+    return bool(check())
 
 
 def matmul_gflops(repeats: int = 5, budget_s: float = 1.0,
@@ -63,10 +79,17 @@ def choose_precision(gflops: dict[str, float]) -> str:
 
 def resolve_precision(precision: str) -> str:
     """``auto`` -> ``bf16`` on a GPU or when bf16 matmuls are clearly faster here, else ``fp32``."""
+    on_gpu = torch.cuda.is_available()
+    if precision == "bf16" and not on_gpu and not cpu_has_bf16_kernels():
+        logger.warning("precision: bf16 on a CPU without bf16 instructions (no AVX512-BW or "
+                       "AMX): bf16 matmuls run ~100x slower than fp32 here; set precision: "
+                       "auto or fp32")
     if precision != "auto":
         return precision
-    if torch.cuda.is_available():
+    if on_gpu:
         return "bf16"
+    if not cpu_has_bf16_kernels():
+        return "fp32"
     return choose_precision(measured_matmul_gflops())
 
 
