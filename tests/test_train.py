@@ -366,8 +366,8 @@ def test_compile_blocks_finds_the_transformer_blocks(tiny_chat_model_dir):
 
 
 def test_compile_auto_compiles_only_where_it_pays(tiny_chat_model_dir, monkeypatch):
-    """train.compile: auto -> on for a bf16 CPU run of a big-enough model and a long-enough
-    run; off otherwise, with the reason; explicit true/false are obeyed."""
+    """train.compile: auto -> on for a CPU run of a big-enough model and a long-enough run;
+    off otherwise, with the reason; explicit true/false are obeyed."""
     from peftlab.config import TrainConfig
     from peftlab.training import compile as compile_mod
 
@@ -386,7 +386,9 @@ def test_compile_auto_compiles_only_where_it_pays(tiny_chat_model_dir, monkeypat
     assert compile_mod.compile_pays(limit / 48, 48)[0]
     on, why = compile_mod.compile_pays(limit / 48 * 0.9, 48)
     assert not on and why.startswith("off: 48 more steps") and f"< {limit} s" in why
-    assert "fp32" in resolve(TrainConfig(precision="fp32"), model, 500)[1]
+    # fp32 too (+12% tokens/s, -32% peak RSS on an fp32-only EPYC): decided by timing
+    assert resolve(TrainConfig(precision="fp32"), model, 500) == (
+        None, "decided after 2 eager steps (fp32, 0M parameters, 500 steps)")
     assert "checkpointing" in resolve(TrainConfig(precision="bf16", activation_checkpointing=True),
                                       model, 500)[1]
     monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
