@@ -264,7 +264,8 @@ class FixedBatchTask:
         self.inner, self.batches, self.clock = inner, batches, clock
         self.n = batches["input_ids"].shape[0]
         self.calls = 0
-        self.losses: list[float] = []
+        self.sums: list[float] = []  # per step: the loss summed over its (split) batches
+        self.counts: list[int] = []
         self.starts: list[float] = []  # clock() when the Trainer asked for each batch
 
     def length(self, example: dict[str, Any]) -> int:
@@ -272,6 +273,8 @@ class FixedBatchTask:
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         self.starts.append(self.clock())
+        self.sums.append(0.0)
+        self.counts.append(0)
         t = self.calls % self.n
         self.calls += 1
         return {k: v[t] for k, v in self.batches.items()}
@@ -279,10 +282,19 @@ class FixedBatchTask:
     def count(self, batch: dict[str, Any]) -> int:
         return self.inner.count(batch)
 
+    def split_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.inner.split_rows(batch)
+
     def loss(self, model, batch):
         loss_sum, n = self.inner.loss(model, batch)
-        self.losses.append(float(loss_sum.detach()) / max(n, 1))
+        self.sums[-1] += float(loss_sum.detach())
+        self.counts[-1] += n
         return loss_sum, n
+
+    @property
+    def losses(self) -> list[float]:
+        """Each step's mean loss over its labelled tokens (as the references report it)."""
+        return [s / max(n, 1) for s, n in zip(self.sums, self.counts, strict=True)]
 
 
 def _peak_rss_mb() -> float:

@@ -440,6 +440,45 @@ def test_compile_auto_times_eager_steps_then_decides(tiny_chat_model_dir, demo_d
     assert (cache["autograd_cache_saved"] + cache["autograd_cache_hit"] > 0) is pays
 
 
+def test_steps_timed_for_compile_auto_run_half_the_rows_at_a_time(tiny_chat_model_dir,
+                                                                  demo_data_dir, tmp_path,
+                                                                  monkeypatch):
+    """The eager steps compile: auto times run as two half batches (their activations would
+    otherwise set the run's peak memory): the same gradients, then whole batches again."""
+    from peftlab.tasks.base import halve_rows
+    from peftlab.training import compile as compile_mod
+    from peftlab.training import trainer as trainer_mod
+
+    for name in ("AUTO_MIN_PARAMS", "AUTO_MIN_STEPS", "AUTO_MIN_STEP_TOKENS"):
+        monkeypatch.setattr(compile_mod, name, 1)
+    monkeypatch.setattr(trainer_mod, "compile_pays", lambda seconds, remaining: (False, "off"))
+    runs = {}
+    for mode in ("auto", False):
+        trainer, examples = _trainer(tiny_chat_model_dir, demo_data_dir, tmp_path / str(mode),
+                                     rows=8, max_steps=3, batch_size=4, precision="fp32",
+                                     compile=mode)
+        rows: list[int] = []
+        loss = trainer.task.loss
+        trainer.task.loss = lambda model, batch, loss=loss, rows=rows: rows.append(
+            len(batch["input_ids"])) or loss(model, batch)
+        seen = _watch_optimizer(trainer)
+        trainer.fit()
+        runs[mode] = rows, seen
+    assert runs["auto"][0] == [2, 2, 2, 2, 4] and runs[False][0] == [4, 4, 4]
+    for auto, whole in zip(runs["auto"][1], runs[False][1], strict=True):
+        for a, b in zip(auto["grads"], whole["grads"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    batch = {"input_ids": torch.arange(10).view(5, 2), "labels": torch.arange(5)}
+    first, second = halve_rows(batch)
+    assert first["input_ids"].tolist() == [[0, 1], [2, 3], [4, 5]] and second["labels"].tolist() == [3, 4]
+    assert halve_rows({"input_ids": torch.zeros(1, 3)})[0]["input_ids"].shape == (1, 3)
+    assert len(halve_rows({"input_ids": torch.zeros(4, 3), "meta": "x"})) == 1
+    whole = trainer.task.collate(examples[:3])
+    halves = trainer.task.split_rows(whole)
+    assert [h["num_target_tokens"] for h in halves] == [trainer.task.count(h) for h in halves]
+    assert sum(trainer.task.count(h) for h in halves) == whole["num_target_tokens"] > 0
+
+
 def test_label_only_head_equals_full_forward_loss(tiny_chat_model_dir, demo_data_dir):
     model, tok = load_model(str(tiny_chat_model_dir))
     ensure_chat_template(tok)

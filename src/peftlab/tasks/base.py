@@ -54,6 +54,13 @@ class Task:
         """Summed loss over the batch and the number of items it is summed over."""
         raise NotImplementedError
 
+    def split_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """``batch`` as smaller batches whose (sum, count) losses add up to its own, or
+        ``[batch]`` (the default: rows may depend on each other, e.g. preference pairs). The
+        Trainer runs the eager steps that ``train.compile: auto`` times this way, so they do
+        not set the run's peak memory above what the compiled steps need."""
+        return [batch]
+
     # -- optional hooks ------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
         """After the method is applied, before training (e.g. make a new head trainable)."""
@@ -106,6 +113,17 @@ class Task:
             resume: bool | str = False, progress: bool = True) -> TrainResult:
         """The task's own training loop (only when ``own_loop`` is True)."""
         raise NotImplementedError(f"{type(self).__name__} has no training loop of its own")
+
+
+def halve_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Two batches of the first and second half of the rows, for a task whose rows are
+    independent; ``[batch]`` unless every value is a tensor with the same >= 2 rows."""
+    rows = {v.shape[0] if isinstance(v, torch.Tensor) and v.dim() else None
+            for v in batch.values()}
+    if len(rows) != 1 or None in rows or (n := rows.pop()) < 2:
+        return [batch]
+    half = (n + 1) // 2
+    return [{k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()}]
 
 
 @dataclass

@@ -227,6 +227,9 @@ class Trainer:
                 lr = set_lr(self.optimizer, cfg, step, self.total_steps, self.warmup_steps)
                 mine = world.shard(group)  # this rank's share of the step
                 batches = [self.task.collate([self.train_examples[i] for i in idx]) for idx in mine]
+                if self.compile_pending:  # timed eager steps: half the rows at a time, so
+                    # eager activations do not set a peak the compiled steps never reach
+                    batches = [part for b in batches for part in self.task.split_rows(b)]
                 n_total = int(world.sum([sum(self.task.count(b) for b in batches)])[0])
                 weights = [1.0] * len(batches)
                 if self.sharded:  # FSDP's collectives need the same passes on every rank

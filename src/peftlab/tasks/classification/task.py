@@ -62,7 +62,7 @@ from peftlab.evaluation.metrics import classification_report, tune_threshold
 from peftlab.files import read_json
 from peftlab.models.lm import backbone_hidden_states
 from peftlab.runtime.precision import autocast_for
-from peftlab.tasks.base import PreparedTask, Task, TaskSpec, register_task
+from peftlab.tasks.base import PreparedTask, Task, TaskSpec, halve_rows, register_task
 from peftlab.tasks.classification.config import ClassificationConfig
 from peftlab.tasks.classification.tfidf import ENSEMBLE_C, TfidfModel
 from peftlab.tasks.heads import load_head, save_head
@@ -133,6 +133,9 @@ class ClassificationTask(Task):
 
     def count(self, batch: dict[str, Any]) -> int:
         return int(batch["labels"].shape[0])
+
+    def split_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        return halve_rows(batch)  # one loss term per row
 
     def logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Class logits (batch, n_classes) in fp32.

@@ -25,7 +25,7 @@ from peftlab.evaluation.loss import evaluate_loss, perplexity
 from peftlab.methods import get_method, has_virtual_tokens
 from peftlab.models.lm import IGNORE_INDEX as IGNORE
 from peftlab.models.lm import backbone_hidden_states, head_cross_entropy, right_padded
-from peftlab.tasks.base import PreparedTask, Task, TaskSpec, register_task
+from peftlab.tasks.base import PreparedTask, Task, TaskSpec, halve_rows, register_task
 from peftlab.tasks.sft.data import prepare_sft_data
 
 
@@ -46,6 +46,16 @@ class SFTTask(Task):
 
     def count(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def split_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        # each row's loss reads only that row; the collated batch-level count is recounted
+        parts = halve_rows({k: v for k, v in batch.items() if k != "num_target_tokens"})
+        if len(parts) == 1:
+            return [batch]
+        if "num_target_tokens" in batch:
+            for part in parts:
+                part["num_target_tokens"] = int((part["labels"][:, 1:] != IGNORE).sum())
+        return parts
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         labels = batch["labels"][:, 1:]
