@@ -919,8 +919,8 @@ def run_only_gen(args) -> None:
     gen = result["generation"]
     rows = [f"| batch {label[1:]} | {gen[label]['tokens_per_s'][CANDIDATE]:.1f} "
             f"({gen['candidate_precision']}) | {gen[label]['tokens_per_s']['ref']:.1f} | "
-            f"{_f(gen[label]['tokens_per_s'].get('ref_bf16'), '.1f')} | {_f(gen[label]['ratio'])}x | "
-            f"{_f(gen[label]['ratio_vs_bf16'])}x | {gen[label]['replies_match']} |"
+            f"{_f(gen[label]['tokens_per_s'].get('ref_bf16'), '.1f')} | {_x(gen[label]['ratio'])} | "
+            f"{_x(gen[label]['ratio_vs_bf16'])} | {gen[label]['replies_match']} |"
             for label in ("b1", "b8")]
     report = "\n".join([
         "# Generation throughput: peftlab vs transformers generate", "",
@@ -956,10 +956,10 @@ def run_only_cls(args) -> None:
         "| config | precision | tokens/s | vs bf16 ref | vs fp32 ref | peak RSS MB | final loss |",
         "|---|---|---:|---:|---:|---:|---:|",
         *(f"| {c} | {precision[c]} | {t[c]:.0f} | "
-          f"{_f(ratio(t[c], t.get(REF_BF16)))}x | {_f(ratio(t[c], t[REF_FP32]))}x | "
+          f"{_x(ratio(t[c], t.get(REF_BF16)))} | {_x(ratio(t[c], t[REF_FP32]))} | "
           f"{cls['peak_rss_mb'][c]:.0f} | {cls['final_loss'][c]:.4f} |" for c in CONFIGS
           if c in t), "",
-        f"vs the best reference: {_f(cls['ratio_vs_best'])}x (target "
+        f"vs the best reference: {_x(cls['ratio_vs_best'])} (target "
         f"{TARGETS['cls_vs_best'][0]:g}x)."])
     _write_section(args, "train_throughput_cls", result, report)
 
@@ -1141,6 +1141,11 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _x(x: float | None) -> str:
+    """A ratio cell: "1.29x", or "n/a" where the peer did not run."""
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
 def markdown(r: dict[str, Any]) -> str:
     t, m = r["training"], r["machine"]
     lines = [
@@ -1173,6 +1178,7 @@ def markdown(r: dict[str, Any]) -> str:
               CANDIDATE_CKPT: "peftlab + activation_checkpointing",
               REF_FP32: "transformers+peft fp32"}
     tps = t["tokens_per_s"]
+    bf16_ran = REF_BF16 not in r.get("skipped_peers", {})  # else the bf16 peak means nothing
     for c in [c for c in (*TRAIN_CONFIGS, REF_FP32_COMPILE) if c in tps]:
         prec = ", ".join(sorted(set(t["candidate_precision"]))) if c == CANDIDATE else (
             "auto" if c == CANDIDATE_CKPT else
@@ -1181,11 +1187,12 @@ def markdown(r: dict[str, Any]) -> str:
         first = ", ".join(f"{x:g}" for x in t.get("first_step_seconds", {}).get(c, []))
         lines.append(
             f"| {labels[c]} | {prec} | {tps[c]:.1f} | "
-            f"{_f(ratio(tps[c], tps.get(REF_BF16)))}x | "
-            f"{_f(ratio(tps[c], tps.get(REF_BF16_COMPILE)))}x | "
-            f"{_f(ratio(tps[c], tps[REF_FP32]))}x | "
-            f"{_f(ratio(tps[c], tps.get(REF_FP32_COMPILE)))}x | {first} | "
-            f"{t['peak_rss_mb'][c]:.0f} | {mfu['vs_fp32_peak']:.1%} | {mfu['vs_bf16_peak']:.1%} | "
+            f"{_x(ratio(tps[c], tps.get(REF_BF16)))} | "
+            f"{_x(ratio(tps[c], tps.get(REF_BF16_COMPILE)))} | "
+            f"{_x(ratio(tps[c], tps[REF_FP32]))} | "
+            f"{_x(ratio(tps[c], tps.get(REF_FP32_COMPILE)))} | {first} | "
+            f"{t['peak_rss_mb'][c]:.0f} | {mfu['vs_fp32_peak']:.1%} | "
+            f"{format(mfu['vs_bf16_peak'], '.1%') if bf16_ran else 'n/a'} | "
             f"{t['loss_step1'][c]:.4f} | {t['final_loss'][c]:.4f} |")
     d = t["final_loss_abs_diff_vs_fp32"]
     lines += ["", f"Loss agreement after {r['steps']} steps: |peftlab - fp32 ref| = "
@@ -1203,7 +1210,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [f"End-to-end ({e['steps']} steps, {e['source']}): peftlab "
                   f"{w[CANDIDATE]:.1f} s (start-up {st[CANDIDATE]:.1f} s) vs "
                   + "; ".join(f"{labels[c]} {w[c]:.1f} s (start-up {st[c]:.1f} s): "
-                              f"{_f(ratio(w[CANDIDATE], w[c]))}x" for c in peers)
+                              f"{_x(ratio(w[CANDIDATE], w[c]))}" for c in peers)
                   + f". {e['definition'][0].upper()}{e['definition'][1:]}.", ""]
         if "peak_rss_mb" in e:  # older results lack these
             rss = e["peak_rss_mb"]
@@ -1223,7 +1230,7 @@ def markdown(r: dict[str, Any]) -> str:
         g = r["generation"]
         tps = {lab: g[lab]["tokens_per_s"] for lab in ("b1", "b8")}
         parts = [f"batch {lab[1:]}: peftlab {tps[lab][CANDIDATE]:.1f} vs transformers fp32 "
-                 f"{tps[lab]['ref']:.1f} / bf16 {tps[lab].get('ref_bf16', float('nan')):.1f} "
+                 f"{tps[lab]['ref']:.1f} / bf16 {_f(tps[lab].get('ref_bf16'), '.1f')} "
                  f"tokens/s ({g[lab]['new_tokens']} tokens, replies match the same-precision "
                  f"peer: {g[lab]['replies_match']})" for lab in ("b1", "b8")]
         lines += [f"Generation (greedy, KV cache, {g['max_new_tokens']} new tokens, merged "

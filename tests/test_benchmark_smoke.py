@@ -165,8 +165,10 @@ def test_without_bf16_instructions_the_fp32_peers_stand_in(bench, sft_setup,
     e2e = bench.run_e2e(args, tmp, None, None, runs)
     assert e2e["ratio_vs_bf16"] is None and e2e["ratio_vs_fp32_compile"] == pytest.approx(
         runs[bench.CANDIDATE][0]["wall_seconds"] / compiled["wall_seconds"])
+    gen = {lab: {"tokens_per_s": {bench.CANDIDATE: 2.0, "ref": 1.0}, "new_tokens": 4,
+                 "replies_match": True} for lab in ("b1", "b8")}
     result = {**summary, "training": summary, "e2e": e2e, "classification": None,
-              "generation": None, "skipped_peers": skipped}
+              "generation": {**gen, "max_new_tokens": 4}, "skipped_peers": skipped}
     rows = {row["key"]: row for row in bench.targets(result)}
     assert rows["train_vs_bf16"]["status"] == rows["e2e_vs_bf16_compile"]["status"] == "n/a"
     for key in ("train_vs_fp32", "train_vs_fp32_compile", "e2e_vs_fp32", "e2e_vs_fp32_compile"):
@@ -183,6 +185,10 @@ def test_without_bf16_instructions_the_fp32_peers_stand_in(bench, sft_setup,
                          "data": {"pad_fraction": 0.1, "labelled_fraction": 0.5}})
     assert "Not run: ref_bf16 -- bf16 matmuls run at 1.2 GFLOP/s" in md
     assert "| transformers+peft fp32, torch.compile(model) | fp32 |" in md
+    # a peer that did not run shows n/a, never "n/ax", "nan" or an MFU against the bf16 peak
+    assert "n/ax" not in md and "nan" not in md and "bf16 n/a tokens/s" in md
+    peftlab_row = next(line for line in md.splitlines() if line.startswith("| peftlab (Trainer"))
+    assert peftlab_row.split(" | ")[10] == "n/a"
 
 
 def test_generation_worker_matches_transformers(bench, sft_setup, diverse_chat_model_dir):
