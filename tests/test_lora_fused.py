@@ -106,8 +106,9 @@ def test_bf16_autocast_with_bf16_base_and_fp32_lora():
 
 def _captured(got: torch.Tensor, base: torch.Tensor, delta: torch.Tensor) -> float:
     """The share of ``delta`` that ``got - base`` carries (1.0: all of it)."""
-    d = got.float() - base
-    return float((d * delta).sum() / (delta * delta).sum())
+    with torch.no_grad():
+        d = got.float() - base
+        return float((d * delta).sum() / (delta * delta).sum())
 
 
 def test_bf16_keeps_an_update_smaller_than_the_base_outputs_rounding():
