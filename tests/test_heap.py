@@ -22,7 +22,7 @@ if sys.argv[1] == "keep":
 torch.manual_seed(0)
 cfg = BertConfig(vocab_size=100, hidden_size=384, num_hidden_layers=2, num_attention_heads=12,
                  intermediate_size=1536)
-model = BertForSequenceClassification(cfg).to(torch.bfloat16).train()
+model = BertForSequenceClassification(cfg).train()
 x, y = torch.randint(0, 100, (32, 64)), torch.randint(0, 2, (32,))
 def step():
     model(input_ids=x, labels=y).loss.backward()
@@ -43,11 +43,16 @@ def faults_per_step(mode: str) -> float:
 
 
 def test_a_bert_step_stops_page_faulting_once_freed_memory_is_kept():
-    """A 2-layer BERT step at MiniLM's width, batch 32 x 64 in bf16: glibc's defaults hand
-    the few-MB buffers back to the kernel every step (~15,000 faults measured)."""
+    """A 2-layer BERT step at MiniLM's width, batch 32 x 64: glibc's defaults hand the few-MB
+    buffers back to the kernel every step (~15,000 faults measured in bf16 on a bf16 EPYC).
+
+    In fp32: a CPU without bf16 instructions runs a bf16 step ~100x slower (minutes here), and
+    the fault counts move between runs with glibc's adaptive threshold (AVX2 EPYC, fp32, 7 runs
+    each: 5,400-14,000 faults per step by default, 0-480 kept; bf16 default went as low as
+    1,768), hence a 5x margin rather than 10x."""
     default, kept = faults_per_step("default"), faults_per_step("keep")
     assert default > 2000, f"glibc's defaults no longer fault here ({default}/step): is the lever still needed?"
-    assert kept < default / 10, (kept, default)
+    assert kept < default / 5, (kept, default)
 
 
 FRAGMENTED = """
