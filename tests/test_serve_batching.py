@@ -17,7 +17,8 @@ from peftlab.evaluation.generate import greedy_generate
 from peftlab.methods import lora
 from peftlab.methods.lora import LoraConfig, apply_lora, save_lora
 from peftlab.models import load_model
-from peftlab.serve.batch import DecodeBatch, cache_layers
+from peftlab.models.growing_cache import cache_layers
+from peftlab.serve.batch import DecodeBatch
 from peftlab.serve.engine import Engine, RequestError, Sampling
 from peftlab.serve.prefix_cache import PrefixCache
 from peftlab.serve.scheduler import Event, JobTimeout

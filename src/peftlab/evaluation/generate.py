@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from peftlab.data.sft import encode_prompt
 from peftlab.methods import has_virtual_tokens
+from peftlab.models.growing_cache import growing
 from peftlab.models.kv_cache import cache_kwargs
 from peftlab.runtime.device import model_device, to_device
 from peftlab.runtime.packed_linear import packed_linears
@@ -113,6 +114,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                    position_ids=positions.to(device), **cache_kwargs(model, cache), use_cache=True,
                    logits_to_keep=1).logits[:, -1]
+    cache = growing(cache)  # decoding steps then write in place instead of copying the cache
     for step in range(max_new_tokens):
         token = logits.argmax(-1).cpu()
         for r, t in zip(rows.tolist(), token.tolist(), strict=True):

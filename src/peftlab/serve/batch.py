@@ -6,8 +6,7 @@ computes exactly what it would alone (up to float rounding of batched matmuls). 
 whose prompt was prefilled on its own joins by concatenation (the shorter side is padded
 on the left); finished rows leave by index, and padding columns no row needs any more are
 dropped from the left. Each layer keeps its keys and values in a buffer with room to grow
-(:class:`_Slab`), so a decode step writes its new position in place instead of copying the
-whole cache as ``DynamicCache`` does at every step.
+(:mod:`peftlab.models.growing_cache`), so a decode step writes its new position in place.
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+
+from peftlab.models.growing_cache import cache_layers, growing_cache
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ class DecodeBatch(Generic[T]):
         new = cache_layers(cache)
         length = new[0][0].shape[-2]
         if not self.rows:
-            self.cache, self.mask = _slabs(new), torch.ones(1, length, dtype=torch.long)
+            self.cache, self.mask = growing_cache(new), torch.ones(1, length, dtype=torch.long)
         else:
             old = cache_layers(self.cache)
             if len(old) != len(new):
@@ -49,7 +49,7 @@ class DecodeBatch(Generic[T]):
             merged = [(torch.cat([_pad_left(k0, width), _pad_left(k1, width)]),
                        torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
                       for (k0, v0), (k1, v1) in zip(old, new, strict=True)]
-            self.cache = _slabs(merged)
+            self.cache = growing_cache(merged)
             self.mask = torch.cat([_pad_left(self.mask, width),
                                    _pad_left(torch.ones(1, length, dtype=torch.long), width)])
         self.rows.append(row)
@@ -69,7 +69,7 @@ class DecodeBatch(Generic[T]):
         used = self.mask.any(0).nonzero()
         first = int(used[0]) if used.numel() else 0
         layers = [(k[index, :, first:], v[index, :, first:]) for k, v in cache_layers(self.cache)]
-        self.cache = _slabs(layers)
+        self.cache = growing_cache(layers)
         self.mask = self.mask[:, first:]
 
     def step_inputs(self) -> dict[str, Tensor]:
@@ -78,55 +78,6 @@ class DecodeBatch(Generic[T]):
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         return {"input_ids": self.last[:, None], "attention_mask": self.mask,
                 "position_ids": self.mask.sum(-1, keepdim=True) - 1}
-
-
-class _Slab(DynamicLayer):
-    """One layer's keys and values in buffers with spare positions: ``update`` writes the new
-    positions in place (doubling the buffer when full) and hands out views."""
-
-    def __init__(self, keys: Tensor, values: Tensor, spare: int = 64):
-        super().__init__()
-        batch, heads, length, dim = keys.shape
-        self._k = keys.new_empty(batch, heads, length + spare, dim)
-        self._v = values.new_empty(batch, heads, length + spare, values.shape[-1])
-        self._k[:, :, :length], self._v[:, :, :length] = keys, values
-        self.length = length
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        new = key_states.shape[-2]
-        if self.length + new > self._k.shape[-2]:
-            grow = max(self.length + new, 2 * self._k.shape[-2]) - self._k.shape[-2]
-            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow,
-                                                             self._k.shape[-1])], dim=2)
-            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow,
-                                                             self._v.shape[-1])], dim=2)
-        self._k[:, :, self.length:self.length + new] = key_states
-        self._v[:, :, self.length:self.length + new] = value_states
-        self.length += new
-        self._views()
-        return self.keys, self.values
-
-
-def _slabs(layers: list[tuple[Tensor, Tensor]]) -> DynamicCache:
-    cache = DynamicCache()
-    cache.layers = [_Slab(k, v) for k, v in layers]
-    return cache
-
-
-def cache_layers(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
-    """(keys, values) per layer, each (batch, heads, length, head_dim)."""
-    out = []
-    for entry in cache:
-        keys, values, *sliding = entry
-        if sliding and sliding[0] is not None:
-            raise ValueError("sliding-window KV caches cannot be batched by the server yet")
-        out.append((keys, values))
-    return out
 
 
 def _pad_left(t: Tensor, width: int) -> Tensor:

@@ -26,9 +26,10 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from peftlab.methods.lora import RowAdapters
+from peftlab.models.growing_cache import cache_layers
 from peftlab.models.kv_cache import cache_kwargs
 from peftlab.runtime.packed_linear import packed_linears
-from peftlab.serve.batch import DecodeBatch, cache_layers
+from peftlab.serve.batch import DecodeBatch
 from peftlab.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger("peftlab.serve")
