@@ -9,7 +9,9 @@ for both sides).
 
 * ``peftlab``: peftlab's defaults (precision ``auto``; ``train.compile: auto`` decided as for a
   50-step run), LoRA r=16 on every linear layer, Trainer + SFTTask.
-* ``peer``: transformers + peft, the same LoRA, bf16 autocast, eager (the usual user setup).
+* ``peer``: transformers + peft, the same LoRA, bf16 autocast, eager (the usual user setup);
+  in fp32 on a CPU whose bf16 matmuls run far below its fp32 ones (no bf16 instructions: one
+  bf16 step would take minutes), the only setup a user would run there (``peer_precision``).
 * ``peftlab_ckpt``: peftlab + ``train.activation_checkpointing`` (at the longest sequence of each
   size only: the setting for when memory runs out).
 
@@ -125,9 +127,10 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
                                       lr=1e-4)
         model.train()
         seconds, losses = [], []
+        autocast = cfg.get("peer_precision", "bf16-autocast") == "bf16-autocast"
         for t in range(steps):
             start = clock()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss = model(input_ids=batches["input_ids"][t],
                              labels=batches["labels"][t]).loss
             loss.backward()
@@ -135,7 +138,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             seconds.append(clock() - start)
             losses.append(float(loss.detach()))
-        precision, compiled = "bf16-autocast", False
+        precision, compiled = "bf16-autocast" if autocast else "fp32", False
     else:
         from peftlab.config import TrainConfig
         from peftlab.methods import get_method
@@ -252,10 +255,19 @@ def summarize(cells: list[dict[str, Any]], skip: int) -> list[dict[str, Any]]:
     return rows
 
 
+def peer_precision(peaks: dict[str, float]) -> tuple[str, str | None]:
+    """(the peer's precision, why it is not bf16 autocast or None)."""
+    if peaks["bf16"] >= tt.BF16_RUNNABLE * peaks["fp32"]:
+        return "bf16-autocast", None
+    return "fp32", (f"bf16 matmuls run at {peaks['bf16']:.1f} GFLOP/s here against fp32 "
+                    f"{peaks['fp32']:.0f} (no bf16 instructions): the peer runs in fp32")
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
+    peer = result.get("peer_precision", "bf16-autocast").replace("bf16-autocast", "bf16 autocast")
     lines = [
-        "# How cost grows: peftlab vs transformers + peft (bf16 autocast)",
+        f"# How cost grows: peftlab vs transformers + peft ({peer})",
         "",
         f"LoRA r=16 on q,k,v,o,gate,up,down; {TOKENS_PER_STEP} tokens per step (batch x "
         f"sequence), random tokens, all labelled; {result['steps']} steps per cell, median "
@@ -296,6 +308,8 @@ def markdown(result: dict[str, Any]) -> str:
               "peak (reset after the model is built, so the fp32 load transient is not "
               "counted; the JSON keeps the peak with loading). Tokens/step in 24 GB: resident "
               "model memory + measured growth per token, extrapolated (not run)."]
+    if result.get("peer_precision_why"):
+        lines += ["", f"Peer: {result['peer_precision_why']}."]
     for group in result.get("earlier") or []:
         old = ", ".join(f"{n} {s} x {q}" for n, s, q in group["cells"])
         state = group["measured_on"]
@@ -344,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     machine = tt.machine_info()
     peaks = tt.best_matmul_gflops(3)
+    args.peer_precision, why = peer_precision(peaks)
+    if why:
+        print(why, flush=True)
     cells: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="peftlab-scaling-") as tmp_name:
         tmp = Path(tmp_name)
@@ -356,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
                 names = CONFIGS if seq == max(args.seq_lens) else CONFIGS[:2]
                 for name in names:
                     cfg = {"name": name, "size": size, "seq_len": seq, "steps": steps,
-                           "batches": str(path), "clock": args.clock}
+                           "batches": str(path), "clock": args.clock,
+                           "peer_precision": args.peer_precision}
                     res = tt.spawn("worker", cfg, tmp, f"{name}-{size}-{seq}", args.threads,
                                    script=Path(__file__), check=False)
                     if res.get("failed"):
@@ -393,6 +411,8 @@ def write_results(args, machine: dict[str, Any], peaks: dict[str, float], steps:
     result = {"machine": machine, "cpu": machine["cpu"], "bf16_peak_gflops": peaks["bf16"],
               "fp32_peak_gflops": peaks["fp32"], "steps": steps, "skip": 1,
               "clock": args.clock, "threads": args.threads,
+              "peer_precision": getattr(args, "peer_precision", "bf16-autocast"),
+              "peer_precision_why": peer_precision(peaks)[1],
               "tokens_per_step": TOKENS_PER_STEP, "params": {s: n_params(s) for s in sizes},
               "cells": cells, "rows": summarize(cells, 1),
               "seconds": round(time.perf_counter() - started), "complete": final,

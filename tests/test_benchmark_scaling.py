@@ -112,3 +112,25 @@ def test_merge_run_keeps_the_cells_it_did_not_measure(bench, tmp_path, monkeypat
         {"measured_on": second_run, "cells": [["peftlab", "1.7B", 2048]]}]
     md = (tmp_path / "scaling.md").read_text()
     assert "peftlab 1.7B x 2048 come from an earlier run on new cpu" in md
+
+
+def test_without_bf16_instructions_the_peer_runs_in_fp32(bench, tmp_path, monkeypatch):
+    """On a CPU whose bf16 matmuls crawl (an AVX2-only EPYC: 1.3 vs 127 GFLOP/s) the peer's
+    bf16-autocast step would take minutes: it runs in fp32, and the table says why."""
+    assert bench.peer_precision({"bf16": 870.0, "fp32": 190.0}) == ("bf16-autocast", None)
+    assert bench.peer_precision({"bf16": 160.0, "fp32": 300.0})[0] == "bf16-autocast"  # slower, runs
+    precision, why = bench.peer_precision({"bf16": 1.3, "fp32": 127.0})
+    assert precision == "fp32" and "1.3 GFLOP/s" in why and "127" in why
+    monkeypatch.setattr(bench, "n_params", lambda size: 1)
+    machine = {"cpu": "avx2 cpu", "cores": 2, "torch": "x", "loadavg_start": [0.1],
+               "loadavg_end": [0.1]}
+    args = type("Args", (), {"out": tmp_path, "clock": "wall", "threads": None,
+                             "peer_precision": precision})()
+    cells = [_cell("peftlab", "135M", 256, [3.0, 2.0], 4000, 1000),
+             dict(_cell("peer", "135M", 256, [4.0, 4.0], 8000, 1500), precision="fp32")]
+    bench.write_results(args, machine, {"bf16": 1.3, "fp32": 127.0}, 2, ["135M"], cells, 0.0)
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    assert result["peer_precision"] == "fp32" and result["peer_precision_why"] == why
+    md = (tmp_path / "scaling.md").read_text()
+    assert md.startswith("# How cost grows: peftlab vs transformers + peft (fp32)")
+    assert f"Peer: {why}." in md and "| 135M | 256 x 8 | 1024 | 512 | 2.00x |" in md
