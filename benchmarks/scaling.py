@@ -13,7 +13,7 @@ for both sides).
   in fp32 on a CPU whose bf16 matmuls run far below its fp32 ones (no bf16 instructions: one
   bf16 step would take minutes), the only setup a user would run there (``peer_precision``).
 * ``peftlab_ckpt``: peftlab + ``train.activation_checkpointing`` (at the longest sequence of each
-  size only: the setting for when memory runs out).
+  size only: the setting for when memory runs out; ``compile: auto`` decided as for ``peftlab``).
 
 Each cell runs in its own subprocess (peak RSS is its own). "Fits in 24 GB" is an estimate, not
 a run to exhaustion: resident memory after the model is built (``model_mb``) plus the measured
@@ -25,6 +25,7 @@ as such -- "does not fit" is a measurement too -- and the run goes on.
     python benchmarks/scaling.py --quick     # 135M and 360M, 2 timed steps
     python benchmarks/scaling.py             # + 1.7B
     python benchmarks/scaling.py --sizes 1.7B --merge   # re-measure cells, keep the others
+    python benchmarks/scaling.py --configs peftlab_ckpt --merge   # only these configurations
 
 Every cell records the machine state that measured it (``measured_on``: CPU and both matmul
 peaks), so a merged file -- merged again and again -- still says which run measured which cell.
@@ -302,9 +303,11 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{ratio} | {gb(p)} | {gb(q)} | {tps(k)} | {gb(k)} | "
                      f"{fit(p)} / {fit(k)} / {fit(q)} |")
     measured = [c for c in result["cells"] if "error" not in c]
-    compiled = sorted({c["size"] for c in measured if c["compiled"]})
+    compiled = sorted({c["size"] + (" + act. ckpt" if c["name"] == "peftlab_ckpt" else "")
+                       for c in measured if c["compiled"]},
+                      key=lambda s: (list(SHAPES).index(s.split()[0]), s))
     lines += ["", f"peftlab precision: {sorted({c['precision'] for c in measured if c['name'] != 'peer'})}; "
-              f"train.compile auto on for: {compiled or 'none'}. Peak RSS: the training "
+              f"train.compile auto on for: {', '.join(compiled) or 'none'}. Peak RSS: the training "
               "peak (reset after the model is built, so the fp32 load transient is not "
               "counted; the JSON keeps the peak with loading). Tokens/step in 24 GB: resident "
               "model memory + measured growth per token, extrapolated (not run)."]
@@ -327,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="135M and 360M only, 3 steps")
     p.add_argument("--sizes", nargs="+", choices=list(SHAPES), help="model sizes to run")
     p.add_argument("--seq-lens", nargs="+", type=int, default=list(SEQ_LENS))
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                   help="configurations to run (default: all)")
     p.add_argument("--steps", type=int, help="steps per cell (default 4, quick 3)")
     p.add_argument("--threads", type=int)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -371,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not path.exists():
                     save_file(make_batches(vocab, seq, steps), str(path))
                 names = CONFIGS if seq == max(args.seq_lens) else CONFIGS[:2]
+                names = [n for n in names if n in args.configs]
                 for name in names:
                     cfg = {"name": name, "size": size, "seq_len": seq, "steps": steps,
                            "batches": str(path), "clock": args.clock,

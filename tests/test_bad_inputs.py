@@ -149,8 +149,6 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
                      "did you mean 'sft'"),
     "best_metric not computed": (lambda w: train_case(w, "best", cfg_with(
         "train.best_metric", "val_acuracy")), "train.best_metric: 'val_acuracy' is not computed"),
-    "compile with checkpointing": (lambda w: train_case(w, "ckc", lambda c: c["train"].update(
-        compile=True, activation_checkpointing=True)), "pick one"),
     "forgetting corpus missing": (lambda w: train_case(w, "forget", cfg_with(
         "eval.forgetting_corpus", "/no/such/corpus.txt")), "/no/such/corpus.txt"),
     "model path missing": (lambda w: train_case(w, "model", cfg_with(

@@ -389,8 +389,8 @@ def test_compile_auto_compiles_only_where_it_pays(tiny_chat_model_dir, monkeypat
     # fp32 too (+12% tokens/s, -32% peak RSS on an fp32-only EPYC): decided by timing
     assert resolve(TrainConfig(precision="fp32"), model, 500) == (
         None, "decided after 2 eager steps (fp32, 0M parameters, 500 steps)")
-    assert "checkpointing" in resolve(TrainConfig(precision="bf16", activation_checkpointing=True),
-                                      model, 500)[1]
+    # checkpointed blocks compile whole too (9-11% faster, less peak RSS than checkpointed eager)
+    assert resolve(TrainConfig(precision="fp32", activation_checkpointing=True), model, 500)[0] is None
     monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
     assert "C++ compiler" in resolve(TrainConfig(precision="bf16"), model, 500)[1]
     assert resolve(TrainConfig(precision="fp32", compile=True), model, 1) == (True, "on")
@@ -575,9 +575,6 @@ def test_compiled_blocks_train_like_eager(tiny_chat_model_dir, demo_data_dir, tm
         for key in ("loss", "val_loss"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a, b)
-    with pytest.raises(peftlab.ConfigError, match="pick one"):
-        peftlab.train(_cfg(tiny_chat_model_dir, demo_data_dir, tmp_path / "both", max_steps=1,
-                           compile=True, activation_checkpointing=True), progress=False)
 
 
 def test_resume_takes_the_attention_kernels_of_the_first_part(tiny_chat_model_dir,

@@ -238,7 +238,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward: less RAM
     # torch.compile (inductor) each transformer block: fused element-wise ops, fewer saved
     # activations; the first step compiles (~30 s for SmolLM2). auto: on where measured to pay
-    # (bf16 on a CPU, >= 50M parameters, >= 50 steps, ~4 min of training; training/compile.py)
+    # (a CPU, >= 50M parameters, >= 50 steps, ~3 min of eager steps left; also under
+    # activation_checkpointing; training/compile.py)
     compile: bool | str = "auto"
     # attention kernel while training on a CPU (peftlab.runtime.cpu_attention): auto
     # times SDPA's flash kernel against a grouped softmax(q k^T) v once per shape (up to 1,024
@@ -282,9 +283,6 @@ class TrainConfig:
                               f"got {self.neftune_alpha}")
         if self.compile not in (True, False, "auto"):
             raise ConfigError(f"{where}.compile: expected true, false or auto, got {self.compile!r}")
-        if self.activation_checkpointing and self.compile is True:
-            raise ConfigError(f"{where}.compile and {where}.activation_checkpointing together "
-                              "are not supported (untested); pick one")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+import torch._dynamo.config
 import torch._functorch.config
 from torch import nn
 
@@ -49,6 +50,7 @@ AUTO_MIN_SECONDS = 180
 AUTO_MIN_STEP_TOKENS = 1024  # measured gains are at 2k-token steps; small steps gain little
 AUTO_MEASURE_STEPS = 2  # eager steps timed before deciding; the first one also warms up
 FUNCTION_CACHE_FLAG = "autograd_cache_allow_custom_autograd_functions"
+CHECKPOINT_SIDE_EFFECTS_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 
 def resolve_compile(cfg: TrainConfig, model: nn.Module, total_steps: int,
@@ -61,8 +63,6 @@ def resolve_compile(cfg: TrainConfig, model: nn.Module, total_steps: int,
     if cfg.compile is not True and cfg.compile is not False:  # "auto"
         n_params = sum(p.numel() for p in model.parameters())
         devices = {p.device.type for p in model.parameters()}
-        if cfg.activation_checkpointing:
-            return False, "off: activation_checkpointing is on"
         if cfg.distributed == "fsdp":
             return False, "off: not tried with train.distributed: fsdp"
         if devices != {"cpu"}:
@@ -127,6 +127,24 @@ def _cacheable_autograd_functions() -> AbstractContextManager:
     return config.patch(**{FUNCTION_CACHE_FLAG: True})
 
 
+def _checkpointed_blocks_trace_whole() -> AbstractContextManager:
+    """Let dynamo trace a checkpointed block as one graph although its forward has a side
+    effect it will not replay when the backward recomputes the block.
+
+    Why: transformers' attention sets and resets a context variable (the ``kernels`` hub
+    layer) on every call; dynamo refuses to trace that inside ``torch.utils.checkpoint`` and
+    broke the graph there, so under ``train.activation_checkpointing`` the blocks ran eager
+    and compiling bought nothing. The set/reset pair leaves no state behind, so not replaying
+    it is exact; random ops (dropout) are still replayed, by torch's functionalised RNG.
+    Compiled and checkpointed, SmolLM2 shapes trained 9-11% faster at 2,048 tokens per step
+    with 10-21% less peak RSS than checkpointed eager blocks (135M and 360M, fp32, AVX2 EPYC).
+    """
+    config = torch._dynamo.config
+    if not hasattr(config, CHECKPOINT_SIDE_EFFECTS_FLAG):
+        return nullcontext()
+    return config.patch(**{CHECKPOINT_SIDE_EFFECTS_FLAG: True})
+
+
 @contextmanager
 def compiled_blocks(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Blocks compiled inside the ``with``, eager again after it.
@@ -139,7 +157,7 @@ def compiled_blocks(model: nn.Module, enabled: bool) -> Iterator[None]:
         return
     compile_blocks(model)
     try:
-        with _cacheable_autograd_functions():
+        with _cacheable_autograd_functions(), _checkpointed_blocks_trace_whole():
             yield
     finally:
         for block in transformer_blocks(model):
