@@ -414,11 +414,11 @@ def write_results(args, machine: dict[str, Any], peaks: dict[str, float], steps:
         cells = merged([{"measured_on": before, **c} for c in old["cells"]], cells)
         sizes = sorted({c["size"] for c in cells}, key=list(SHAPES).index)
     earlier = earlier_runs(cells, here)
+    peer, why = peer_precision(peaks)  # as main() chose it for the workers
     result = {"machine": machine, "cpu": machine["cpu"], "bf16_peak_gflops": peaks["bf16"],
               "fp32_peak_gflops": peaks["fp32"], "steps": steps, "skip": 1,
               "clock": args.clock, "threads": args.threads,
-              "peer_precision": getattr(args, "peer_precision", "bf16-autocast"),
-              "peer_precision_why": peer_precision(peaks)[1],
+              "peer_precision": peer, "peer_precision_why": why,
               "tokens_per_step": TOKENS_PER_STEP, "params": {s: n_params(s) for s in sizes},
               "cells": cells, "rows": summarize(cells, 1),
               "seconds": round(time.perf_counter() - started), "complete": final,
