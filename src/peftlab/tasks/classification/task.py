@@ -61,6 +61,7 @@ from peftlab.data.splits import sample_k_per_class
 from peftlab.evaluation.metrics import classification_report, tune_threshold
 from peftlab.files import read_json
 from peftlab.models.lm import backbone_hidden_states
+from peftlab.models.unpadded_encoder import encoder_class_logits
 from peftlab.runtime.precision import autocast_for
 from peftlab.tasks.base import PreparedTask, Task, TaskSpec, halve_rows, register_task
 from peftlab.tasks.classification.config import ClassificationConfig
@@ -142,7 +143,9 @@ class ClassificationTask(Task):
 
         A decoder's ``score`` head is read at the last attended position: transformers finds
         that position by searching for the pad token, which fails when pad == eos and a text
-        ends with eos. Encoders (a ``classifier`` on the pooled [CLS]) use their own forward.
+        ends with eos. Encoders (a ``classifier`` on the pooled [CLS]) use their own forward,
+        or for BERT and RoBERTa the same computed on real tokens only
+        (:mod:`~peftlab.models.unpadded_encoder`).
         """
         if self.meta.get("pooling", "model") == "mean":
             return self._mean_pooled_logits(model, batch)
@@ -154,7 +157,8 @@ class ClassificationTask(Task):
             return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).float()
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
                   if k in batch}
-        return model(**inputs).logits.float()
+        logits = encoder_class_logits(model, inputs)
+        return (model(**inputs).logits if logits is None else logits).float()
 
     def _mean_pooled_logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """``pooling: mean``: the head reads the mean of the last hidden states over the
