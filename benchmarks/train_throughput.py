@@ -483,13 +483,16 @@ def cls_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         for t in range(cfg["steps"]):
             start = clock()
             batch = {k: v[t % n] for k, v in batches.items()}
+            if cfg["padding"] == "longest":  # as DataCollatorWithPadding and peftlab collate
+                width = int(batch["attention_mask"].sum(dim=1).max())
+                batch = {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
             loss = step_loss(batch)
             loss.backward()
             optimizer.step()
             seconds.append(clock() - start)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-            tokens.append(batch["input_ids"].numel())  # padded positions: all are computed
+            tokens.append(batch["input_ids"].numel())  # padded positions: the peer computes all
     return {"name": name, "precision": precision, "losses": losses, "step_seconds": seconds,
             "step_tokens": tokens, "examples_per_step": batches["labels"].shape[1],
             "peak_rss_mb": round(_peak_rss_mb(), 1)}
@@ -736,6 +739,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--e2e-steps", type=int, help="steps of the end-to-end runs (default 50; "
                    "quick: reuse the training runs' wall time)")
     p.add_argument("--cls-steps", type=int, help="classification steps (default 20, quick 5)")
+    p.add_argument("--cls-padding", choices=["longest", "max_length"], default="longest",
+                   help="classification batches padded to their longest row (default: what a "
+                        "peer's DataCollatorWithPadding does) or all to 64 tokens (results "
+                        "before 2026-12-04)")
     p.add_argument("--gen-b1-prompts", type=int, help="prompts generated one by one "
                    "(default 8, quick 2)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -938,6 +945,14 @@ def run_only_gen(args) -> None:
     _write_section(args, "train_throughput_gen", result, report)
 
 
+def _cls_width(cls: dict[str, Any]) -> str:
+    """How the classification batches were padded, as the reports say it."""
+    if cls.get("padding", "max_length") == "max_length":
+        return f"{cls['seq_len']}"
+    return (f"the longest row (<= {cls['seq_len']}; {cls['real_token_fraction']:.0%} of "
+            "positions are real tokens)")
+
+
 def run_only_cls(args) -> None:
     """The classification section alone (the full run's ``classification`` keys)."""
     result, machine, peaks = run_section_alone(args, "classification",
@@ -948,7 +963,7 @@ def run_only_cls(args) -> None:
                  REF_BF16: "bf16 autocast", REF_FP32: "fp32"}
     report = "\n".join([
         "# Classification training throughput: peftlab vs transformers + peft", "",
-        f"{cls['model']}, batch {cls['batch_size']} x {cls['seq_len']}, {cls['steps']} steps x "
+        f"{cls['model']}, batch {cls['batch_size']} x {_cls_width(cls)}, {cls['steps']} steps x "
         f"{args.repeats} alternating round(s), LoRA r=8 on query/value + the classifier. "
         f"Machine: {machine['cpu']}, {machine['cores']} cores; matmul peaks in this run: bf16 "
         f"{peaks['bf16']:.0f}, fp32 {peaks['fp32']:.0f} GFLOP/s; load average "
@@ -1010,7 +1025,8 @@ def run_cls(args, tmp: Path) -> dict[str, Any]:
     from peftlab.models import load_tokenizer
 
     batch_size, seq_len, steps = 32, 64, args.cls_steps
-    print(f"classification: {CLS_MODEL}, {steps} steps of {batch_size}x{seq_len}", flush=True)
+    print(f"classification: {CLS_MODEL}, {steps} steps of {batch_size}x{seq_len} "
+          f"(padding: {args.cls_padding})", flush=True)
     batches = build_cls_batches(load_tokenizer(CLS_MODEL), SST2, steps, batch_size, seq_len)
     path = tmp / "cls_batches.safetensors"
     save_file(batches, str(path))
@@ -1018,7 +1034,11 @@ def run_cls(args, tmp: Path) -> dict[str, Any]:
     make_init_adapter(CLS_MODEL, adapter, args.seed, kind="sequence_classification", r=8,
                       alpha=16, targets=["query", "value"])
     base = {"model": CLS_MODEL, "batches": str(path), "adapter": str(adapter), "steps": steps,
-            "lr": args.lr, "seed": args.seed, "clock": args.clock}
+            "lr": args.lr, "seed": args.seed, "clock": args.clock, "padding": args.cls_padding}
+    mask = batches["attention_mask"]
+    width = mask.sum(dim=2).amax(dim=1, keepdim=True)  # each batch's longest row
+    real = float(mask.sum() / (width.sum() * batch_size if args.cls_padding == "longest"
+                               else mask.numel()))
     configs = [c for c in CONFIGS if c not in getattr(args, "skipped_peers", {})]
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for rnd in range(args.repeats):
@@ -1041,7 +1061,10 @@ def run_cls(args, tmp: Path) -> dict[str, Any]:
             "peak_rss_mb": {c: max(x["peak_rss_mb"] for x in r) for c, r in runs.items()},
             "final_loss": {c: statistics.median(x["losses"][-1] for x in r)
                            for c, r in runs.items()},
-            "tokens": "padded positions (batch x 64): every position is computed"}
+            "padding": args.cls_padding, "real_token_fraction": round(real, 3),
+            "tokens": "padded positions (batch x the longest row, or x 64 with --cls-padding "
+                      "max_length): the peer computes every one; peftlab computes the real "
+                      "tokens, and in the last layer [CLS] alone (models/unpadded_encoder.py)"}
 
 
 def run_gen(args, tmp: Path, records: list[dict[str, Any]], adapter: Path) -> dict[str, Any]:
@@ -1220,7 +1243,7 @@ def markdown(r: dict[str, Any]) -> str:
                       + ", ".join(f"{labels[c]} {rss[c]:.0f} MB" for c in peers) + ".", ""]
     if r["classification"]:
         c = r["classification"]
-        lines += [f"Classification ({c['model']}, batch {c['batch_size']} x {c['seq_len']}, "
+        lines += [f"Classification ({c['model']}, batch {c['batch_size']} x {_cls_width(c)}, "
                   f"{c['steps']} steps, LoRA r=8 query/value + classifier): tokens/s peftlab "
                   f"{c['tokens_per_s'][CANDIDATE]:.0f} ({', '.join(sorted(set(c['candidate_precision'])))}), "
                   f"bf16 ref {_f(c['tokens_per_s'].get(REF_BF16), '.0f')}, fp32 ref "
