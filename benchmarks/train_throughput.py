@@ -947,10 +947,11 @@ def run_only_gen(args) -> None:
 
 def _cls_width(cls: dict[str, Any]) -> str:
     """How the classification batches were padded, as the reports say it."""
-    if cls.get("padding", "max_length") == "max_length":
+    if "padding" not in cls:  # results before 2026-12-04: padded to seq_len
         return f"{cls['seq_len']}"
-    return (f"the longest row (<= {cls['seq_len']}; {cls['real_token_fraction']:.0%} of "
-            "positions are real tokens)")
+    width = (f"{cls['seq_len']} (every row padded to it" if cls["padding"] == "max_length"
+             else f"the longest row (<= {cls['seq_len']}")
+    return f"{width}; {cls['real_token_fraction']:.0%} of positions are real tokens)"
 
 
 def run_only_cls(args) -> None:
@@ -1053,7 +1054,8 @@ def run_cls(args, tmp: Path) -> dict[str, Any]:
             "lora": {"r": 8, "alpha": 16, "targets": ["query", "value"],
                      "modules_to_save": ["classifier"]},
             "tokens_per_s": tps,
-            "examples_per_s": {c: v / seq_len for c, v in tps.items()},
+            "examples_per_s": {c: v * batch_size / statistics.mean(runs[c][0]["step_tokens"])
+                               for c, v in tps.items()},  # the padded width varies by batch
             "candidate_precision": [x["precision"] for x in runs[CANDIDATE]],
             "ratio_vs_bf16": ratio(tps[CANDIDATE], tps.get(REF_BF16)),
             "ratio_vs_fp32": ratio(tps[CANDIDATE], tps[REF_FP32]),

@@ -124,3 +124,14 @@ def test_the_classification_task_reads_its_logits_from_here():
         logits = task.logits(model, {**inputs, "labels": torch.tensor([0, 1, 2, 0])})
         assert_close(logits, model(**inputs).logits)
     assert calls[0][0] == 4  # the last layer ran for 4 rows: this path, not the full forward
+
+
+def test_logits_under_bf16_autocast_match_the_models_forward():
+    """``precision: bf16`` runs the task under CPU autocast: the packed rows and the scattered
+    heads take the dtypes the model's own layers produce (bf16 matmuls, fp32 layer norms)."""
+    model, inputs = _model("bert"), _inputs("right")
+    torch.nn.init.normal_(model.classifier.weight, std=3.0)  # logits ~1, not ~0.01
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = encoder_class_logits(model, inputs), model(**inputs).logits
+    assert ours.dtype == theirs.dtype and theirs.abs().max() > 0.5
+    assert_close(ours, theirs)  # bf16 tolerances
