@@ -249,9 +249,15 @@ def test_classification_worker(bench, tmp_path):
                                 kind="sequence_classification", r=4, alpha=8,
                                 targets=["query", "value"])
     cfg = {"model": str(model_dir), "batches": str(tmp_path / "cls.safetensors"),
-           "adapter": str(tmp_path / "adapter"), "steps": STEPS, "lr": 1e-3, "seed": 0}
+           "adapter": str(tmp_path / "adapter"), "steps": STEPS, "lr": 1e-3, "seed": 0,
+           "padding": "longest"}
     ours = bench.cls_worker(dict(cfg, name=bench.CANDIDATE, precision="fp32"))
     ref = bench.cls_worker(dict(cfg, name=bench.REF_FP32))
     # Same LoRA init and the same (saved) classifier head: identical losses at step 1 and after.
     assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=1e-5)
-    assert ours["step_tokens"] == [4 * 8] * STEPS
+    longest = [4 * int(m.sum(dim=1).max()) for m in batches["attention_mask"]]
+    assert ours["step_tokens"] == ref["step_tokens"] == longest[:STEPS] and max(longest) < 4 * 8
+    padded = bench.cls_worker(dict(cfg, name=bench.CANDIDATE, precision="fp32",
+                                   padding="max_length"))
+    assert padded["step_tokens"] == [4 * 8] * STEPS
+    assert_close(torch.tensor(padded["losses"]), torch.tensor(ours["losses"]))

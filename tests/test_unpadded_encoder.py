@@ -15,10 +15,17 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+from peftlab.config import TrainConfig
 from peftlab.methods.lora import LoraConfig, apply_lora
-from peftlab.models.unpadded_encoder import encoder_class_logits
+from peftlab.models.unpadded_encoder import (
+    computes_real_tokens_only,
+    encoder_class_logits,
+    encoder_mean_states,
+)
 from peftlab.runtime.cpu_attention import cpu_attention
 from peftlab.tasks.classification.task import ClassificationTask
+from peftlab.tasks.reward.task import sequence_scores
+from peftlab.training.compile import resolve_compile
 
 SHAPE = dict(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
              intermediate_size=64, max_position_embeddings=40, num_labels=3,
@@ -107,7 +114,7 @@ def test_declines_where_the_forward_is_changed_or_unknown():
     handle = model.bert.register_forward_pre_hook(lambda m, args: None)  # as prompt tuning
     assert encoder_class_logits(model, inputs) is None
     handle.remove()
-    model.bert.encoder.layer[1].gradient_checkpointing = True
+    model.bert.encoder.layer[1].compile()  # compiled blocks (train.compile) are not bypassed
     assert encoder_class_logits(model, inputs) is None
     distil = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=60, dim=32, n_layers=2, n_heads=4, hidden_dim=64))
@@ -135,3 +142,67 @@ def test_logits_under_bf16_autocast_match_the_models_forward():
         ours, theirs = encoder_class_logits(model, inputs), model(**inputs).logits
     assert ours.dtype == theirs.dtype and theirs.abs().max() > 0.5
     assert_close(ours, theirs)  # bf16 tolerances
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_mean_states_equal_the_masked_mean_of_the_backbones_states(kind: str, padding: str):
+    """``classification.pooling: mean`` reads the mean over attended tokens, computed here
+    from the real tokens alone; the task's pooled logits equal the full forward's."""
+    model, inputs = _model(kind), _inputs(padding)
+    inputs.pop("token_type_ids")
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    with torch.no_grad():
+        hidden = model.base_model(**inputs).last_hidden_state
+        assert_close(encoder_mean_states(model, inputs), (hidden * mask).sum(1) / mask.sum(1))
+    if kind == "bert":  # the task's mean pooling needs a linear head (BERT's classifier)
+        task = ClassificationTask({"labels": ["a", "b", "c"], "pooling": "mean"}, pad_id=1)
+        with torch.no_grad():
+            ours = task.logits(model, {**inputs, "labels": torch.tensor([0, 1, 2, 0])})
+        assert_close(ours, model.classifier((hidden * mask).sum(1) / mask.sum(1)))
+
+
+def test_checkpointed_layers_recompute_and_give_the_same_gradients():
+    """``train.activation_checkpointing``: the layers run again in backward, as the model's
+    own checkpointed layers would, and the gradients are unchanged."""
+    model, inputs = _model("bert"), _inputs("right")
+    model.train()
+    labels = torch.tensor([0, 2, 1, 2])
+    calls = []
+    model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda m, args, out: calls.append(1))
+    grads = []
+    for checkpointed in (False, True):
+        if checkpointed:
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        calls.clear()
+        logits = encoder_class_logits(model, inputs)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        assert len(calls) == (2 if checkpointed else 1)  # recomputed in backward
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_reward_scores_of_an_encoder_come_from_the_real_tokens():
+    model, inputs = _model("roberta"), _inputs("right")
+    calls = []
+    model.roberta.encoder.layer[-1].output.dense.register_forward_hook(
+        lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        scores = sequence_scores(model, inputs["input_ids"], inputs["attention_mask"])
+        assert calls == [4]  # the last layer ran for the 4 first positions only
+        assert_close(scores, model(input_ids=inputs["input_ids"],
+                                   attention_mask=inputs["attention_mask"]).logits)
+
+
+def test_compile_auto_stays_off_for_a_classifier_computed_on_real_tokens():
+    """Compiled blocks would bypass this path and compute the padding again."""
+    model = _model("bert")
+    assert computes_real_tokens_only(model)
+    on, why = resolve_compile(TrainConfig(precision="fp32"), model, 500)
+    assert on is False and "real tokens only" in why
+    assert not computes_real_tokens_only(DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=60, dim=32, n_layers=2, n_heads=4, hidden_dim=64)))

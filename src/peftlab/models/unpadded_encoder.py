@@ -8,18 +8,20 @@ them as keys), so their rows cannot change a real token's; and in the last layer
 positions are needed only as keys and values. Here the linear layers, layer norms and
 feed-forward blocks run on the packed real tokens ``(N, d)``; only attention sees the padded
 ``(B, H, S, D)`` layout, scattered in and gathered out. SST-2 batches padded to the longest
-sentence are about half padding; the last layer alone was ~14% of MiniLM-L6's matmul FLOPs at
-64 tokens. Classification training, validation and prediction all go through here.
+sentence are about two-thirds padding; the last layer alone was ~14% of MiniLM-L6's matmul
+FLOPs at 64 tokens. Classification (``pooling: model`` and ``mean``) and reward scores, in
+training, validation and prediction, go through here.
 
-The logits are the model's own: embeddings, masks (as the model builds them), the attention
+The results are the model's own: embeddings, masks (as the model builds them), the attention
 function the config names (or the one peftlab's CPU training registers), the layers'
 sub-modules and the head are called as the model's forward calls them; only each layer's
-``forward`` (the order of those calls) is spelled out, as transformers writes it for BERT.
-Anything that changes the forward from outside makes :func:`encoder_class_logits` decline
-(None) and the caller runs the model's forward: hooks on the model, the backbone or a layer
-(prompt and prefix tuning, FSDP), compiled or checkpointed layers, a wrapper (DDP), a class
-not listed in :data:`SUPPORTED`. Dropout draws differ from the full forward's (fewer rows are
-dropped out), so a training run is equal in distribution, not bit for bit.
+``forward`` (the order of those calls) is spelled out, as transformers writes it for BERT,
+and checkpointed where the model checkpoints its layers. Anything that changes the forward
+from outside makes these functions decline (None) and the caller runs the model's forward:
+hooks on the model, the backbone or a layer (prompt and prefix tuning, FSDP), compiled
+layers, a wrapper (DDP), a class not listed in :data:`HEADS`. Dropout draws differ from the
+full forward's (fewer rows are dropped out), so a training run is equal in distribution, not
+bit for bit.
 """
 
 from __future__ import annotations
@@ -29,17 +31,24 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
-# Sequence classifiers whose head reads hidden[:, 0] only, with BERT's layer structure
-# (attention.self.{query,key,value}, attention.output, feed_forward_chunk): class -> the
-# attribute holding the backbone. Each is checked against the model's forward in
-# tests/test_unpadded_encoder.py.
-SUPPORTED = {
-    "BertForSequenceClassification": "bert",
-    "RobertaForSequenceClassification": "roberta",
+# Sequence classifiers whose head reads hidden[:, 0] only -> the class of their backbone.
+# Each is checked against the model's forward in tests/test_unpadded_encoder.py.
+HEADS = {
+    "BertForSequenceClassification": "BertModel",
+    "RobertaForSequenceClassification": "RobertaModel",
 }
+# Backbones with BERT's layer structure: attention.self.{query,key,value}, attention.output,
+# feed_forward_chunk.
 _SELF_ATTENTION = {"BertSelfAttention", "RobertaSelfAttention"}
+
+
+def computes_real_tokens_only(model: nn.Module) -> bool:
+    """Whether this model's class logits come from :func:`encoder_class_logits` (so compiled
+    blocks, which it does not call, would give the padding back)."""
+    return type(model).__name__ in HEADS and _backbone(model) is not None
 
 
 def encoder_class_logits(model: nn.Module, inputs: dict[str, Any]) -> Tensor | None:
@@ -49,34 +58,69 @@ def encoder_class_logits(model: nn.Module, inputs: dict[str, Any]) -> Tensor | N
 
     ``inputs``: ``input_ids`` and optionally ``attention_mask`` (1 = attend; right or left
     padding) and ``token_type_ids``, as the model's forward takes them."""
+    backbone = _backbone(model) if type(model).__name__ in HEADS else None
+    if backbone is None:
+        return None
+    cls = _encode(backbone, inputs, first_only=True).unsqueeze(1)  # (B, 1, d): heads read [:, 0]
+    if type(model).__name__ == "BertForSequenceClassification":
+        return model.classifier(model.dropout(backbone.pooler(cls)))
+    return model.classifier(cls)  # RoBERTa's head reads features[:, 0] itself
+
+
+def encoder_mean_states(model: nn.Module, inputs: dict[str, Any]) -> Tensor | None:
+    """The mean of the backbone's last hidden states over the attended tokens, ``(B, d)``
+    (``classification.pooling: mean``), from the real tokens only; None when this path does
+    not apply. A row with no attended token gets zeros."""
     backbone = _backbone(model)
     if backbone is None:
         return None
+    hidden = _encode(backbone, inputs, first_only=False)
+    keep = _attended(inputs)
+    sequence = keep.nonzero()[:, 0]  # the sequence of each packed row
+    sums = hidden.new_zeros(keep.shape[0], hidden.shape[-1]).index_add_(0, sequence, hidden)
+    return sums / keep.sum(dim=1, keepdim=True).clamp(min=1).to(sums.dtype)
+
+
+def _attended(inputs: dict[str, Any]) -> Tensor:
+    mask = inputs.get("attention_mask")
+    return torch.ones_like(inputs["input_ids"], dtype=torch.bool) if mask is None else mask != 0
+
+
+def _encode(backbone: nn.Module, inputs: dict[str, Any], first_only: bool) -> Tensor:
+    """The last layer's output at position 0 of each row, ``(B, d)``, or at every attended
+    token, packed ``(N, d)`` in row-major order; the layers compute the attended tokens only."""
     from transformers.masking_utils import create_bidirectional_mask  # lazy: light imports
 
     input_ids = inputs["input_ids"]
     batch, length = input_ids.shape
-    attention_mask = inputs.get("attention_mask")
     embedded = backbone.embeddings(input_ids=input_ids, token_type_ids=inputs.get("token_type_ids"))
     mask = create_bidirectional_mask(config=backbone.config, inputs_embeds=embedded,
-                                     attention_mask=attention_mask)
-    # Rows computed: the real tokens, and position 0 even where it is padding (left
-    # padding): the head reads it, and the model computes it as a query like any other.
-    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
-        else attention_mask != 0
-    keep[:, 0] = True
+                                     attention_mask=inputs.get("attention_mask"))
+    keep = _attended(inputs)
+    if first_only:  # position 0 even where it is padding (left padding): the head reads it,
+        keep[:, 0] = True  # and the model computes it as a query like any other
     rows = keep.flatten().nonzero().squeeze(1)
-    first = torch.cumsum(keep.sum(dim=1), dim=0) - keep.sum(dim=1)  # row of position 0
-    layout = _Layout(rows, batch, length, _attention_function(backbone.config, model))
+    layout = _Layout(rows, batch, length, _attention_function(backbone.config, backbone))
     hidden = embedded.reshape(batch * length, -1).index_select(0, rows)
     *layers, last = backbone.encoder.layer
     for layer in layers:
-        hidden = _layer(layer, hidden, hidden, mask, layout)
-    cls = _layer(last, hidden, hidden.index_select(0, first), mask, layout)  # (B, d)
-    cls = cls.unsqueeze(1)  # (B, 1, d): the heads read [:, 0]
-    if type(model).__name__ == "BertForSequenceClassification":
-        return model.classifier(model.dropout(backbone.pooler(cls)))
-    return model.classifier(cls)  # RoBERTa's head reads features[:, 0] itself
+        hidden = _checkpointed(layer, hidden, hidden, mask, layout)
+    queries = hidden
+    if first_only:
+        counts = keep.sum(dim=1)
+        queries = hidden.index_select(0, torch.cumsum(counts, dim=0) - counts)  # position 0
+    return _checkpointed(last, hidden, queries, mask, layout)
+
+
+def _checkpointed(layer: nn.Module, hidden: Tensor, queries: Tensor, mask: Tensor | None,
+                  layout: _Layout) -> Tensor:
+    """:func:`_layer`, recomputed in backward where the model checkpoints its layers
+    (``train.activation_checkpointing``), as the layer's own call would be."""
+    if getattr(layer, "gradient_checkpointing", False) and layer.training \
+            and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(_layer, layer, hidden, queries, mask, layout,
+                                                 use_reentrant=False)
+    return _layer(layer, hidden, queries, mask, layout)
 
 
 class _Layout:
@@ -116,21 +160,20 @@ def _layer(layer: nn.Module, hidden: Tensor, queries: Tensor, mask: Tensor | Non
 
 
 def _backbone(model: nn.Module) -> nn.Module | None:
-    """The encoder under a supported head, or None where this path does not apply."""
-    attr = SUPPORTED.get(type(model).__name__)
-    backbone = getattr(model, attr, None) if attr else None
+    """The BERT-structured encoder under ``model``, or None where this path does not apply."""
+    backbone = getattr(model, "base_model", None)
     config = getattr(model, "config", None)
-    if backbone is None or config is None or config.is_decoder:
+    if backbone is None or backbone is model or config is None or config.is_decoder \
+            or type(backbone).__name__ not in set(HEADS.values()):
         return None
-    if attr == "bert" and backbone.pooler is None:  # BERT's head reads the pooler
-        return None
-    if _attention_function(config, model) is None or _hooked(model, backbone, backbone.encoder):
+    if HEADS.get(type(model).__name__) == "BertModel" and backbone.pooler is None:
+        return None  # BERT's head reads the pooler
+    if _attention_function(config, backbone) is None or _hooked(model, backbone, backbone.encoder):
         return None
     for layer in backbone.encoder.layer:
         if type(layer.attention.self).__name__ not in _SELF_ATTENTION \
                 or _hooked(layer, layer.attention, layer.attention.self) \
-                or getattr(layer, "_compiled_call_impl", None) is not None \
-                or getattr(layer, "gradient_checkpointing", False):
+                or getattr(layer, "_compiled_call_impl", None) is not None:
             return None
     return backbone
 

@@ -39,6 +39,7 @@ import torch._functorch.config
 from torch import nn
 
 from peftlab.config import ConfigError, TrainConfig
+from peftlab.models.unpadded_encoder import computes_real_tokens_only
 from peftlab.runtime.fsdp import find_blocks
 
 AUTO_MIN_PARAMS = 50_000_000  # tiny models: the compile costs more than it saves
@@ -68,6 +69,9 @@ def resolve_compile(cfg: TrainConfig, model: nn.Module, total_steps: int,
             return False, "off: not tried with train.distributed: fsdp"
         if devices != {"cpu"}:
             return False, f"off: measured on CPUs only, the model is on {sorted(devices)}"
+        if computes_real_tokens_only(model):
+            return False, (f"off: {type(model).__name__} computes its real tokens only "
+                           "(models/unpadded_encoder.py), which compiled blocks would undo")
         if n_params < AUTO_MIN_PARAMS:
             return False, f"off: {n_params / 1e6:.0f}M parameters < {AUTO_MIN_PARAMS // 10**6}M"
         if total_steps < AUTO_MIN_STEPS:

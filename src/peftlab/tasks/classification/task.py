@@ -61,7 +61,7 @@ from peftlab.data.splits import sample_k_per_class
 from peftlab.evaluation.metrics import classification_report, tune_threshold
 from peftlab.files import read_json
 from peftlab.models.lm import backbone_hidden_states
-from peftlab.models.unpadded_encoder import encoder_class_logits
+from peftlab.models.unpadded_encoder import encoder_class_logits, encoder_mean_states
 from peftlab.runtime.precision import autocast_for
 from peftlab.tasks.base import PreparedTask, Task, TaskSpec, halve_rows, register_task
 from peftlab.tasks.classification.config import ClassificationConfig
@@ -145,7 +145,7 @@ class ClassificationTask(Task):
         that position by searching for the pad token, which fails when pad == eos and a text
         ends with eos. Encoders (a ``classifier`` on the pooled [CLS]) use their own forward,
         or for BERT and RoBERTa the same computed on real tokens only
-        (:mod:`~peftlab.models.unpadded_encoder`).
+        (:mod:`~peftlab.models.unpadded_encoder`, as ``pooling: mean`` is for BERT).
         """
         if self.meta.get("pooling", "model") == "mean":
             return self._mean_pooled_logits(model, batch)
@@ -164,7 +164,7 @@ class ClassificationTask(Task):
         """``pooling: mean``: the head reads the mean of the last hidden states over the
         attended tokens (a decoder's ``score``, or an encoder's ``classifier`` after its
         dropout, bypassing BERT's pooler)."""
-        mask = batch["attention_mask"]
+        mask, pooled = batch["attention_mask"], None
         decoder = getattr(model, "score", None)
         if isinstance(decoder, nn.Linear) and model.base_model is not model:
             hidden, head = backbone_hidden_states(model, batch["input_ids"], mask), decoder
@@ -176,9 +176,12 @@ class ClassificationTask(Task):
                                  f"{type(model).__name__} has {type(head).__name__}")
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
                       if k in batch}
-            hidden = model.base_model(**inputs).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+            pooled = encoder_mean_states(model, inputs)
+            if pooled is None:
+                hidden = model.base_model(**inputs).last_hidden_state
+        if pooled is None:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         dropout = getattr(model, "dropout", None)  # BERT's, before its classifier
         if isinstance(dropout, nn.Dropout) and head is not decoder:
             pooled = dropout(pooled)

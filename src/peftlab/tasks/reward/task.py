@@ -19,6 +19,7 @@ from peftlab.data.preference import prepare_preference_data
 from peftlab.data.sft import ensure_chat_template
 from peftlab.evaluation.loss import score_pairs
 from peftlab.models.lm import backbone_hidden_states
+from peftlab.models.unpadded_encoder import encoder_class_logits
 from peftlab.tasks.base import PreparedTask, TaskSpec, register_task
 from peftlab.tasks.heads import load_head, save_head
 from peftlab.tasks.pairwise import PairTask
@@ -41,7 +42,8 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor,
     Decoder classifiers (a ``score`` head) are run on the backbone ourselves and read at
     the last attended position: transformers finds that position by searching for the pad
     token, which is wrong whenever pad == eos and the text ends with eos. Other models
-    (encoders pooling their CLS token) use their own forward.
+    (encoders pooling their CLS token) use their own forward, or for BERT and RoBERTa the
+    same on real tokens only (:mod:`~peftlab.models.unpadded_encoder`).
     """
     head = getattr(model, "score", None)
     if isinstance(head, nn.Module) and model.base_model is not model:
@@ -49,7 +51,9 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor,
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (positions * attention_mask).argmax(dim=1)  # left or right padding
         return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).float()
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    logits = encoder_class_logits(model, inputs)  # BERT/RoBERTa: real tokens only
+    return (model(**inputs).logits if logits is None else logits).float()
 
 
 class RewardTask(PairTask):
