@@ -181,8 +181,10 @@ def build_sft_batches(tokenizer, records: list[dict[str, Any]], n_batches: int, 
 
 
 def build_cls_batches(tokenizer, path: Path, n_batches: int, batch_size: int,
-                      seq_len: int) -> dict[str, torch.Tensor]:
-    """SST-2 sentences, truncated/padded to ``seq_len``, in file order."""
+                      seq_len: int, by_length: bool = False) -> dict[str, torch.Tensor]:
+    """SST-2 sentences, truncated/padded to ``seq_len``, in file order, or with ``by_length``
+    sorted by token count first (each batch holds sentences of similar length, as a
+    length-grouping sampler makes them)."""
     need = n_batches * batch_size
     texts, labels = [], []
     with path.open() as f:
@@ -199,6 +201,11 @@ def build_cls_batches(tokenizer, path: Path, n_batches: int, batch_size: int,
                 break
     if len(texts) < need:
         raise SystemExit(f"error: {path}: {len(texts)} rows, need {need}")
+    if by_length:
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True,
+                                                 max_length=seq_len)["input_ids"]]
+        order = sorted(range(need), key=lambda i: lengths[i])
+        texts, labels = [texts[i] for i in order], [labels[i] for i in order]
     enc = tokenizer(texts, truncation=True, max_length=seq_len, padding="max_length",
                     return_tensors="pt")
     out = {k: enc[k].view(n_batches, batch_size, seq_len)
@@ -739,10 +746,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--e2e-steps", type=int, help="steps of the end-to-end runs (default 50; "
                    "quick: reuse the training runs' wall time)")
     p.add_argument("--cls-steps", type=int, help="classification steps (default 20, quick 5)")
-    p.add_argument("--cls-padding", choices=["longest", "max_length"], default="longest",
-                   help="classification batches padded to their longest row (default: what a "
-                        "peer's DataCollatorWithPadding does) or all to 64 tokens (results "
-                        "before 2026-12-04)")
+    p.add_argument("--cls-padding", choices=["grouped", "longest", "max_length"],
+                   default="grouped",
+                   help="classification batches of sentences sorted by length, padded to each "
+                        "batch's longest row (default: the peer's best configuration, "
+                        "group_by_length; peftlab's Trainer groups so too), the same in file "
+                        "order (longest: the peer's default DataCollatorWithPadding), or all "
+                        "padded to 64 tokens (max_length: results before 2026-12-04)")
     p.add_argument("--gen-b1-prompts", type=int, help="prompts generated one by one "
                    "(default 8, quick 2)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -949,8 +959,10 @@ def _cls_width(cls: dict[str, Any]) -> str:
     """How the classification batches were padded, as the reports say it."""
     if "padding" not in cls:  # results before 2026-12-04: padded to seq_len
         return f"{cls['seq_len']}"
-    width = (f"{cls['seq_len']} (every row padded to it" if cls["padding"] == "max_length"
-             else f"the longest row (<= {cls['seq_len']}")
+    width = {"max_length": f"{cls['seq_len']} (every row padded to it",
+             "longest": f"the longest row (<= {cls['seq_len']}",
+             "grouped": f"the longest row (<= {cls['seq_len']}; sentences sorted by length"}[
+        cls["padding"]]
     return f"{width}; {cls['real_token_fraction']:.0%} of positions are real tokens)"
 
 
@@ -1028,18 +1040,20 @@ def run_cls(args, tmp: Path) -> dict[str, Any]:
     batch_size, seq_len, steps = 32, 64, args.cls_steps
     print(f"classification: {CLS_MODEL}, {steps} steps of {batch_size}x{seq_len} "
           f"(padding: {args.cls_padding})", flush=True)
-    batches = build_cls_batches(load_tokenizer(CLS_MODEL), SST2, steps, batch_size, seq_len)
+    batches = build_cls_batches(load_tokenizer(CLS_MODEL), SST2, steps, batch_size, seq_len,
+                                by_length=args.cls_padding == "grouped")
     path = tmp / "cls_batches.safetensors"
     save_file(batches, str(path))
     adapter = tmp / "adapter-cls"
     make_init_adapter(CLS_MODEL, adapter, args.seed, kind="sequence_classification", r=8,
                       alpha=16, targets=["query", "value"])
     base = {"model": CLS_MODEL, "batches": str(path), "adapter": str(adapter), "steps": steps,
-            "lr": args.lr, "seed": args.seed, "clock": args.clock, "padding": args.cls_padding}
+            "lr": args.lr, "seed": args.seed, "clock": args.clock,
+            "padding": "max_length" if args.cls_padding == "max_length" else "longest"}
     mask = batches["attention_mask"]
     width = mask.sum(dim=2).amax(dim=1, keepdim=True)  # each batch's longest row
-    real = float(mask.sum() / (width.sum() * batch_size if args.cls_padding == "longest"
-                               else mask.numel()))
+    real = float(mask.sum() / (mask.numel() if args.cls_padding == "max_length"
+                               else width.sum() * batch_size))
     configs = [c for c in CONFIGS if c not in getattr(args, "skipped_peers", {})]
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for rnd in range(args.repeats):

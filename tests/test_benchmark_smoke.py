@@ -242,6 +242,10 @@ def test_classification_worker(bench, tmp_path):
     batches = bench.build_cls_batches(load_tokenizer(str(model_dir)), tsv, n_batches=STEPS,
                                       batch_size=4, seq_len=8)
     assert batches["input_ids"].shape == (STEPS, 4, 8) and batches["labels"].shape == (STEPS, 4)
+    grouped = bench.build_cls_batches(load_tokenizer(str(model_dir)), tsv, n_batches=STEPS,
+                                      batch_size=4, seq_len=8, by_length=True)
+    lengths = grouped["attention_mask"].sum(dim=2).flatten().tolist()
+    assert lengths == sorted(lengths) and lengths != batches["attention_mask"].sum(2).flatten().tolist()
     save_file(batches, str(tmp_path / "cls.safetensors"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
