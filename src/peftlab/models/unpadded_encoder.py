@@ -58,9 +58,9 @@ def encoder_class_logits(model: nn.Module, inputs: dict[str, Any]) -> Tensor | N
 
     ``inputs``: ``input_ids`` and optionally ``attention_mask`` (1 = attend; right or left
     padding) and ``token_type_ids``, as the model's forward takes them."""
-    backbone = _backbone(model) if type(model).__name__ in HEADS else None
-    if backbone is None:
+    if not computes_real_tokens_only(model):
         return None
+    backbone = model.base_model
     cls = _encode(backbone, inputs, first_only=True).unsqueeze(1)  # (B, 1, d): heads read [:, 0]
     if type(model).__name__ == "BertForSequenceClassification":
         return model.classifier(model.dropout(backbone.pooler(cls)))
