@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 import peftlab
+import peftlab.api  # predict is not re-exported lazily: tests call it from here
 from peftlab.cli import main
 from peftlab.config import ConfigError, from_dict
 from peftlab.data.classification import (

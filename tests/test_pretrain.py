@@ -26,6 +26,7 @@ from transformers import (
 )
 
 import peftlab
+import peftlab.api  # predict is not re-exported lazily: tests call it from here
 from peftlab.cli import main
 from peftlab.config import ConfigError, from_dict
 from peftlab.data.collate import IGNORE_INDEX, pad_collate
