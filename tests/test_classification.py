@@ -317,9 +317,9 @@ def test_predict_cli(trained_bert, synthetic_files, tmp_path, capsys):
     assert main(["predict", "--adapter", str(summary.adapter_dir), "--input", str(tsv),
                  "--text-field", "review"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 1 and json.loads(printed[0])["row"] == 1
+    assert len(printed) == 1 and json.loads(printed[0])["row"] == 2  # the header is line 1
     assert main(["predict", "--adapter", str(summary.adapter_dir), "--input", str(tsv)]) == 2
-    assert "in.tsv:1: field 'text' is missing" in capsys.readouterr().err
+    assert "in.tsv:2: field 'text' is missing" in capsys.readouterr().err
 
 
 def test_predict_output_is_peftlabs_unless_verbose(trained_bert, synthetic_files, tmp_path,

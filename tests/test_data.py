@@ -189,19 +189,23 @@ def test_csv_quoting_and_missing_field(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError) as err:
         read_records(path)
-    assert str(err.value) == f"{path}:2: field 'output' is missing (available: instruction, input)"
+    assert str(err.value) == f"{path}:4: field 'output' is missing (available: instruction, input)"
     records, report = read_records(path, on_error="skip")
     assert records == [
         {"instruction": "Say, hi", "input": "", "output": "line1\nline2"},
         {"instruction": "q2", "input": "", "output": "a2"},
     ]
-    assert report.row_numbers == [1, 3] and report.rows_skipped == 1
+    # the line each record starts on: the quoted field spans lines 2-3
+    assert report.row_numbers == [2, 5] and report.rows_skipped == 1
 
 
 def test_csv_extra_values_and_tsv(tmp_path: Path) -> None:
     path = _write(tmp_path, "t.csv", "a,b\n1,2,3\n")
-    with pytest.raises(DataError, match=r"t\.csv:1: row has 3 values but the header has 2 columns"):
+    with pytest.raises(DataError, match=r"t\.csv:2: row has 3 values but the header has 2 columns"):
         read_records(path)
+    blank = _write(tmp_path, "b.csv", "a,b\n1,2\n\n1,2,3\n")  # a blank line still counts
+    with pytest.raises(DataError, match=r"b\.csv:4: row has 3 values"):
+        read_records(blank)
     tsv = _write(tmp_path, "t.tsv", "\ufeffinstruction\toutput\nhello, there\tgeneral\n")
     assert read_records(tsv)[0] == [{"instruction": "hello, there", "output": "general"}]
 

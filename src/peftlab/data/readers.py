@@ -3,8 +3,9 @@
 Bad data is the most common reason a fine-tuning run dies, often hours in. Every
 problem is reported as ``file:row: what is wrong`` so it can be fixed in an editor,
 and ``on_error="skip"`` lets a run continue while counting what was dropped.
-Rows are 1-based: the line number for JSONL, the data row (header excluded) for
-CSV/TSV/Parquet, the array index for JSON.
+Rows are 1-based: the line number for JSONL, the line a record starts on for CSV/TSV (the
+header is line 1, as in an editor or a spreadsheet; a quoted field may span lines), the row
+for Parquet and the array index for JSON.
 """
 
 from __future__ import annotations
@@ -241,7 +242,9 @@ def _csv_rows(p: Path, name: str, delimiter: str) -> Iterator[Row]:
         dupes = sorted({h for h in header if header.count(h) > 1})
         if dupes:
             raise DataError(f"{name}: duplicate column names in header: {', '.join(dupes)}")
-        for index, values in enumerate(reader, start=1):
+        end = reader.line_num  # the last line read so far (the header's)
+        for values in reader:
+            index, end = end + 1, reader.line_num  # the line this record starts on
             if not values:
                 continue  # blank line
             if len(values) > len(header):
