@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 import peftlab
-import peftlab.api  # predict is not re-exported lazily: tests call it from here
 from peftlab.cli import main
 from peftlab.config import ConfigError, from_dict
 from peftlab.data.classification import (
@@ -269,7 +268,7 @@ def test_reloaded_classifier_predicts_identically(trained_bert, synthetic_files,
         enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
         expected = model(**enc).logits.softmax(-1)
 
-    result = peftlab.api.predict(summary.adapter_dir, synthetic_files["validation"],
+    result = peftlab.predict(summary.adapter_dir, synthetic_files["validation"],
                                  output=tmp_path / "preds.jsonl")
     got = torch.tensor([[p["probabilities"][k] for k in ("neg", "pos")]
                         for p in result["predictions"]])
@@ -284,7 +283,7 @@ def test_reloaded_classifier_predicts_identically(trained_bert, synthetic_files,
                                          key=lines[0]["probabilities"].get)
 
     # raw texts (no labels) through the same API
-    texts = peftlab.api.predict(summary.adapter_dir, [r["text"] for r in rows[:3]])
+    texts = peftlab.predict(summary.adapter_dir, [r["text"] for r in rows[:3]])
     assert [p["prediction"] for p in texts["predictions"]] == [
         p["prediction"] for p in result["predictions"][:3]]
     assert texts["accuracy"] is None
@@ -480,7 +479,7 @@ def test_verbalizer_trains_saves_and_predicts(tiny_chat_model_dir, tmp_path):
         "task_type"] == "CAUSAL_LM"
     meta = json.loads((summary.adapter_dir / "labels.json").read_text())
     assert meta["mode"] == "verbalizer" and meta["verbalizer"] == {"neg": "is", "pos": "the"}
-    result = peftlab.api.predict(summary.adapter_dir, train)
+    result = peftlab.predict(summary.adapter_dir, train)
     prepared = build_task(cfg, tok)
     train_examples = sorted(prepared.train + prepared.validation, key=lambda e: e["row"])
     expected = predict_logits(model, prepared.task, train_examples, 8).softmax(-1)

@@ -26,7 +26,6 @@ from transformers import (
 )
 
 import peftlab
-import peftlab.api  # predict is not re-exported lazily: tests call it from here
 from peftlab.cli import main
 from peftlab.config import ConfigError, from_dict
 from peftlab.data.collate import IGNORE_INDEX, pad_collate
@@ -442,7 +441,7 @@ def test_init_from_classifier_after_mlm_pretraining(tiny_bert_dir, tmp_path):
     merge_chain(model, init_chain(tmp_path / "mlm", str(tiny_bert_dir)))
     after = model.bert.encoder.layer[0].attention.self.query.weight
     assert not torch.equal(before, after)
-    out = peftlab.api.predict(tmp_path / "cls" / "adapter", [rows[0]["text"]])
+    out = peftlab.predict(tmp_path / "cls" / "adapter", [rows[0]["text"]])
     assert out["rows"] == 1
 
 

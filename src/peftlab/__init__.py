@@ -15,13 +15,14 @@ if TYPE_CHECKING:
         load,
         merge,
         merge_adapters,
+        predict,
         sweep,
         train,
     )
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "RunConfig", "baseline", "evaluate", "export", "load", "load_config",
-           "merge", "merge_adapters", "sweep", "train"]
+           "merge", "merge_adapters", "predict", "sweep", "train"]
 
 
 def _register_builtins() -> None:
