@@ -27,6 +27,7 @@ from peftlab.runtime.cpu_attention import choices_state, cpu_attention, restore_
 from peftlab.runtime.device import to_device
 from peftlab.runtime.distributed import World
 from peftlab.runtime.fast_dropout import fast_dropout
+from peftlab.runtime.fast_rms_norm import fast_rms_norm
 from peftlab.runtime.fsdp import (
     clip_grad_norm,
     gather_full_model,
@@ -77,13 +78,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 @contextmanager
-def cpu_training_kernels(model: nn.Module, enabled: bool = True,
-                      attention: str = "auto", compiled: bool = False) -> Iterator[None]:
+def cpu_training_kernels(model: nn.Module, enabled: bool = True, attention: str = "auto",
+                         compiled: bool = False, norms: bool = True) -> Iterator[None]:
     """What the loop opens while it trains on a CPU: with ``train.attention: auto``, the
     attention kernel timed fastest per shape (:mod:`~peftlab.runtime.cpu_attention`; for
     compiled blocks chosen before they run) and, eager only, dropout masks from bulk random
-    bits (:mod:`~peftlab.runtime.fast_dropout`; inductor makes its own random numbers)."""
-    with fast_dropout(model, enabled and not compiled), \
+    bits (:mod:`~peftlab.runtime.fast_dropout`; inductor makes its own random numbers) and
+    RMSNorms in fewer passes (:mod:`~peftlab.runtime.fast_rms_norm`; inductor fuses them;
+    ``norms=False`` keeps the model's)."""
+    eager = enabled and not compiled
+    with fast_dropout(model, eager), fast_rms_norm(model, eager and norms), \
             cpu_attention(model, enabled and attention == "auto", compiled=compiled):
         yield
 
@@ -341,8 +345,10 @@ class Trainer:
 
     def _open_kernels(self, kernels: ExitStack) -> None:
         on_cpu = self.world.device.type == "cpu"
+        # fsdp: sharded norm weights are never swapped, so one-process fsdp runs keep the
+        # model's norms too and 1 and N processes compute alike (tests/test_fsdp.py)
         kernels.enter_context(cpu_training_kernels(self.model, on_cpu, self.cfg.attention,
-                                                   self.compiled))
+                                                   self.compiled, norms=not self.fsdp))
         kernels.enter_context(compiled_blocks(self.model, self.compiled))
 
     def _decide_compile(self, kernels: ExitStack, step: int, eager_step_seconds: float,
