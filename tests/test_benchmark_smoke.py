@@ -8,6 +8,7 @@ and checks the comparison is apples to apples: on identical weights and batches 
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -265,3 +266,16 @@ def test_classification_worker(bench, tmp_path):
                                    padding="max_length"))
     assert padded["step_tokens"] == [4 * 8] * STEPS
     assert_close(torch.tensor(padded["losses"]), torch.tensor(ours["losses"]))
+
+
+def test_rms_norm_benchmark_measures_both_sides_and_reports(tmp_path, monkeypatch):
+    rms = load_bench_script("rms_norm.py", "rms_norm_bench")
+    ms = rms.norm_times(batch=1, rounds=2, repeats=1)
+    assert set(ms) == {"transformers", "peftlab"} and all(len(v) == 2 for v in ms.values())
+    monkeypatch.setattr(rms.tt, "best_matmul_gflops", lambda trials: {"bf16": 1.0, "fp32": 99.0})
+    rms.main(["--pairs", "0", "--batch-size", "1", "--rounds", "1", "--repeats", "1",
+              "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "rms_norm.json").read_text())
+    assert result["steps"] == {"skipped": "--pairs 0"} and result["peaks"]["fp32"] == 99.0
+    report = (tmp_path / "rms_norm.md").read_text()
+    assert "fp32 99 GFLOP/s" in report and "Training steps: skipped (--pairs 0)" in report
