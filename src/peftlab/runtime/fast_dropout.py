@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from peftlab.runtime.module_swap import swapped_modules
+
 _LANES = 65536  # 16-bit lanes: p is rounded to a multiple of 1/65536
 
 
@@ -111,18 +113,9 @@ class FastDropout(nn.Module):
 def fast_dropout(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Inside the block, ``model``'s dropouts use :func:`keep_mask`; yields how many dropout
     sites were switched (0 when disabled or the model has no dropout)."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    if enabled:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Dropout and child.p > 0:
-                    fast = FastDropout(child.p)
-                    fast.train(child.training)
-                    setattr(parent, name, fast)
-                    swapped.append((parent, name, child))
-    try:
-        yield len(swapped)
-    finally:
-        for parent, name, child in swapped:
-            child.train(getattr(parent, name).training)
-            setattr(parent, name, child)
+
+    def replacement(child: nn.Module) -> nn.Module | None:
+        return FastDropout(child.p) if type(child) is nn.Dropout and child.p > 0 else None
+
+    with swapped_modules(model, replacement if enabled else lambda _: None) as count:
+        yield count

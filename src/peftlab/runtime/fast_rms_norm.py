@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from peftlab.runtime.module_swap import swapped_modules
+
 _FAST_DTYPES = (torch.float32, torch.float64)
 
 
@@ -101,23 +103,14 @@ def _agrees(module: nn.Module) -> bool:
 def fast_rms_norm(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Inside the block, ``model``'s Llama-form RMSNorms run :class:`_RMSNorm`; yields how
     many were swapped (0 when disabled or none qualifies)."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
     verdicts: dict[type, bool] = {}  # per class: its forward agrees with ours
-    if enabled:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if not _llama_form(child):
-                    continue
-                if type(child) not in verdicts:
-                    verdicts[type(child)] = _agrees(child)
-                if verdicts[type(child)]:
-                    fast = FastRMSNorm(child)
-                    fast.train(child.training)
-                    setattr(parent, name, fast)
-                    swapped.append((parent, name, child))
-    try:
-        yield len(swapped)
-    finally:
-        for parent, name, child in swapped:
-            child.train(getattr(parent, name).training)
-            setattr(parent, name, child)
+
+    def replacement(child: nn.Module) -> nn.Module | None:
+        if not enabled or not _llama_form(child):
+            return None
+        if type(child) not in verdicts:
+            verdicts[type(child)] = _agrees(child)
+        return FastRMSNorm(child) if verdicts[type(child)] else None
+
+    with swapped_modules(model, replacement) as count:
+        yield count

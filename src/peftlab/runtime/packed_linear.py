@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peftlab.runtime.module_swap import swapped_modules
+
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -87,16 +89,13 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Inside the block every CPU ``nn.Linear`` of ``model`` (exactly that type, no hooks)
     runs packed where no gradient is asked for; yields how many were swapped (0 when disabled
     or unavailable). The packed copies are taken on entry: weights must not change inside."""
-    swapped: list[tuple[nn.Module, str, nn.Linear]] = []
-    if enabled:
+
+    def replacement(child: nn.Module) -> nn.Module | None:
+        if not enabled or type(child) is not nn.Linear:
+            return None
         with torch.no_grad():
-            for parent in list(model.modules()):
-                for name, child in list(parent.named_children()):
-                    if type(child) is nn.Linear and (packed := _pack(child)) is not None:
-                        setattr(parent, name, PackedLinear(child, packed))
-                        swapped.append((parent, name, child))
-    try:
-        yield len(swapped)
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
+            packed = _pack(child)
+        return None if packed is None else PackedLinear(child, packed)
+
+    with swapped_modules(model, replacement) as count:
+        yield count
