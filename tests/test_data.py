@@ -125,6 +125,10 @@ def test_jsonl_malformed_line_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         read_records(path)
     assert str(err.value) == f"{path}:2: malformed JSON (Expecting ',' delimiter, column 9)"
+    cut = _write(tmp_path, "cut.jsonl", json.dumps(ROW) + '\n{"a": \n')  # a line cut short
+    with pytest.raises(DataError) as err:
+        read_records(cut)
+    assert str(err.value) == f"{cut}:2: malformed JSON (Expecting value, column 7)"
 
 
 def test_jsonl_non_object_line_is_an_error(tmp_path: Path) -> None:
