@@ -3,8 +3,9 @@
 Why: Llama-family models write RMSNorm as ``weight * (x * rsqrt(mean(x^2) + eps))`` in
 separate ops, and autograd replays each: a forward and backward of one norm over SmolLM2's
 8 x 256 x 576 fp32 activations went through memory a dozen times or more (7-16 ms with the
-weight frozen on the 2-core AVX2 EPYC, as the host's load varied), 61 norms a step. ``F.rms_norm`` saved ~10% (its backward is the same ops). Here the forward is
-one reduction (``vector_norm``), one scaled multiply and the weight; the backward, with the
+weight frozen on the 2-core AVX2 EPYC, as the host's load varied), 61 norms a step.
+``F.rms_norm`` saved ~10% (its backward is the same ops). Here the forward is one reduction
+(``vector_norm``), one scaled multiply and the weight; the backward, with the
 weight frozen (LoRA and the other adapters), is ``r * (g w - x r^2 mean(g w x))`` in four
 passes, saving only ``x`` (kept anyway by the residual stream) and the per-row ``r``.
 
